@@ -1,0 +1,44 @@
+# The two commands of README: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= example-config.yaml
+
+.PHONY: setup run test lint types unit bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11+) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/airoboros generate-instructions --config-path $(CONFIG)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping (shared/ -> airoboros,
+# services/<svc>/ -> airoboros.<svc>), so it checks a tree of symlinks laid out as imported.
+types: setup
+	rm -rf build/typecheck && mkdir -p build/typecheck/airoboros
+	for f in shared/*; do ln -s ../../../$$f build/typecheck/airoboros/; done
+	for s in services/*/; do ln -s ../../../$$s build/typecheck/airoboros/$$(basename $$s); done
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p airoboros
+
+unit: setup
+	$(BIN)/python -m pytest -q
+
+test: lint types unit
+
+bench: setup
+	$(BIN)/python bench/dedupe_bench.py
+	$(BIN)/python bench/generation_bench.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

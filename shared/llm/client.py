@@ -1,0 +1,288 @@
+"""LLMClient: chat and completions over any OpenAI-compatible endpoint.
+
+Retries use exponential backoff with full jitter, honour Retry-After, and are bounded in
+attempts and in time. Errors are classified; the non-retryable (bad request, auth,
+context length, quota) fail at once. Every call is counted against the job's budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2  # the transport of the openai SDK (a maintained fork of httpx)
+import openai
+from airoboros.errors import (
+    AuthError,
+    BadRequestError,
+    ConnectError,
+    ContextLengthError,
+    LLMError,
+    LLMTimeoutError,
+    RateLimitError,
+    ServerError,
+)
+from airoboros.llm.accounting import UsageMeter
+from airoboros.llm.limiter import RateLimiter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM = "A chat."
+
+
+@dataclass
+class LLMSettings:
+    base_url: str | None = None
+    api_key: str | None = None
+    organization: str | None = None
+    api: str = "chat"
+    timeout: float = 600.0
+    max_retries: int = 6
+    max_retry_time: float = 300.0
+    #: default max tokens per completion (None: leave it to the server)
+    max_completion_tokens: int | None = None
+    backoff_base: float = 1.0
+    backoff_cap: float = 30.0
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    model: str
+    attempts: int = 1
+    #: 429 answers met on the way
+    rate_limited: int = 0
+
+
+@dataclass
+class ClientStats:
+    calls: int = 0
+    attempts: int = 0
+    rate_limited: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra:
+        try:
+            return float(ra)
+        except ValueError:
+            return None
+    return None
+
+
+def classify(exc: Exception) -> LLMError:
+    """Map an SDK/transport exception onto our error tree."""
+    if isinstance(exc, LLMError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return LLMTimeoutError(f"request timed out: {exc}")
+    if isinstance(exc, openai.APIConnectionError):
+        return ConnectError(f"cannot connect to the LLM endpoint: {exc.__cause__ or exc}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        body = str(exc.message or "")
+        code = ""
+        if isinstance(exc.body, dict):
+            code = str(exc.body.get("code") or exc.body.get("type") or "")
+        text = f"{code} {body}".lower()
+        if status == 429:
+            if "insufficient_quota" in text or "quota" in code:
+                return AuthError(f"quota exhausted: {body}", status=status)
+            return RateLimitError(
+                f"rate limited: {body}",
+                status=status,
+                retry_after=_retry_after(exc.response.headers),
+            )
+        if "context_length" in text or "maximum context" in text or "context length" in text:
+            return ContextLengthError(body, status=status)
+        if status in (401, 403):
+            return AuthError(f"authentication failed ({status}): {body}", status=status)
+        if status in (408, 409) or status >= 500:
+            err = ServerError(f"server error {status}: {body}", status=status)
+            return err
+        return BadRequestError(f"bad request ({status}): {body}", status=status)
+    if isinstance(exc, TimeoutError):
+        return LLMTimeoutError(str(exc) or "timed out")
+    if isinstance(exc, OSError):
+        return ConnectError(f"cannot connect to the LLM endpoint: {exc}")
+    return ServerError(f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+def messages_to_prompt(messages: list[dict[str, str]]) -> str:
+    """The airoboros chat format, for the completions API."""
+    system = DEFAULT_SYSTEM
+    lines: list[str] = []
+    for m in messages:
+        if m["role"] == "system":
+            system = m["content"]
+        elif m["role"] == "user":
+            lines.append(f"USER: {m['content']}")
+        else:
+            lines.append(f"ASSISTANT: {m['content']}")
+    return system + "\n" + "\n".join(lines) + "\nASSISTANT:"
+
+
+class LLMClient:
+    def __init__(self, settings: LLMSettings, limiter: RateLimiter, meter: UsageMeter) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.meter = meter
+        self.stats = ClientStats()
+        self._client = openai.AsyncOpenAI(
+            api_key=settings.api_key or "not-needed",
+            base_url=settings.base_url,
+            organization=settings.organization,
+            timeout=settings.timeout,
+            max_retries=0,  # retries are ours: bounded, jittered, limiter-aware
+            http_client=openai.DefaultAsyncHttpxClient(
+                timeout=settings.timeout,
+                limits=httpx2.Limits(
+                    max_connections=max(limiter.max_concurrency, 10),
+                    max_keepalive_connections=max(limiter.max_concurrency, 10),
+                ),
+            ),
+        )
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def preflight(self, model: str) -> str | None:
+        """Check the endpoint is reachable and the key accepted. Raises ConnectError or
+        AuthError; returns a warning when the model is not listed (local servers often
+        alias names, so that is not fatal)."""
+        try:
+            page = await asyncio.wait_for(self._client.models.list(), timeout=15)
+        except openai.NotFoundError:
+            return None  # some compatible servers have no /models
+        except Exception as exc:
+            err = classify(exc)
+            if isinstance(err, ConnectError | AuthError | LLMTimeoutError):
+                raise err from None
+            return None
+        ids = {m.id for m in page.data}
+        if ids and model not in ids:
+            return f"model {model!r} is not listed by the endpoint (it lists {len(ids)} models)"
+        return None
+
+    def _estimate(self, messages: list[dict[str, str]], max_tokens: int | None) -> int:
+        chars = sum(len(m["content"]) for m in messages)
+        return chars // 4 + (max_tokens or 512)
+
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        model: str,
+        instructor: str,
+        params: dict[str, Any] | None = None,
+    ) -> Completion:
+        """One completion, retried as needed. Raises BudgetExhausted before any call once
+        the budget is spent, and LLMError when the call cannot succeed."""
+        params = dict(params or {})
+        max_tokens = params.pop("max_tokens", None) or self.settings.max_completion_tokens
+        deadline = time.monotonic() + self.settings.max_retry_time
+        attempt = 0
+        rate_limited = 0
+        self.stats.calls += 1
+        while True:
+            self.meter.check()
+            attempt += 1
+            self.stats.attempts += 1
+            estimate = self._estimate(messages, max_tokens)
+            try:
+                async with self.limiter.slot(estimate):
+                    self.meter.check()
+                    text, finish, usage, headers = await self._call(
+                        messages, model=model, params=params, max_tokens=max_tokens
+                    )
+                self.limiter.learn(headers)
+                prompt_t, completion_t = usage
+                self.limiter.settle_tokens(estimate, prompt_t + completion_t)
+                call = self.meter.record(instructor, model, prompt_t, completion_t)
+                return Completion(
+                    text, finish, prompt_t, completion_t, call.cost, model, attempt, rate_limited
+                )
+            except Exception as exc:
+                err = classify(exc)
+                self.stats.errors[err.code] = self.stats.errors.get(err.code, 0) + 1
+                if isinstance(err, RateLimitError):
+                    rate_limited += 1
+                    self.stats.rate_limited += 1
+                if not err.retryable:
+                    raise err from None
+                remaining = deadline - time.monotonic()
+                if attempt > self.settings.max_retries or remaining <= 0:
+                    raise type(err)(
+                        f"{err} (gave up after {attempt} attempts)", status=err.status
+                    ) from None
+                delay = min(
+                    self.settings.backoff_cap, self.settings.backoff_base * 2 ** (attempt - 1)
+                )
+                delay = random.uniform(0, delay)  # full jitter
+                if isinstance(err, RateLimitError):
+                    wait = err.retry_after if err.retry_after is not None else max(delay, 1.0)
+                    self.limiter.pause(wait)  # everyone waits, not just this call
+                    delay = max(delay, wait)
+                if delay > remaining:
+                    raise type(err)(
+                        f"{err} (retry budget of {self.settings.max_retry_time:.0f}s spent)",
+                        status=err.status,
+                    ) from None
+                log.debug("%s: %s; retry %d in %.2fs", instructor, err.code, attempt, delay)
+                await asyncio.sleep(delay)
+
+    async def _call(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        model: str,
+        params: dict[str, Any],
+        max_tokens: int | None,
+    ) -> tuple[str, str | None, tuple[int, int], Mapping[str, str]]:
+        extra: dict[str, Any] = {}
+        if max_tokens is not None:
+            extra["max_tokens"] = max_tokens
+        if self.settings.api == "completions":
+            raw = await self._client.completions.with_raw_response.create(
+                model=model, prompt=messages_to_prompt(messages), **params, **extra
+            )
+            resp: Any = raw.parse()
+            choice = resp.choices[0] if resp.choices else None
+            text = choice.text if choice else ""
+        else:
+            raw = await self._client.chat.completions.with_raw_response.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                **params,
+                **extra,
+            )
+            resp = raw.parse()
+            choice = resp.choices[0] if resp.choices else None
+            text = (choice.message.content or "") if choice else ""
+        if choice is None:
+            raise ServerError("the endpoint returned no choices")
+        usage = resp.usage
+        if usage is not None:
+            tokens = (int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
+        else:  # some servers omit usage: estimate so budgets still hold
+            tokens = (sum(len(m["content"]) for m in messages) // 4, len(text) // 4)
+        return text, choice.finish_reason, tokens, raw.headers

@@ -1,0 +1,120 @@
+"""Progress for long runs: a live table on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airoboros.pipeline import Generation
+
+log = logging.getLogger("airoboros.progress")
+
+
+def _rows(gen: Generation) -> list[dict[str, Any]]:
+    ctl: Any = gen.controller
+    if ctl is None or gen.llm is None:
+        return []
+    meter = gen.llm.meter
+    out = []
+    for st in ctl.snapshot():
+        u = meter.by_instructor.get(st.name)
+        out.append(
+            {
+                "name": st.name,
+                "accepted": st.accepted,
+                "target": st.target,
+                "duplicates": st.duplicates,
+                "filtered": st.filtered,
+                "failures": st.failures,
+                "tokens": u.total_tokens if u else 0,
+                "cost": u.cost if u else 0.0,
+                "state": "stalled" if st.stalled else ("done" if st.done else "running"),
+            }
+        )
+    return out
+
+
+class PlainProgress:
+    """One log line per instructor whose numbers changed, at most every ``interval`` s."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last = 0.0
+        self._seen: dict[str, tuple[Any, ...]] = {}
+
+    def __call__(self, gen: Generation) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        self._last = now
+        ctl: Any = gen.controller
+        for r in _rows(gen):
+            key = (r["accepted"], r["duplicates"], r["filtered"], r["failures"])
+            if self._seen.get(r["name"]) == key:
+                continue
+            self._seen[r["name"]] = key
+            log.info(
+                "%s: %d/%d accepted, %d duplicates, %d filtered, %d failures, %d tokens, $%.4f",
+                r["name"], r["accepted"], r["target"], r["duplicates"], r["filtered"],
+                r["failures"], r["tokens"], r["cost"],
+            )  # fmt: skip
+        if ctl is not None:
+            log.info("requests/min: %.1f", ctl.requests_per_minute())
+
+    def close(self) -> None:
+        pass
+
+
+class LiveProgress:
+    """A rich table redrawn in place."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = Console(stderr=True)
+        self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def __call__(self, gen: Generation) -> None:
+        from rich.table import Table
+
+        ctl: Any = gen.controller
+        table = Table(title=f"airoboros · {gen.plan.output_path}", expand=False)
+        for col in (
+            "instructor",
+            "accepted/target",
+            "dup",
+            "filtered",
+            "fail",
+            "tokens",
+            "cost",
+            "",
+        ):
+            table.add_column(col, justify="right" if col not in ("instructor", "") else "left")
+        for r in _rows(gen):
+            table.add_row(
+                r["name"],
+                f"{r['accepted']}/{r['target']}",
+                str(r["duplicates"]),
+                str(r["filtered"]),
+                str(r["failures"]),
+                f"{r['tokens']:,}",
+                f"${r['cost']:.4f}",
+                r["state"],
+            )
+        if ctl is not None:
+            table.caption = f"{ctl.requests_per_minute():.1f} requests/min"
+        self.live.update(table)
+
+    def close(self) -> None:
+        self.live.stop()
+
+
+def make_progress(force_plain: bool = False) -> PlainProgress | LiveProgress:
+    if not force_plain and sys.stderr.isatty():
+        return LiveProgress()
+    return PlainProgress()
