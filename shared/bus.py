@@ -40,6 +40,10 @@ class InMemoryBus:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self.dead_letters: list[DeadLetter] = []
+        # Deliveries queued or being handled; drain() waits for zero.
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def subscribe(
         self, message_type: type[M], handler: Handler[M], *, concurrency: int = 1
@@ -65,7 +69,14 @@ class InMemoryBus:
             log.warning("no subscriber for %s; message dropped", message.topic)
         for sub in subs:
             # Each subscriber gets its own copy, as with a fan-out exchange.
-            self._queues[id(sub)].put_nowait((message.model_copy(deep=True), 1))
+            self._enqueue(self._queues[id(sub)], message.model_copy(deep=True), 1)
+
+    def _enqueue(
+        self, q: asyncio.Queue[tuple[Message, int]], message: Message, delivery: int
+    ) -> None:
+        self._pending += 1
+        self._idle.clear()
+        q.put_nowait((message, delivery))
 
     async def _consume(self, sub: _Subscription, q: asyncio.Queue[tuple[Message, int]]) -> None:
         while True:
@@ -86,17 +97,17 @@ class InMemoryBus:
                     self.dead_letters.append(DeadLetter(message, repr(exc), delivery))
                 else:
                     log.warning("redelivering %s after error: %s", message.topic, exc)
-                    q.put_nowait((message, delivery + 1))
+                    self._enqueue(q, message, delivery + 1)
             finally:
                 q.task_done()
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()
 
     async def drain(self) -> None:
-        """Wait until every queue is empty and every handler has returned."""
-        while True:
-            for q in self._queues.values():
-                await q.join()
-            if all(q.empty() for q in self._queues.values()):
-                return
+        """Wait until no message is queued and no handler is running, including the
+        follow-up messages that handlers publish on the way."""
+        await self._idle.wait()
 
     async def close(self) -> None:
         for t in self._tasks:

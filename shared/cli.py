@@ -42,7 +42,16 @@ def setup_logging(debug: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("httpx", "openai", "httpcore", "sentence_transformers", "alembic", "faiss"):
+    for noisy in (
+        "httpx",
+        "httpx2",
+        "openai",
+        "httpcore",
+        "httpcore2",
+        "sentence_transformers",
+        "alembic",
+        "faiss",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -229,19 +229,24 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 def parse_config(data: Any, *, source: str = "config") -> Config:
-    """Validate a mapping as a Config, reporting every problem at once."""
+    """Validate a mapping as a Config, reporting every problem at once: schema errors and
+    the checks of regexes and instructor-specific keys are collected together."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: expected a mapping of keys, got {type(data).__name__}"])
+    problems: list[str] = []
+    cfg: Config | None = None
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(problems) from None
-    problems = semantic_problems(cfg)
+        problems.extend(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+    problems.extend(_raw_problems(data))
+    if cfg is not None:
+        problems.extend(_model_problems(cfg))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
+    assert cfg is not None
     return cfg
 
 
@@ -258,18 +263,41 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, source=str(p))
 
 
-def semantic_problems(cfg: Config) -> list[str]:
-    """Cross-key checks that a schema alone cannot express."""
+def _raw_problems(data: dict[str, Any]) -> list[str]:
+    """Checks that work on the raw mapping, so they run even when the schema fails."""
     import re
 
     from airoboros.generator.registry import known_instructors, validate_instructor
 
     problems: list[str] = []
-    for i, pattern in enumerate(cfg.response_filters):
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            problems.append(f"response_filters.{i}: not a valid regular expression ({exc})")
+    filters = data.get("response_filters")
+    if isinstance(filters, list):
+        for i, pattern in enumerate(filters):
+            if not isinstance(pattern, str):
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"response_filters.{i}: not a valid regular expression ({exc})")
+    instructors = data.get("instructors")
+    if isinstance(instructors, dict):
+        known = known_instructors()
+        for name, block in instructors.items():
+            if name not in known:
+                continue  # a warning in the plan, like the original's "skipping"
+            try:
+                inst = InstructorConfig.model_validate(block or {})
+            except ValidationError:
+                inst = InstructorConfig.model_construct(
+                    **{k: v for k, v in (block or {}).items() if isinstance(k, str)}
+                )
+            problems.extend(f"instructors.{name}.{p}" for p in validate_instructor(name, inst))
+    return problems
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    """Cross-key checks on a schema-valid config."""
+    problems: list[str] = []
     if cfg.max_cost is not None:
         for name in ["(top level)", *cfg.instructors]:
             model = cfg.model if name == "(top level)" else cfg.model_for(name)
@@ -278,10 +306,4 @@ def semantic_problems(cfg: Config) -> list[str]:
                     f"prices.{model}: max_cost is set but model {model!r} has no price; "
                     "add prices: {" + model + ": {prompt: USD_PER_1M, completion: USD_PER_1M}}"
                 )
-    known = known_instructors()
-    for name, inst in cfg.instructors.items():
-        if name not in known:
-            continue  # reported as a warning by the planner, like the original's "skipping"
-        problems.extend(f"instructors.{name}.{p}" for p in validate_instructor(name, inst))
-    # One problem per model is enough.
-    return list(dict.fromkeys(problems))
+    return problems

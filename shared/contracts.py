@@ -88,6 +88,8 @@ class BatchStats(BaseModel):
     duplicates: int = 0
     filtered: int = 0
     failures: int = 0
+    #: tokens paid for by this batch's calls (prompt + completion)
+    tokens: int = 0
 
 
 class GenerateBatch(Message):

@@ -62,7 +62,10 @@ class SentenceTransformerEmbedder:
         self._batch_size = batch_size
         self._tokenizer = self._model.tokenizer
         self._window = int(self._model.max_seq_length or 256) - 2
-        self._dim = int(self._model.get_sentence_embedding_dimension())
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or (
+            self._model.get_sentence_embedding_dimension
+        )
+        self._dim = int(get_dim())
         self.name = model or DEFAULT_EMBEDDING_MODEL
 
     @property
@@ -70,7 +73,9 @@ class SentenceTransformerEmbedder:
         return self._dim
 
     def _windows(self, text: str) -> list[str]:
-        ids = self._tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+        ids = self._tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)[
+            "input_ids"
+        ]
         if len(ids) <= self._window:
             return [text]
         return [
@@ -81,14 +86,15 @@ class SentenceTransformerEmbedder:
     def embed(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
-        # Cheap pre-check: only texts that may exceed the window get tokenized twice.
-        pieces: list[str] = []
-        owners: list[int] = []
-        for i, t in enumerate(texts):
-            windows = self._windows(t) if len(t) > self._window * 2 else [t]
-            pieces.extend(windows)
-            owners.extend([i] * len(windows))
+        # The fast tokenizer is not safe to share across threads: hold the lock throughout.
         with self._lock:
+            pieces: list[str] = []
+            owners: list[int] = []
+            for i, t in enumerate(texts):
+                # Cheap pre-check: only texts that may exceed the window get tokenized.
+                windows = self._windows(t) if len(t) > self._window * 2 else [t]
+                pieces.extend(windows)
+                owners.extend([i] * len(windows))
             emb = self._model.encode(
                 pieces,
                 batch_size=self._batch_size,

@@ -24,10 +24,10 @@ class ConfigError(AiroborosError):
         super().__init__("; ".join(problems))
 
     def __str__(self) -> str:
+        # One line, whatever the number of problems: it is what the CLI prints.
         if len(self.problems) == 1:
             return f"invalid config: {self.problems[0]}"
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        return f"invalid config ({len(self.problems)} problems):\n{lines}"
+        return f"invalid config ({len(self.problems)} problems): " + "; ".join(self.problems)
 
 
 class NotFoundError(AiroborosError):

@@ -24,6 +24,7 @@ from airoboros.contracts import (
     CandidatesScreened,
     GenerateBatch,
     Item,
+    JobEvent,
 )
 from airoboros.errors import ConfigError
 from airoboros.llm import LLMClient, LLMSettings, RateLimiter, UsageMeter
@@ -127,6 +128,10 @@ def dedupe_text(item: Item) -> str:
     return text
 
 
+async def _log_event(event: JobEvent) -> None:
+    log.debug("job %s: %s %s", event.job_id, event.status, event.detail or "")
+
+
 @dataclass
 class RunResult:
     plan: Plan
@@ -164,7 +169,7 @@ class Generation:
         from airoboros.embeddings import SentenceTransformerEmbedder
         from airoboros.generator.registry import implemented_instructors
         from airoboros.generator.service import GeneratorService
-        from airoboros.topics.controller import InstructorState, JobController
+        from airoboros.topics.controller import InstructorState, JobController, UsageLedger
         from airoboros.topics.sink import JsonlSink
         from airoboros.topics.topics import TopicPicker, instructor_topics, resolve_topics
         from airoboros.vectors import FaissVectorStore
@@ -188,6 +193,8 @@ class Generation:
                 llm.meter.preload(
                     name, Usage(s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
                 )
+            ledger = UsageLedger(store, plan.job_id, llm.meter)
+            ledger.mark_loaded()
 
             warning = await llm.preflight(cfg.model)
             if warning:
@@ -198,7 +205,10 @@ class Generation:
             needs_topics = [
                 n for n in remaining if impl[n].uses_topics and not cfg.instructors[n].topics_path
             ]
-            topics = await resolve_topics(cfg, llm) if needs_topics else []
+            try:
+                topics = await resolve_topics(cfg, llm) if needs_topics else []
+            finally:
+                await ledger.flush()
 
             embedder: Embedder
             if self._embedder is not None:
@@ -234,7 +244,7 @@ class Generation:
                 )
 
             controller = JobController(
-                plan.job_id, cfg, store, bus.publish, states, sink, llm.meter
+                plan.job_id, cfg, store, bus.publish, states, sink, llm.meter, ledger
             )
             self.controller = controller
             generator = GeneratorService(cfg, llm, bus.publish, seed=rng.randrange(2**31))
@@ -246,6 +256,7 @@ class Generation:
             )
             bus.subscribe(CandidatesProposed, dedupe.on_proposed, concurrency=2)
             bus.subscribe(BatchCompleted, controller.on_completed, concurrency=1)
+            bus.subscribe(JobEvent, _log_event)
             await bus.start()
             await controller.start()
             progress_task = asyncio.create_task(self._progress_loop())

@@ -22,7 +22,7 @@ from airoboros.contracts import (
 )
 from airoboros.embeddings import l2_threshold_to_cosine
 from airoboros.errors import BudgetExhausted, LLMError
-from airoboros.generator.instructors.base import Ctx, Filtered, Instructor
+from airoboros.generator.instructors.base import Ctx, Filtered, Instructor, current_batch
 from airoboros.generator.registry import create
 from airoboros.llm import LLMClient
 
@@ -51,6 +51,7 @@ class GeneratorService:
         """Step 1: propose candidates, then hand them to dedupe."""
         inst = self.instructor(task.instructor)
         stats = BatchStats()
+        current_batch.set(stats)
         try:
             candidates = await inst.propose(task, stats)
         except Filtered as f:
@@ -92,6 +93,7 @@ class GeneratorService:
         """Step 2: respond to every accepted candidate, concurrently; report the batch."""
         inst = self.instructor(msg.instructor)
         stats = msg.stats.model_copy()
+        current_batch.set(stats)
         results = await asyncio.gather(
             *(inst.respond(c, stats) for c in msg.accepted), return_exceptions=True
         )

@@ -53,6 +53,41 @@ class InstructorState:
         return max(0.5, self.rows_from_batches / self.batches)
 
 
+class UsageLedger:
+    """Writes the meter's per-instructor usage to the store as deltas, so tokens and cost
+    survive a restart and budgets span reruns."""
+
+    def __init__(self, store: SqlStore, job_id: str, meter: UsageMeter) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.meter = meter
+        self._persisted: dict[str, tuple[int, int, int, float]] = {}
+
+    async def flush(self, names: list[str] | None = None) -> None:
+        for name in names if names is not None else list(self.meter.by_instructor):
+            u = self.meter.by_instructor.get(name)
+            if u is None:
+                continue
+            cur = (u.requests, u.prompt_tokens, u.completion_tokens, u.cost)
+            prev = self._persisted.get(name, (0, 0, 0, 0.0))
+            if cur == prev:
+                continue
+            self._persisted[name] = cur
+            await self.store.add_stats(
+                self.job_id,
+                name,
+                requests=cur[0] - prev[0],
+                prompt_tokens=cur[1] - prev[1],
+                completion_tokens=cur[2] - prev[2],
+                cost=cur[3] - prev[3],
+            )
+
+    def mark_loaded(self) -> None:
+        """The meter was preloaded from the store: that much is already persisted."""
+        for name, u in self.meter.by_instructor.items():
+            self._persisted[name] = (u.requests, u.prompt_tokens, u.completion_tokens, u.cost)
+
+
 @dataclass
 class JobOutcome:
     status: str  # done | budget_exhausted | failed | cancelled
@@ -69,6 +104,7 @@ class JobController:
         states: dict[str, InstructorState],
         sink: JsonlSink | None,
         meter: UsageMeter,
+        ledger: UsageLedger,
         *,
         max_in_flight_calls: int | None = None,
         uses_topics: dict[str, bool] | None = None,
@@ -80,6 +116,7 @@ class JobController:
         self.states = states
         self.sink = sink
         self.meter = meter
+        self.ledger = ledger
         self.max_calls = max_in_flight_calls or config.max_concurrency
         self.uses_topics = uses_topics or {}
         self._finished = asyncio.Event()
@@ -87,8 +124,10 @@ class JobController:
         self._budget_hit: str | None = None
         self._seen_tasks: set[str] = set()
         self._lock = asyncio.Lock()
-        self._persisted_usage: dict[str, tuple[int, int, int, float]] = {}
         self.started = time.monotonic()
+        #: tokens paid by batches, and the part of them that produced no stored row
+        self.batch_tokens = 0
+        self.wasted_tokens = 0.0
 
     # --- dispatch -----------------------------------------------------------------------
     def _cap(self, st: InstructorState) -> int:
@@ -148,6 +187,13 @@ class JobController:
             st.filtered += msg.stats.filtered
             st.failures += msg.stats.failures
             st.barren = 0 if stored else st.barren + 1
+            # Each candidate lost (duplicate, filtered, failed) or row dropped past the
+            # count is an equal share of the batch's tokens that bought nothing.
+            units = max(
+                1, len(msg.items) + msg.stats.duplicates + msg.stats.filtered + msg.stats.failures
+            )
+            self.batch_tokens += msg.stats.tokens
+            self.wasted_tokens += msg.stats.tokens * (1 - len(stored) / units)
             await self._persist_stats(st.name, msg)
         if msg.error == "budget_exhausted":
             self._budget_hit = msg.error_message or "budget exhausted"
@@ -167,21 +213,14 @@ class JobController:
         await self._maybe_finish()
 
     async def _persist_stats(self, name: str, msg: BatchCompleted) -> None:
-        u = self.meter.by_instructor.get(name)
-        cur = (u.requests, u.prompt_tokens, u.completion_tokens, u.cost) if u else (0, 0, 0, 0.0)
-        prev = self._persisted_usage.get(name, (0, 0, 0, 0.0))
-        self._persisted_usage[name] = cur
         await self.store.add_stats(
             self.job_id,
             name,
             duplicates=msg.stats.duplicates,
             filtered=msg.stats.filtered,
             failures=msg.stats.failures,
-            requests=cur[0] - prev[0],
-            prompt_tokens=cur[1] - prev[1],
-            completion_tokens=cur[2] - prev[2],
-            cost=cur[3] - prev[3],
         )
+        await self.ledger.flush([name])
 
     async def _maybe_finish(self) -> None:
         if self._finished.is_set():
@@ -203,22 +242,7 @@ class JobController:
             return
         self.outcome = outcome
         # Usage of calls whose batches never completed (cancelled at the end) still counts.
-        for name in self.states:
-            u = self.meter.by_instructor.get(name)
-            if u is None:
-                continue
-            prev = self._persisted_usage.get(name, (0, 0, 0, 0.0))
-            cur = (u.requests, u.prompt_tokens, u.completion_tokens, u.cost)
-            if cur != prev:
-                self._persisted_usage[name] = cur
-                await self.store.add_stats(
-                    self.job_id,
-                    name,
-                    requests=cur[0] - prev[0],
-                    prompt_tokens=cur[1] - prev[1],
-                    completion_tokens=cur[2] - prev[2],
-                    cost=cur[3] - prev[3],
-                )
+        await self.ledger.flush()
         await self.store.set_job_status(self.job_id, outcome.status, outcome.detail)
         self._finished.set()
 

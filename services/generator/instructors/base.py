@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +25,9 @@ from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
 from airoboros.llm import LLMClient, ResponseFilter
 
 log = logging.getLogger(__name__)
+
+#: The stats of the batch being worked on, so every call's tokens are charged to it.
+current_batch: ContextVar[BatchStats | None] = ContextVar("current_batch", default=None)
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -53,7 +57,10 @@ def prompt_exists(name_or_path: str) -> bool:
     return Path(name_or_path).is_file() or (PROMPTS_DIR / Path(name_or_path).name).is_file()
 
 
-_TSK = re.compile(r"(?:^|\n)\s*TSK\s*(\d+)\s*[.:)]\s*(.*?)(?=\n\s*TSK\s*\d+\s*[.:)]|\Z)", re.S)
+_TSK = re.compile(
+    r"(?:^|\n)[ \t]*TSK[ \t]*(\d+)[ \t]*[.:)][ \t]*(.*?)(?=\n[ \t]*TSK[ \t]*\d+[ \t]*[.:)]|\Z)",
+    re.S,
+)
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -168,6 +175,9 @@ class Instructor:
         c = await self.ctx.llm.complete(
             messages, model=self.ctx.model, instructor=self.name, params=self.params(**params)
         )
+        batch = current_batch.get()
+        if batch is not None:
+            batch.tokens += c.prompt_tokens + c.completion_tokens
         apply = self.filter_responses if filter_response is None else filter_response
         reason = self._filter.reason(c.text, finish_reason=c.finish_reason, apply_filters=apply)
         if reason:

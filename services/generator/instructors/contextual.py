@@ -9,9 +9,12 @@ from airoboros.config import InstructorConfig
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch
 from airoboros.generator.instructors.base import Filtered, TaskListInstructor, render
 
+# A body is any text that does not itself contain a marker (so a missing ENDCONTEXT or
+# ENDINPUT cannot be papered over by the next block's markers).
+_BODY = r"(?:(?!BEGININPUT|ENDINPUT|BEGINCONTEXT|ENDCONTEXT|BEGININSTRUCTION|ENDINSTRUCTION).)"
 VALID_BLOCK = re.compile(
-    r"^\s*(?:BEGININPUT\s*\n\s*BEGINCONTEXT\s*\n.*?\n\s*ENDCONTEXT\s*\n.*?\S.*?\n\s*ENDINPUT\s*\n\s*)+"
-    r"BEGININSTRUCTION\s*\n.*?\S.*?\n?\s*ENDINSTRUCTION\s*$",
+    rf"^\s*(?:BEGININPUT\s*\n\s*BEGINCONTEXT\s*\n{_BODY}*?\n\s*ENDCONTEXT\s*\n{_BODY}*?\S{_BODY}*?\n\s*ENDINPUT\s*\n\s*)+"
+    rf"BEGININSTRUCTION\s*\n{_BODY}*?\S{_BODY}*?\n?\s*ENDINSTRUCTION\s*$",
     re.S,
 )
 

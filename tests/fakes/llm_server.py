@@ -1,0 +1,641 @@
+"""A scripted OpenAI-compatible server for tests and benchmarks (real HTTP on loopback).
+
+It answers each kind of airoboros prompt in the format the prompt asks for — TSK lists,
+QUESTION/ANSWER and PROMPT/ANSWER pairs, BEGININPUT blocks, numbered topic lists, plain
+responses and bare code — with fresh, varied text on every call. A ``Script`` injects
+what real endpoints do: latency, a requests/min limit answered with 429 + Retry-After,
+500s, timeouts, malformed and truncated output, refusals and repeated answers.
+
+    python -m tests.fakes.llm_server --port 8089 --latency 0.5 --rpm 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+NOUNS = [
+    "lighthouse",
+    "glacier",
+    "orchard",
+    "violin",
+    "telescope",
+    "harbor",
+    "canyon",
+    "library",
+    "bakery",
+    "volcano",
+    "satellite",
+    "compass",
+    "lantern",
+    "meadow",
+    "bridge",
+    "cathedral",
+    "river",
+    "desert",
+    "forest",
+    "island",
+    "museum",
+    "festival",
+    "garden",
+    "castle",
+    "railway",
+    "submarine",
+    "comet",
+    "reef",
+    "prairie",
+    "monastery",
+    "workshop",
+    "market",
+    "tunnel",
+    "vineyard",
+    "observatory",
+    "quarry",
+    "marsh",
+    "fortress",
+    "pagoda",
+    "windmill",
+    "beekeeper",
+    "blacksmith",
+    "cartographer",
+    "astronomer",
+    "potter",
+    "weaver",
+    "sailor",
+    "shepherd",
+    "chemist",
+    "architect",
+    "gardener",
+    "poet",
+    "inventor",
+    "juggler",
+    "librarian",
+    "botanist",
+    "mechanic",
+    "baker",
+    "glassblower",
+    "falcon",
+    "otter",
+    "tortoise",
+    "heron",
+    "badger",
+    "lynx",
+    "dolphin",
+    "octopus",
+    "beetle",
+    "salamander",
+    "walrus",
+    "penguin",
+    "moth",
+    "hedgehog",
+    "raven",
+    "bison",
+    "jellyfish",
+    "chameleon",
+    "albatross",
+    "firefly",
+]
+VERBS = [
+    "repair",
+    "paint",
+    "measure",
+    "translate",
+    "compare",
+    "design",
+    "protect",
+    "explore",
+    "describe",
+    "organize",
+    "celebrate",
+    "restore",
+    "predict",
+    "navigate",
+    "harvest",
+    "decorate",
+    "negotiate",
+    "photograph",
+    "catalog",
+    "rebuild",
+    "illuminate",
+    "insulate",
+    "sketch",
+    "transport",
+    "polish",
+    "calibrate",
+    "preserve",
+    "summarize",
+    "investigate",
+    "rearrange",
+]
+ADJS = [
+    "ancient",
+    "quiet",
+    "crimson",
+    "frozen",
+    "floating",
+    "hidden",
+    "gentle",
+    "stormy",
+    "golden",
+    "forgotten",
+    "narrow",
+    "enormous",
+    "delicate",
+    "noisy",
+    "velvet",
+    "rusty",
+    "luminous",
+    "tiny",
+    "foggy",
+    "emerald",
+    "wooden",
+    "bitter",
+    "silver",
+    "distant",
+    "curious",
+    "hollow",
+    "patient",
+    "restless",
+    "tidal",
+    "humble",
+]
+PLACES = [
+    "Lisbon",
+    "Kyoto",
+    "Nairobi",
+    "Reykjavik",
+    "Lima",
+    "Oslo",
+    "Hanoi",
+    "Cairo",
+    "Tbilisi",
+    "Quebec",
+    "Cusco",
+    "Bergen",
+    "Valparaiso",
+    "Zanzibar",
+    "Tallinn",
+    "Marrakesh",
+    "Hobart",
+    "Bruges",
+    "Ushuaia",
+    "Kraków",
+    "Tromsø",
+    "Galway",
+    "Cartagena",
+    "Luang",
+    "Prabang",
+    "Kotor",
+    "Matera",
+    "Sintra",
+    "Hallstatt",
+    "Chefchaouen",
+    "Ronda",
+]
+TEMPLATES = (
+    "Explain how a {adj} {noun} in {place} could {verb} a {noun2} without any help.",
+    "Write a short note from a {noun} to a {adj} {noun2} about the day they met in {place}.",
+    "List five ways a {noun} might {verb} the {adj} {noun2} before winter comes.",
+    "Describe the sound of a {adj} {noun} at dawn, as a {noun2} from {place} would hear it.",
+    "Give advice to a {noun} who wants to {verb} a {adj} {noun2} on a small budget.",
+    "Compare a {adj} {noun} with a {noun2}, and say which is harder to {verb}.",
+    "Summarize the legend of the {adj} {noun} of {place} for a curious {noun2}.",
+    "Classify these as living or not: {noun}, {noun2}, {adj} stone, {place} harbour.",
+    "Suggest a name for a {adj} café in {place} run by a retired {noun}.",
+    "Invent a festival in {place} where every {noun} must {verb} a {noun2}.",
+)
+LANG_TASKS = (
+    "Write a {lang} function that returns the {k} most common words in a text about {noun}s.",
+    "Implement a {lang} class for a {adj} {noun} inventory with add, remove and search.",
+    "Create a {lang} command-line tool that converts {noun} records from CSV to JSON.",
+    "Write {lang} code that parses a log of {noun} sightings and reports totals per {place}.",
+    "Implement binary search in {lang} over a sorted list of {noun} weights, returning the index.",
+)
+
+
+def _pick(rng: random.Random) -> dict[str, str]:
+    n1, n2 = rng.sample(NOUNS, 2)
+    return {
+        "noun": n1,
+        "noun2": n2,
+        "adj": rng.choice(ADJS),
+        "verb": rng.choice(VERBS),
+        "place": rng.choice(PLACES),
+    }
+
+
+def sentence(rng: random.Random) -> str:
+    return rng.choice(TEMPLATES).format(**_pick(rng))
+
+
+def paragraph(rng: random.Random, n: int = 3) -> str:
+    parts = []
+    for _ in range(n):
+        w = _pick(rng)
+        parts.append(
+            f"The {w['adj']} {w['noun']} of {w['place']} learned to {w['verb']} "
+            f"the {w['noun2']} over {rng.randint(2, 90)} {rng.choice(['days', 'years', 'seasons'])}."
+        )
+    return " ".join(parts)
+
+
+@dataclass
+class Script:
+    """What the server does. Rates are per request, drawn from a seeded RNG."""
+
+    latency: float = 0.0
+    rpm_limit: float | None = None
+    #: seconds of requests the limiter lets through at once (a burst)
+    rpm_burst_seconds: float = 1.0
+    error_500_rate: float = 0.0
+    timeout_rate: float = 0.0
+    timeout_delay: float = 30.0
+    malformed_rate: float = 0.0
+    truncate_rate: float = 0.0
+    refusal_rate: float = 0.0
+    duplicate_rate: float = 0.0
+    #: forced outcomes for the first requests, in order: ok|500|429|timeout|malformed|truncate|refusal
+    force: list[str] = field(default_factory=list)
+    #: requests whose prompt contains this text get a 400 (e.g. to test bad-request handling)
+    bad_request_marker: str | None = None
+    seed: int = 1234
+    models: tuple[str, ...] = ("gpt-4", "gpt-4o-mini", "test-model")
+    require_key: str | None = None
+
+
+class ScriptedLLM:
+    def __init__(self, script: Script | None = None) -> None:
+        self.script = script or Script()
+        self.rng = random.Random(self.script.seed)
+        self.stats: Counter[str] = Counter()
+        self.prompts: list[str] = []
+        #: (model, prompt) of every admitted request
+        self.requests_log: list[tuple[str, str]] = []
+        self._history: list[str] = []
+        self._force = list(self.script.force)
+        self._bucket = 0.0
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+        if self.script.rpm_limit:
+            self._bucket = self.script.rpm_limit / 60.0 * self.script.rpm_burst_seconds
+
+    # --- rate limit -----------------------------------------------------------------
+    def _admit(self) -> float | None:
+        """None if admitted, else seconds to wait (Retry-After)."""
+        if not self.script.rpm_limit:
+            return None
+        rate = self.script.rpm_limit / 60.0
+        cap = max(1.0, rate * self.script.rpm_burst_seconds)
+        with self._lock:
+            now = time.monotonic()
+            self._bucket = min(cap, self._bucket + (now - self._stamp) * rate)
+            self._stamp = now
+            if self._bucket >= 1.0:
+                self._bucket -= 1.0
+                return None
+            return (1.0 - self._bucket) / rate
+
+    def _outcome(self) -> str:
+        if self._force:
+            return self._force.pop(0)
+        s, r = self.script, self.rng.random
+        for name, rate in (
+            ("500", s.error_500_rate),
+            ("timeout", s.timeout_rate),
+            ("malformed", s.malformed_rate),
+            ("truncate", s.truncate_rate),
+            ("refusal", s.refusal_rate),
+        ):
+            if rate and r() < rate:
+                return name
+        return "ok"
+
+    # --- content ----------------------------------------------------------------------
+    def _unique(self, make: Any) -> str:
+        """A fresh item, or (at duplicate_rate) one handed out before."""
+        if self._history and self.rng.random() < self.script.duplicate_rate:
+            self.stats["duplicates_served"] += 1
+            return self.rng.choice(self._history)
+        text: str = make()
+        self._history.append(text)
+        return text
+
+    def answer(self, prompt: str) -> str:
+        rng = self.rng
+        n_match = re.search(r"exactly (\d+)", prompt)
+        n = int(n_match.group(1)) if n_match else 5
+        if "TSK" in prompt:
+            langs = re.search(r"chosen from: ([^\n]+?)\.?\n", prompt)
+            if langs:
+                choices = [x.strip() for x in langs.group(1).split(",") if x.strip()]
+
+                def make() -> str:
+                    return rng.choice(LANG_TASKS).format(
+                        lang=rng.choice(choices), k=rng.randint(3, 20), **_pick(rng)
+                    )
+            else:
+
+                def make() -> str:
+                    return sentence(rng)
+
+            return "\n".join(f"TSK {i + 1}. {self._unique(make)}" for i in range(n))
+        if "BEGININSTRUCTION" in prompt and "layout" in prompt:
+            m = re.search(r"exercise: (\d+)", prompt)
+            k = int(m.group(1)) if m else 1
+            blocks = []
+            for _ in range(k):
+                w = _pick(rng)
+                blocks.append(
+                    "BEGININPUT\nBEGINCONTEXT\n"
+                    f"date: {rng.randint(1990, 2030)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}\n"
+                    f"url: https://example.com/{w['noun']}/{rng.randint(1, 99999)}\n"
+                    "ENDCONTEXT\n" + paragraph(rng, 4) + "\nENDINPUT"
+                )
+            w = _pick(rng)
+            instr = (
+                f"What did the {w['adj']} {w['noun']} of {w['place']} learn to do? Cite the url."
+            )
+            return "\n".join(blocks) + f"\nBEGININSTRUCTION\n{instr}\nENDINSTRUCTION"
+        if "PROMPT:" in prompt and "ANSWER:" in prompt:
+            out = []
+            for _ in range(n):
+                w = _pick(rng)
+                req = self._unique(
+                    lambda w=w: (
+                        f"Find every {w['adj']} {w['noun']} report from {w['place']} "
+                        f"filed after {rng.randint(2001, 2024)}, answer in JSON."
+                    )
+                )
+                funcs = (
+                    "Available functions:\nsearch:\n  description: find documents\n"
+                    "  parameters:\n    query: text\n    date_range:\n      begin: date\n"
+                    "csv_analytics:\n  description: aggregate rows\n  parameters:\n"
+                    "    action: count|filter\n"
+                )
+                out.append(
+                    f"PROMPT: {req}\n{funcs}ANSWER: "
+                    f'{{"function": "search", "parameters": {{"query": "{w["noun"]} {w["place"]}"}}}}'
+                )
+            return "\n".join(out)
+        if "QUESTION:" in prompt and "ANSWER:" in prompt:
+            out = []
+            letters = dict(re.findall(r"question (\d+): ([A-E])", prompt))
+            with_e = '"E)' in prompt
+            for i in range(n):
+                if letters:
+                    letter = letters.get(str(i + 1), "A")
+                    opts = rng.sample(NOUNS, 5 if with_e else 4)
+                    if with_e:
+                        opts[4] = "None of the above"
+                    lines = [f"{chr(65 + j)}) {o}" for j, o in enumerate(opts)]
+                    w = _pick(rng)
+                    q = self._unique(
+                        lambda w=w: (
+                            f"Which of these would a {w['adj']} {w['noun2']} from "
+                            f"{w['place']} most likely {w['verb']}?"
+                        )
+                    )
+                    idx = ord(letter) - 65
+                    out.append(f"QUESTION: {q}\n" + "\n".join(lines) + f"\nANSWER: {lines[idx]}")
+                elif "trivia" in prompt.lower():
+                    w = _pick(rng)
+                    q = self._unique(
+                        lambda w=w: (
+                            f"In which city did the {w['adj']} {w['noun']} "
+                            f"{w['verb']} the {w['noun2']}?"
+                        )
+                    )
+                    out.append(f"QUESTION: {q}\nANSWER: {w['place']}")
+                else:
+                    q = self._unique(lambda: sentence(rng))
+                    out.append(f"QUESTION: {q}\nANSWER: {paragraph(rng, 2)}")
+            return "\n\n".join(out)
+        if "numbered list" in prompt.lower() and "topic" in prompt.lower():
+            m = re.search(r"list of (\d+)", prompt)
+            k = int(m.group(1)) if m else 20
+            return "Here are some topics:\n" + "\n".join(
+                f"{i + 1}. {self._unique(lambda: f'{rng.choice(ADJS)} {rng.choice(NOUNS)}s of {rng.choice(PLACES)}')}"
+                for i in range(k)
+            )
+        if "no markdown code fences" in prompt:
+            w = _pick(rng)
+            return (
+                f"def {w['verb']}_{w['noun']}(items):\n"
+                f"    return sorted(items, key=lambda x: x.{w['noun2']})\n"
+            )
+        return paragraph(rng, 3)
+
+    # --- HTTP -------------------------------------------------------------------------
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> Any:
+            if (err := self._auth(request)) is not None:
+                return err
+            return {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "test"}
+                    for m in self.script.models
+                ],
+            }
+
+        @app.get("/stats")
+        async def stats() -> Any:
+            return dict(self.stats)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Any:
+            body = await request.json()
+            prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+            return await self._complete(request, body, prompt, chat=True)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Any:
+            body = await request.json()
+            return await self._complete(request, body, str(body.get("prompt", "")), chat=False)
+
+        return app
+
+    def _auth(self, request: Request) -> JSONResponse | None:
+        key = self.script.require_key
+        if key and request.headers.get("authorization") != f"Bearer {key}":
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Incorrect API key provided",
+                        "type": "invalid_request_error",
+                        "code": "invalid_api_key",
+                    }
+                },
+                status_code=401,
+            )
+        return None
+
+    async def _complete(
+        self, request: Request, body: dict[str, Any], prompt: str, *, chat: bool
+    ) -> Any:
+        self.stats["requests"] += 1
+        if (err := self._auth(request)) is not None:
+            self.stats["401"] += 1
+            return err
+        wait = self._admit()
+        if wait is not None:
+            self.stats["429"] += 1
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Rate limit reached for requests",
+                        "type": "requests",
+                        "code": "rate_limit_exceeded",
+                    }
+                },
+                status_code=429,
+                headers={"retry-after": f"{wait:.3f}", "retry-after-ms": str(int(wait * 1000) + 1)},
+            )
+        self.prompts.append(prompt)
+        self.requests_log.append((str(body.get("model")), prompt))
+        if self.script.bad_request_marker and self.script.bad_request_marker in prompt:
+            self.stats["400"] += 1
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Invalid request",
+                        "type": "invalid_request_error",
+                        "code": None,
+                    }
+                },
+                status_code=400,
+            )
+        outcome = self._outcome()
+        if self.script.latency:
+            await asyncio.sleep(self.script.latency)
+        self.stats[outcome] += 1
+        if outcome == "429":
+            return JSONResponse(
+                {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}},
+                status_code=429,
+                headers={"retry-after": "0.2"},
+            )
+        if outcome == "500":
+            return JSONResponse(
+                {"error": {"message": "The server had an error", "type": "server_error"}},
+                status_code=500,
+            )
+        if outcome == "timeout":
+            await asyncio.sleep(self.script.timeout_delay)
+        finish = "stop"
+        if outcome == "malformed":
+            text = "Sure! " + paragraph(self.rng, 1).replace("QUESTION", "").replace("TSK", "")
+        elif outcome == "refusal":
+            text = "I'm sorry, but I can't help with that request."
+        else:
+            text = self.answer(prompt)
+            if outcome == "truncate":
+                text, finish = text[: max(1, len(text) // 2)], "length"
+        model = body.get("model", "test-model")
+        usage = {
+            "prompt_tokens": max(1, len(prompt) // 4),
+            "completion_tokens": max(1, len(text) // 4),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        self.stats["prompt_tokens"] += usage["prompt_tokens"]
+        self.stats["completion_tokens"] += usage["completion_tokens"]
+        base = {
+            "id": f"cmpl-{self.stats['requests']}",
+            "created": int(time.time()),
+            "model": model,
+            "usage": usage,
+        }
+        if chat:
+            return {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish,
+                    }
+                ],
+            }
+        return {
+            **base,
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        }
+
+
+class ServerThread:
+    """Runs a ScriptedLLM under uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, llm: ScriptedLLM, port: int = 0) -> None:
+        import uvicorn
+
+        self.llm = llm
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            llm.app(), log_level="warning", lifespan="off", timeout_keep_alive=30
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("scripted LLM server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def main() -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=8089)
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--rpm", type=float, default=None)
+    p.add_argument("--duplicate-rate", type=float, default=0.0)
+    p.add_argument("--refusal-rate", type=float, default=0.0)
+    args = p.parse_args()
+    llm = ScriptedLLM(
+        Script(
+            latency=args.latency,
+            rpm_limit=args.rpm,
+            duplicate_rate=args.duplicate_rate,
+            refusal_rate=args.refusal_rate,
+        )
+    )
+    uvicorn.run(llm.app(), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
