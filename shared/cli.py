@@ -16,7 +16,14 @@ import sys
 from typing import Any
 
 from airoboros import __version__
-from airoboros.errors import AiroborosError, AuthError, ConfigError, ConnectError, LLMError
+from airoboros.errors import (
+    AiroborosError,
+    AuthError,
+    ConfigError,
+    ConnectError,
+    LLMError,
+    MissingCredentials,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ENDPOINT, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args))
     except KeyboardInterrupt:
         code = _fail("interrupted; every stored row is kept, rerun to resume", EXIT_INTERRUPTED)
-    except ConfigError as exc:
+    except (ConfigError, MissingCredentials) as exc:
         if args.debug:
             raise
         code = _fail(str(exc), EXIT_CONFIG)

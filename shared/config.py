@@ -298,6 +298,11 @@ def _raw_problems(data: dict[str, Any]) -> list[str]:
 def _model_problems(cfg: Config) -> list[str]:
     """Cross-key checks on a schema-valid config."""
     problems: list[str] = []
+    if cfg.vector_store_url and not cfg.vector_store_url.startswith("faiss"):
+        problems.append(
+            f"vector_store_url: {cfg.vector_store_url!r} is not available in an embedded run "
+            "(use faiss://, or run the dedupe service for Weaviate)"
+        )
     if cfg.max_cost is not None:
         for name in ["(top level)", *cfg.instructors]:
             model = cfg.model if name == "(top level)" else cfg.model_for(name)

@@ -30,6 +30,18 @@ class ConfigError(AiroborosError):
         return f"invalid config ({len(self.problems)} problems): " + "; ".join(self.problems)
 
 
+class MissingCredentials(AiroborosError):
+    """Neither an API key nor a base URL for the LLM endpoint was given."""
+
+    code = "missing_credentials"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no LLM endpoint configured: set OPENAI_API_KEY to use OpenAI, or OPENAI_BASE_URL "
+            "(e.g. http://localhost:8000/v1) for a local OpenAI-compatible server"
+        )
+
+
 class NotFoundError(AiroborosError):
     code = "not_found"
 

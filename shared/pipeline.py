@@ -26,7 +26,7 @@ from airoboros.contracts import (
     Item,
     JobEvent,
 )
-from airoboros.errors import ConfigError
+from airoboros.errors import ConfigError, MissingCredentials
 from airoboros.llm import LLMClient, LLMSettings, RateLimiter, UsageMeter
 from airoboros.llm.accounting import Usage
 from airoboros.ports import Embedder
@@ -113,12 +113,7 @@ def make_llm(config: Config) -> LLMClient:
 
 def check_credentials(config: Config) -> None:
     if not config.resolved_api_key() and not config.resolved_base_url():
-        raise ConfigError(
-            [
-                "openai_api_key: no API key; set OPENAI_API_KEY (or OPENAI_BASE_URL for a "
-                "local OpenAI-compatible server)"
-            ]
-        )
+        raise MissingCredentials()
 
 
 def dedupe_text(item: Item) -> str:

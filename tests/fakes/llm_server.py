@@ -282,6 +282,8 @@ class ScriptedLLM:
         self.prompts: list[str] = []
         #: (model, prompt) of every admitted request
         self.requests_log: list[tuple[str, str]] = []
+        #: monotonic arrival time of every completion request, and whether it was admitted
+        self.arrivals: list[tuple[float, bool]] = []
         self._history: list[str] = []
         self._force = list(self.script.force)
         self._bucket = 0.0
@@ -492,6 +494,7 @@ class ScriptedLLM:
             self.stats["401"] += 1
             return err
         wait = self._admit()
+        self.arrivals.append((time.monotonic(), wait is None))
         if wait is not None:
             self.stats["429"] += 1
             return JSONResponse(
