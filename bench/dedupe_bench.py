@@ -5,17 +5,20 @@ Three ways to dedupe the same stream of alpaca items, fed in arrival order:
   ours      Deduper.screen over batches of --batch items, cosine >= the original's
             default min_docsearch_score (0.35) converted with l2_threshold_to_cosine.
   (a) rouge the self-instruct way: ROUGE-L F-measure >= 0.7 against every kept text,
-            one item at a time. O(n^2), so it runs on the first --rouge-n items only, and
-            ours is rerun on that same prefix (fresh index) for the comparison.
+            one item at a time, with self-instruct's own ``scorer.score`` per pair. O(n^2),
+            so it runs on the first --rouge-n items only, and ours is rerun on that same
+            prefix (fresh index) for the comparison. (a') is Stanford Alpaca's faster
+            variant (each text tokenized once), printed for reference only.
   (b) orig  the original airoboros way: embed one item alone, search a faiss IndexFlatL2
             with k=1, reject if the squared L2 distance <= 0.35, else add it. All N items.
 
 All methods see the same dedupe text (instruction, plus "\\n" + input when non-empty).
-Prints items, seconds, items/s and rejections per method, the speed ratios, and how
-much the rejected sets overlap. Reports only; always exits 0 on a completed run.
+Prints items, wall seconds, items/s, rejections and CPU seconds per method, the speed
+ratios, and how much the rejected sets overlap. Timings are wall-clock on a possibly
+shared machine: the load average is printed before and after. Reports only; exits 0.
 
     .venv/bin/python bench/dedupe_bench.py [--n 2000] [--rouge-n 600] [--batch 50]
-                                           [--threads 2] [--data PATH]
+                                           [--threads 2] [--embed-batch B] [--data PATH]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Result:
     name: str
     items: int
     seconds: float
+    cpu_seconds: float
     rejected: set[int] = field(default_factory=set)
 
     @property
@@ -89,13 +93,15 @@ def run_ours(embedder: Any, texts: list[str], batch: int, threshold: float) -> R
     async def go() -> Result:
         deduper = Deduper(embedder, FaissVectorStore(embedder.dim))
         rejected: set[int] = set()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(texts), batch):
             chunk = texts[start : start + batch]
             ids = [str(i) for i in range(start, start + len(chunk))]
             flags = await deduper.screen("bench", ids, chunk, threshold)
             rejected.update(start + j for j, ok in enumerate(flags) if not ok)
-        return Result("ours", len(texts), time.perf_counter() - t0, rejected)
+        return Result(
+            "ours", len(texts), time.perf_counter() - t0, time.process_time() - c0, rejected
+        )
 
     return asyncio.run(go())
 
@@ -113,7 +119,7 @@ def run_rouge(texts: list[str], pretokenized: bool = False) -> Result:
     kept: list[str] = []
     kept_tokens: list[list[str]] = []
     rejected: set[int] = set()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, text in enumerate(texts):
         tokens = scorer._tokenizer.tokenize(text) if pretokenized else []
         if pretokenized:
@@ -126,7 +132,7 @@ def run_rouge(texts: list[str], pretokenized: bool = False) -> Result:
             kept.append(text)
             kept_tokens.append(tokens)
     name = "(a') rouge, pre-tokenized" if pretokenized else "(a) rouge"
-    return Result(name, len(texts), time.perf_counter() - t0, rejected)
+    return Result(name, len(texts), time.perf_counter() - t0, time.process_time() - c0, rejected)
 
 
 def run_original(embedder: Any, texts: list[str]) -> Result:
@@ -134,7 +140,7 @@ def run_original(embedder: Any, texts: list[str]) -> Result:
 
     index = faiss.IndexFlatL2(embedder.dim)
     rejected: set[int] = set()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, text in enumerate(texts):
         vec = embedder.embed([text])
         if index.ntotal > 0:
@@ -143,7 +149,9 @@ def run_original(embedder: Any, texts: list[str]) -> Result:
                 rejected.add(i)
                 continue
         index.add(vec)
-    return Result("(b) original", len(texts), time.perf_counter() - t0, rejected)
+    return Result(
+        "(b) original", len(texts), time.perf_counter() - t0, time.process_time() - c0, rejected
+    )
 
 
 def overlap(a: set[int], b: set[int]) -> tuple[int, float]:
@@ -151,10 +159,17 @@ def overlap(a: set[int], b: set[int]) -> tuple[int, float]:
     return len(a & b), (len(a & b) / len(union) if union else 1.0)
 
 
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def show(label: str, r: Result) -> None:
     print(
         f"  {label:<28} items={r.items:>5}  seconds={r.seconds:8.2f}  "
-        f"items/s={r.rate:9.1f}  rejected={len(r.rejected):>4}"
+        f"items/s={r.rate:9.1f}  rejected={len(r.rejected):>4}  cpu-seconds={r.cpu_seconds:7.2f}"
     )
 
 
@@ -175,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kwargs = {} if args.embed_batch is None else {"batch_size": args.embed_batch}
     embedder = SentenceTransformerEmbedder(device="cpu", **kwargs)
+    # Warm up once (weights paged in, kernels chosen) on a single text and a full batch.
+    embedder.embed(["warm up the model"])
     embedder.embed(["warm up the model", "once before timing", "anything at all"] * 4)
 
     async def worker_threads() -> int:  # Deduper embeds in a worker thread
@@ -196,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  (a): ROUGE-L F >= {ROUGE_THRESHOLD}; (b): IndexFlatL2 k=1, squared L2 <= "
         f"{MIN_DOCSEARCH_SCORE}"
     )
+    print(f"  load average before: {load_average()}")
     sys.stdout.flush()
 
     ours_prefix = run_ours(embedder, texts[:rn], args.batch, threshold)
@@ -203,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     rouge_tok = run_rouge(texts[:rn], pretokenized=True)
     ours_all = run_ours(embedder, texts, args.batch, threshold)
     orig = run_original(embedder, texts)
+    print(f"  load average after:  {load_average()}")
 
     print(f"\nprefix: first {rn} items")
     show(f"ours (N={rn})", ours_prefix)

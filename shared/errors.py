@@ -100,6 +100,12 @@ class BadRequestError(LLMError):
     code = "bad_request"
 
 
+class ModelNotFoundError(BadRequestError):
+    """The endpoint does not serve the model asked for."""
+
+    code = "model_not_found"
+
+
 class AuthError(LLMError):
     code = "auth_error"
 

@@ -58,23 +58,14 @@ class GeneratorService:
             stats.filtered += 1
             log.debug("%s: batch filtered (%s)", task.instructor, f.reason)
             candidates = []
-        except BudgetExhausted as exc:
-            await self._fail(task.job_id, task.task_id, task.instructor, stats, exc.code, str(exc))
-            return
-        except LLMError as exc:
-            stats.failures += 1
-            await self._fail(task.job_id, task.task_id, task.instructor, stats, exc.code, str(exc))
+        except (BudgetExhausted, LLMError) as exc:
+            if isinstance(exc, LLMError):
+                stats.failures += 1
+            await self._report(task, stats, error=exc)
             return
         stats.proposed = len(candidates)
         if not candidates:
-            await self.publish(
-                BatchCompleted(
-                    job_id=task.job_id,
-                    task_id=task.task_id,
-                    instructor=task.instructor,
-                    stats=stats,
-                )
-            )
+            await self._report(task, stats)
             return
         threshold = l2_threshold_to_cosine(self.config.min_docsearch_score_for(task.instructor))
         await self.publish(
@@ -104,39 +95,35 @@ class GeneratorService:
                 stats.filtered += 1
             elif isinstance(r, BudgetExhausted):
                 error = r
-            elif isinstance(r, LLMError):
-                stats.failures += 1
-                error = error or r
             elif isinstance(r, BaseException):
-                log.error("%s: response step crashed: %r", msg.instructor, r)
+                if not isinstance(r, LLMError):
+                    log.error("%s: response step crashed: %r", msg.instructor, r)
                 stats.failures += 1
                 error = error or r
             else:
                 items.extend(r)
-        code = getattr(error, "code", None) if error is not None else None
-        await self.publish(
-            BatchCompleted(
-                job_id=msg.job_id,
-                task_id=msg.task_id,
-                instructor=msg.instructor,
-                items=items,
-                stats=stats,
-                error=code if isinstance(error, BudgetExhausted) or not items else None,
-                error_message=str(error) if error is not None else None,
-                headers=msg.headers,
-            )
-        )
+        # A failed call among good rows is counted, not reported: the batch still delivered.
+        if items and not isinstance(error, BudgetExhausted):
+            error = None
+        await self._report(msg, stats, items=items, error=error)
 
-    async def _fail(
-        self, job_id: str, task_id: str, instructor: str, stats: BatchStats, code: str, message: str
+    async def _report(
+        self,
+        origin: GenerateBatch | CandidatesScreened,
+        stats: BatchStats,
+        *,
+        items: list[Item] | None = None,
+        error: BaseException | None = None,
     ) -> None:
         await self.publish(
             BatchCompleted(
-                job_id=job_id,
-                task_id=task_id,
-                instructor=instructor,
+                job_id=origin.job_id,
+                task_id=origin.task_id,
+                instructor=origin.instructor,
+                items=items or [],
                 stats=stats,
-                error=code,
-                error_message=message,
+                error=getattr(error, "code", "error") if error is not None else None,
+                error_message=str(error) if error is not None else None,
+                headers=origin.headers,
             )
         )

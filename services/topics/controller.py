@@ -19,8 +19,9 @@ from airoboros.topics.topics import TopicPicker
 
 log = logging.getLogger(__name__)
 
-#: Errors after which no call of the job can succeed.
-FATAL_ERRORS = {"auth_error", "bad_request"}
+#: Errors after which no call of the job can succeed (a single bad request can be the
+#: prompt's fault, so it only counts as a failure).
+FATAL_ERRORS = {"auth_error", "model_not_found"}
 #: Consecutive batches without a single new row before an instructor is given up.
 MAX_BARREN_BATCHES = 25
 

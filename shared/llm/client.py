@@ -24,6 +24,7 @@ from airoboros.errors import (
     ContextLengthError,
     LLMError,
     LLMTimeoutError,
+    ModelNotFoundError,
     RateLimitError,
     ServerError,
 )
@@ -114,6 +115,8 @@ def classify(exc: Exception) -> LLMError:
             )
         if "context_length" in text or "maximum context" in text or "context length" in text:
             return ContextLengthError(body, status=status)
+        if status == 404:
+            return ModelNotFoundError(f"model or route not found (404): {body}", status=status)
         if status in (401, 403):
             return AuthError(f"authentication failed ({status}): {body}", status=status)
         if status in (408, 409) or status >= 500:

@@ -137,3 +137,20 @@ def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, llm_se
     third = run_cli("generate-instructions", "--config-path", str(cfg), env=env)
     assert third.returncode == 2
     assert "append: true" in one_line_error(third)
+
+
+def test_unknown_model_fails_fast_with_one_line(tmp_path, llm_server):
+    srv = llm_server()
+    cfg = write_config(
+        tmp_path,
+        srv.base_url,
+        model="no-such-model",
+        max_concurrency=4,
+        instructors={"joke": {"count": 50}},
+    )
+    proc = run_cli("generate-instructions", "--config-path", str(cfg))
+    assert proc.returncode == 1
+    line = one_line_error(proc)
+    assert "no-such-model" in line and "not found" in line
+    # With 4 calls allowed, one batch is in flight: its answer ends the job, no retries.
+    assert srv.llm.stats["404"] == 1

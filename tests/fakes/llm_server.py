@@ -508,6 +508,19 @@ class ScriptedLLM:
                 status_code=429,
                 headers={"retry-after": f"{wait:.3f}", "retry-after-ms": str(int(wait * 1000) + 1)},
             )
+        model = str(body.get("model"))
+        if model not in self.script.models:
+            self.stats["404"] += 1
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"The model `{model}` does not exist",
+                        "type": "invalid_request_error",
+                        "code": "model_not_found",
+                    }
+                },
+                status_code=404,
+            )
         self.prompts.append(prompt)
         self.requests_log.append((str(body.get("model")), prompt))
         if self.script.bad_request_marker and self.script.bad_request_marker in prompt:
