@@ -168,7 +168,7 @@ def load_average() -> str:
 
 def show(label: str, r: Result) -> None:
     print(
-        f"  {label:<28} items={r.items:>5}  seconds={r.seconds:8.2f}  "
+        f"  {label:<30} items={r.items:>5}  seconds={r.seconds:8.2f}  "
         f"items/s={r.rate:9.1f}  rejected={len(r.rejected):>4}  cpu-seconds={r.cpu_seconds:7.2f}"
     )
 

@@ -35,6 +35,11 @@ class Message(BaseModel):
     #: W3C trace context, carried across hops
     headers: dict[str, str] = Field(default_factory=dict)
 
+    def partition_key(self) -> str | None:
+        """Messages with the same key are handled one at a time where the bus partitions
+        this topic (see ``Bus``); None: any consumer, any order."""
+        return None
+
 
 class Item(BaseModel):
     """One dataset row, in the original's output format."""
@@ -119,6 +124,10 @@ class CandidatesProposed(Message):
     threshold: float
     candidates: list[Candidate]
     stats: BatchStats = Field(default_factory=BatchStats)
+
+    def partition_key(self) -> str | None:
+        # Dedupe of one dataset must see every candidate of that dataset in order.
+        return self.job_id
 
 
 class CandidatesScreened(Message):

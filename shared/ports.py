@@ -23,15 +23,29 @@ Vectors = npt.NDArray[np.float32]
 class Bus(Protocol):
     """Publish/subscribe with at-least-once delivery.
 
-    A handler that returns normally acknowledges its message; one that raises gets the
-    message redelivered, up to ``max_deliveries``, after which it is dead-lettered.
-    Handlers must therefore be idempotent (keyed by ``message_id``).
+    Messages travel on their type's ``topic``. Subscriptions with the same ``group`` (a
+    service name) share the messages of a topic, each going to one of them (competing
+    consumers, e.g. replicas); every group gets its own copy (fan-out).
+
+    A handler that returns normally acknowledges its message, after its effects are
+    durable; one that raises gets the message redelivered, up to ``max_deliveries``, after
+    which it is dead-lettered. Handlers must therefore be idempotent (keyed by
+    ``message_id``).
+
+    Messages whose ``partition_key()`` is not None are, for a topic the bus partitions,
+    handled by at most one consumer at a time per partition (all messages of one key go
+    to one partition), so a handler can check-then-write without racing its replicas.
     """
 
     async def publish(self, message: Message) -> None: ...
 
     def subscribe(
-        self, message_type: type[M], handler: Handler[M], *, concurrency: int = 1
+        self,
+        message_type: type[M],
+        handler: Handler[M],
+        *,
+        concurrency: int = 1,
+        group: str = "default",
     ) -> None: ...
 
     async def start(self) -> None: ...
