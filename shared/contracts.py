@@ -93,8 +93,15 @@ class BatchStats(BaseModel):
     duplicates: int = 0
     filtered: int = 0
     failures: int = 0
-    #: tokens paid for by this batch's calls (prompt + completion)
-    tokens: int = 0
+    #: usage of this batch's calls, persisted with its rows
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 class GenerateBatch(Message):
@@ -165,3 +172,16 @@ class JobEvent(Message):
     job_id: str
     status: Literal["running", "done", "budget_exhausted", "failed", "cancelled"]
     detail: str | None = None
+
+
+class DatasetExported(Message):
+    """Event: a finished job's dataset is in the object store."""
+
+    topic: ClassVar[str] = "dataset.exported"
+    kind: Literal["dataset_exported"] = "dataset_exported"
+    job_id: str
+    uri: str
+    rows: int
+    #: object URI per category file
+    files: dict[str, str] = Field(default_factory=dict)
+    counts: dict[str, int] = Field(default_factory=dict)

@@ -48,6 +48,9 @@ def resolve_model_name(name: str | None) -> str:
 class SentenceTransformerEmbedder:
     """Thread-safe wrapper around a sentence-transformers model."""
 
+    #: most padded tokens embedded in one forward pass
+    token_budget = 512
+
     def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
         from sentence_transformers import SentenceTransformer
 
@@ -95,13 +98,7 @@ class SentenceTransformerEmbedder:
                 windows = self._windows(t) if len(t) > self._window * 2 else [t]
                 pieces.extend(windows)
                 owners.extend([i] * len(windows))
-            emb = self._model.encode(
-                pieces,
-                batch_size=self._batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            ).astype(np.float32)
+            emb = self._encode(pieces)
         if len(pieces) == len(texts):
             return np.ascontiguousarray(emb)
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
@@ -109,6 +106,50 @@ class SentenceTransformerEmbedder:
         np.add.at(out, np.array(owners), emb * weights[:, None])
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return np.ascontiguousarray(out / np.maximum(norms, 1e-12))
+
+    def _prepare(self, texts: list[str]) -> dict[str, Any]:
+        prepare = getattr(self._model, "preprocess", None) or self._model.tokenize
+        features: dict[str, Any] = prepare(texts)
+        return features
+
+    def _encode(self, pieces: list[str]) -> Vectors:
+        """Embed in groups of similar length, each padded to at most ``token_budget``
+        tokens in all: on a CPU, padding is paid for in full, and a batch padded to its
+        longest member can cost several times the real tokens."""
+        import torch
+
+        lengths = [
+            len(ids)
+            for ids in self._tokenizer(
+                pieces, truncation=True, max_length=self._window + 2, verbose=False
+            )["input_ids"]
+        ]
+        order = np.argsort(lengths, kind="stable")
+        groups: list[list[int]] = []
+        group: list[int] = []
+        for i in order:
+            longest = lengths[i]  # ascending order: the newest member is the longest
+            if group and (
+                (len(group) + 1) * longest > self.token_budget or len(group) >= self._batch_size
+            ):
+                groups.append(group)
+                group = []
+            group.append(int(i))
+        if group:
+            groups.append(group)
+        out = np.zeros((len(pieces), self._dim), dtype=np.float32)
+        device = self._model.device
+        with torch.inference_mode():
+            for g in groups:
+                features = self._prepare([pieces[i] for i in g])
+                features = {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v
+                    for k, v in features.items()
+                }
+                vecs = self._model(features)["sentence_embedding"]
+                vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)
+                out[g] = vecs.float().cpu().numpy()
+        return out
 
 
 def l2_threshold_to_cosine(min_docsearch_score: float) -> float:

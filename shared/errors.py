@@ -42,6 +42,18 @@ class MissingCredentials(AiroborosError):
         )
 
 
+class BusError(AiroborosError):
+    """The message bus failed in a way the caller should know about."""
+
+    code = "bus_error"
+
+
+class BusUnavailable(BusError):
+    """The broker could not be reached (or did not confirm) within the time allowed."""
+
+    code = "bus_unavailable"
+
+
 class NotFoundError(AiroborosError):
     code = "not_found"
 

@@ -13,8 +13,9 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from airoboros.bus import InMemoryBus
 from airoboros.config import Config
@@ -123,6 +124,24 @@ def dedupe_text(item: Item) -> str:
     return text
 
 
+async def record_unbatched_usage(store: SqlStore, job_id: str, meter: UsageMeter) -> None:
+    """Write to the store whatever usage the meter has that the store lacks: topic
+    generation, and calls of batches that never completed. Budgets span reruns this way."""
+    stats = await store.stats(job_id)
+    for name, u in meter.by_instructor.items():
+        s = stats.get(name)
+        have = (s.requests, s.prompt_tokens, s.completion_tokens, s.cost) if s else (0, 0, 0, 0.0)
+        delta = {
+            "requests": u.requests - have[0],
+            "prompt_tokens": u.prompt_tokens - have[1],
+            "completion_tokens": u.completion_tokens - have[2],
+            "cost": u.cost - have[3],
+        }
+        positive = {k: v for k, v in delta.items() if v > 1e-12}
+        if positive:
+            await store.add_stats(job_id, name, **positive)
+
+
 async def _log_event(event: JobEvent) -> None:
     log.debug("job %s: %s %s", event.job_id, event.status, event.detail or "")
 
@@ -132,7 +151,7 @@ class RunResult:
     plan: Plan
     status: str
     detail: str | None
-    states: dict[str, object]
+    states: dict[str, Any]
     usage: Usage
     rows: int
     requests_per_minute: float
@@ -163,8 +182,8 @@ class Generation:
         from airoboros.dedupe.service import Deduper, DedupeService
         from airoboros.embeddings import SentenceTransformerEmbedder
         from airoboros.generator.registry import implemented_instructors
-        from airoboros.generator.service import GeneratorService
-        from airoboros.topics.controller import InstructorState, JobController, UsageLedger
+        from airoboros.generator.service import GeneratorService, JobRuntime
+        from airoboros.topics.controller import JobController
         from airoboros.topics.sink import JsonlSink
         from airoboros.topics.topics import TopicPicker, instructor_topics, resolve_topics
         from airoboros.vectors import FaissVectorStore
@@ -182,14 +201,15 @@ class Generation:
             await store.ensure_job(
                 plan.job_id, config=cfg.model_dump(mode="json"), targets=plan.targets
             )
+            if (await store.get_job(plan.job_id)).status != "running":
+                # A rerun (append, a raised count, or after a budget stop) starts it again.
+                await store.set_job_status(plan.job_id, "running")
             await self._import_or_reconcile(store, sink)
             stats = await store.stats(plan.job_id)
             for name, s in stats.items():
                 llm.meter.preload(
                     name, Usage(s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
                 )
-            ledger = UsageLedger(store, plan.job_id, llm.meter)
-            ledger.mark_loaded()
 
             warning = await llm.preflight(cfg.model)
             if warning:
@@ -203,7 +223,7 @@ class Generation:
             try:
                 topics = await resolve_topics(cfg, llm) if needs_topics else []
             finally:
-                await ledger.flush()
+                await record_unbatched_usage(store, plan.job_id, llm.meter)
 
             embedder: Embedder
             if self._embedder is not None:
@@ -212,37 +232,44 @@ class Generation:
                 embedder = await asyncio.to_thread(
                     SentenceTransformerEmbedder, cfg.embedding_model, cfg.embedding_device
                 )
-            deduper = Deduper(embedder, FaissVectorStore(embedder.dim))
-            ids, texts = [], []
-            async for row in store.iter_items(plan.job_id):
-                ids.append(str(row.seq))
-                texts.append(dedupe_text(row.item))
-            if texts:
-                await deduper.restore(plan.job_id, ids, texts)
+            deduper = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
+            if await store.count_vectors(plan.job_id) == 0:
+                # Rows without vectors (adopted from an existing output): embed them once.
+                ids, texts = [], []
+                async for row in store.iter_items(plan.job_id):
+                    ids.append(f"row:{row.seq}")
+                    texts.append(dedupe_text(row.item))
+                if texts:
+                    await deduper.restore(plan.job_id, ids, texts)
 
-            states = {}
+            # Batches in flight when an earlier run of this job died died with it.
+            await store.expire_tasks(plan.job_id, datetime.now(UTC))
+            pickers: dict[str, TopicPicker | None] = {}
             for name in plan.active:
                 cls = impl[name]
-                picker = None
+                pickers[name] = None
                 if cls.uses_topics:
                     own = instructor_topics(cfg, name, topics)
-                    picker = TopicPicker(own, cls.topic_mode, random.Random(rng.random()))
-                states[name] = InstructorState(
-                    name=name,
-                    target=plan.targets[name],
-                    batch_size=cfg.batch_size_for(name),
-                    picker=picker,
-                    accepted=stats[name].accepted,
-                    duplicates=stats[name].duplicates,
-                    filtered=stats[name].filtered,
-                    failures=stats[name].failures,
-                )
+                    pickers[name] = TopicPicker(own, cls.topic_mode, random.Random(rng.random()))
 
             controller = JobController(
-                plan.job_id, cfg, store, bus.publish, states, sink, llm.meter, ledger
+                plan.job_id,
+                cfg,
+                store,
+                bus.publish,
+                active=plan.active,
+                pickers=pickers,
+                on_rows=sink.write,
+                # In one process nothing is lost in transit: a task is only late.
+                task_timeout=float("inf"),
             )
             self.controller = controller
-            generator = GeneratorService(cfg, llm, bus.publish, seed=rng.randrange(2**31))
+            runtime = JobRuntime(cfg, llm)
+
+            async def runtime_for(job_id: str) -> JobRuntime:
+                return runtime
+
+            generator = GeneratorService(runtime_for, bus.publish, seed=rng.randrange(2**31))
             dedupe = DedupeService(deduper, bus.publish)
             # Concurrency per consumer: LLM-bound steps wide, dedupe narrow (CPU-bound).
             bus.subscribe(GenerateBatch, generator.on_generate, concurrency=cfg.max_concurrency)
@@ -260,6 +287,9 @@ class Generation:
             finally:
                 progress_task.cancel()
                 await asyncio.gather(progress_task, return_exceptions=True)
+                await bus.close()
+                # Calls of batches cut short at the end were paid for too.
+                await record_unbatched_usage(store, plan.job_id, llm.meter)
             if bus.dead_letters:
                 log.error("%d messages failed permanently", len(bus.dead_letters))
             rows = await store.count_items(plan.job_id)
@@ -267,7 +297,7 @@ class Generation:
                 plan,
                 outcome.status,
                 outcome.detail,
-                dict(states),
+                {v.name: v for v in controller.snapshot()},
                 llm.meter.total,
                 rows,
                 controller.requests_per_minute(),

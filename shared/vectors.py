@@ -16,6 +16,7 @@ class FaissVectorStore:
         self.dim = dim
         self._indexes: dict[str, object] = {}
         self._ids: dict[str, list[str]] = {}
+        self._id_set: dict[str, set[str]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _index(self, namespace: str) -> object:
@@ -24,6 +25,7 @@ class FaissVectorStore:
         if namespace not in self._indexes:
             self._indexes[namespace] = faiss.IndexFlatIP(self.dim)
             self._ids[namespace] = []
+            self._id_set[namespace] = set()
         return self._indexes[namespace]
 
     def _check(self, vectors: Vectors) -> Vectors:
@@ -37,8 +39,17 @@ class FaissVectorStore:
         if len(ids) != v.shape[0]:
             raise ValueError("ids and vectors differ in length")
         index = self._index(namespace)
-        index.add(v)  # type: ignore[attr-defined]
-        self._ids[namespace].extend(ids)
+        # Adding an id that is already there is a no-op (a redelivered batch).
+        seen = self._id_set[namespace]
+        fresh: list[int] = []
+        for i, key in enumerate(ids):
+            if key not in seen:
+                seen.add(key)
+                fresh.append(i)
+        if not fresh:
+            return
+        index.add(v[fresh])  # type: ignore[attr-defined]
+        self._ids[namespace].extend(ids[i] for i in fresh)
 
     async def search(
         self, namespace: str, vectors: Vectors, k: int = 1
@@ -68,3 +79,4 @@ class FaissVectorStore:
     async def drop(self, namespace: str) -> None:
         self._indexes.pop(namespace, None)
         self._ids.pop(namespace, None)
+        self._id_set.pop(namespace, None)

@@ -11,18 +11,49 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 from airoboros.contracts import CandidatesProposed, CandidatesScreened, Message
 from airoboros.ports import Embedder, VectorStore
+from airoboros.store import SqlStore
 
 log = logging.getLogger(__name__)
 
 
 class Deduper:
-    def __init__(self, embedder: Embedder, vectors: VectorStore) -> None:
+    """Screens candidates of one dataset (a namespace) against everything accepted so far.
+
+    With ``durable`` (the SQL store), every accepted vector is written there before the
+    verdict goes out, and each screen first loads what other processes added since: a
+    dedupe replica that takes over a partition, or a restarted run, sees the whole
+    dataset. ``screen`` must not run for one namespace in two processes at once; the bus
+    partitions the dedupe topic so that it cannot (see ``Bus``).
+    """
+
+    def __init__(
+        self, embedder: Embedder, vectors: VectorStore, durable: SqlStore | None = None
+    ) -> None:
         self.embedder = embedder
         self.vectors = vectors
+        self.durable = durable
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._loaded_up_to: dict[str, int] = {}
+        self._known: dict[str, set[str]] = defaultdict(set)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         return await asyncio.to_thread(self.embedder.embed, list(texts))
+
+    async def sync(self, namespace: str) -> None:
+        """Load vectors persisted since the last sync (by any process)."""
+        if self.durable is None:
+            return
+        seqs, keys, vecs = await self.durable.load_vectors(
+            namespace, after=self._loaded_up_to.get(namespace, 0)
+        )
+        if not keys:
+            return
+        self._loaded_up_to[namespace] = seqs[-1]
+        known = self._known[namespace]
+        fresh = [i for i, k in enumerate(keys) if k not in known]
+        if fresh:
+            await self.vectors.add(namespace, [keys[i] for i in fresh], vecs[fresh])
+            known.update(keys[i] for i in fresh)
 
     async def screen(
         self, namespace: str, ids: Sequence[str], texts: Sequence[str], threshold: float
@@ -34,11 +65,17 @@ class Deduper:
         vecs = await self.embed(texts)
         # Check-and-add must not interleave with another batch of the same namespace.
         async with self._locks[namespace]:
+            await self.sync(namespace)
+            known = self._known[namespace]
             best, _ = await self.vectors.search(namespace, vecs, k=1)
             within = vecs @ vecs.T  # [n, n] cosine between batch members
             keep: list[int] = []
             flags: list[bool] = []
             for i in range(len(texts)):
+                if ids[i] in known:
+                    # Accepted by an earlier delivery of this batch: the verdict stands.
+                    flags.append(True)
+                    continue
                 dup = bool(best[i, 0] >= threshold)
                 if not dup and keep:
                     dup = bool(within[i, keep].max() >= threshold)
@@ -46,17 +83,30 @@ class Deduper:
                 if not dup:
                     keep.append(i)
             if keep:
-                await self.vectors.add(namespace, [ids[i] for i in keep], vecs[keep])
+                keys = [ids[i] for i in keep]
+                if self.durable is not None:
+                    await self.durable.add_vectors(namespace, keys, vecs[keep])
+                await self.vectors.add(namespace, keys, vecs[keep])
+                self._known[namespace].update(keys)
         return flags
 
     async def restore(
         self, namespace: str, ids: Sequence[str], texts: Sequence[str], chunk: int = 2048
     ) -> None:
-        """Rebuild a namespace from rows already in the dataset (on resume)."""
-        await self.vectors.drop(namespace)
+        """Index rows that have no persisted vector yet (an imported dataset)."""
         for start in range(0, len(texts), chunk):
+            part_ids = list(ids[start : start + chunk])
             vecs = await self.embed(texts[start : start + chunk])
-            await self.vectors.add(namespace, ids[start : start + chunk], vecs)
+            if self.durable is not None:
+                await self.durable.add_vectors(namespace, part_ids, vecs)
+            else:
+                await self.vectors.add(namespace, part_ids, vecs)
+                self._known[namespace].update(part_ids)
+        await self.sync(namespace)
+
+    def forget(self, namespace: str) -> None:
+        self._loaded_up_to.pop(namespace, None)
+        self._known.pop(namespace, None)
 
 
 class DedupeService:

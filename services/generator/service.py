@@ -9,6 +9,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from airoboros.config import Config
 from airoboros.contracts import (
@@ -31,25 +32,44 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Message], Awaitable[None]]
 
 
+@dataclass
+class JobRuntime:
+    """What generating for one job needs: its config and an LLM client built from it."""
+
+    config: Config
+    llm: LLMClient
+
+
+RuntimeFor = Callable[[str], Awaitable[JobRuntime]]
+
+
 class GeneratorService:
+    """Step 1 and step 2 of every batch. ``runtime_for(job_id)`` supplies each job's
+    config and LLM client (one job embedded; any number in a deployed worker)."""
+
     def __init__(
-        self, config: Config, llm: LLMClient, publish: Publish, *, seed: int | None = None
+        self, runtime_for: RuntimeFor, publish: Publish, *, seed: int | None = None
     ) -> None:
-        self.config = config
-        self.llm = llm
+        self.runtime_for = runtime_for
         self.publish = publish
         self._rng = random.Random(seed)
-        self._instructors: dict[str, Instructor] = {}
+        self._instructors: dict[tuple[str, str], Instructor] = {}
 
-    def instructor(self, name: str) -> Instructor:
-        if name not in self._instructors:
-            ctx = Ctx(name, self.config, self.llm, random.Random(self._rng.random()))
-            self._instructors[name] = create(name, ctx)
-        return self._instructors[name]
+    async def instructor(self, job_id: str, name: str) -> tuple[Instructor, Config]:
+        rt = await self.runtime_for(job_id)
+        key = (job_id, name)
+        if key not in self._instructors:
+            ctx = Ctx(name, rt.config, rt.llm, random.Random(self._rng.random()))
+            self._instructors[key] = create(name, ctx)
+        return self._instructors[key], rt.config
+
+    def forget(self, job_id: str) -> None:
+        for key in [k for k in self._instructors if k[0] == job_id]:
+            del self._instructors[key]
 
     async def on_generate(self, task: GenerateBatch) -> None:
         """Step 1: propose candidates, then hand them to dedupe."""
-        inst = self.instructor(task.instructor)
+        inst, config = await self.instructor(task.job_id, task.instructor)
         stats = BatchStats()
         current_batch.set(stats)
         try:
@@ -67,7 +87,7 @@ class GeneratorService:
         if not candidates:
             await self._report(task, stats)
             return
-        threshold = l2_threshold_to_cosine(self.config.min_docsearch_score_for(task.instructor))
+        threshold = l2_threshold_to_cosine(config.min_docsearch_score_for(task.instructor))
         await self.publish(
             CandidatesProposed(
                 job_id=task.job_id,
@@ -82,7 +102,7 @@ class GeneratorService:
 
     async def on_screened(self, msg: CandidatesScreened) -> None:
         """Step 2: respond to every accepted candidate, concurrently; report the batch."""
-        inst = self.instructor(msg.instructor)
+        inst, _ = await self.instructor(msg.job_id, msg.instructor)
         stats = msg.stats.model_copy()
         current_batch.set(stats)
         results = await asyncio.gather(

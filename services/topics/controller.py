@@ -1,5 +1,11 @@
-"""The job controller: keeps a bounded number of batches in flight per instructor, stores
-rows as they arrive, stops each instructor at exactly its count, and ends the job."""
+"""The job controller: keeps a bounded number of batches in flight per instructor, applies
+finished batches (rows, counters, usage) in one transaction each, stops every instructor
+at exactly its count, and ends the job.
+
+All of its state is in the SQL store (tasks in flight, counters, the cancel flag), so a
+restarted controller, or another topics replica holding the job's lease, carries on where
+the last one stopped. The same class drives embedded runs and deployed services.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,12 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from airoboros.config import Config
 from airoboros.contracts import BatchCompleted, GenerateBatch, JobEvent, Message
-from airoboros.llm import UsageMeter
-from airoboros.store import SqlStore
-from airoboros.topics.sink import JsonlSink
+from airoboros.store import InstructorStats, SqlStore, StoredItem
 from airoboros.topics.topics import TopicPicker
 
 log = logging.getLogger(__name__)
@@ -27,72 +32,33 @@ MAX_BARREN_BATCHES = 25
 
 
 @dataclass
-class InstructorState:
+class InstructorView:
+    """What the progress display shows for one instructor."""
+
     name: str
     target: int
-    batch_size: int
-    picker: TopicPicker | None
-    accepted: int = 0
-    duplicates: int = 0
-    filtered: int = 0
-    failures: int = 0
-    dropped: int = 0
-    batches: int = 0
-    rows_from_batches: int = 0
-    barren: int = 0
-    in_flight: set[str] = field(default_factory=set)
-    stalled: str | None = None
-    last_error: str | None = None
+    accepted: int
+    duplicates: int
+    filtered: int
+    failures: int
+    in_flight: int
+    stalled: str | None
 
     @property
     def done(self) -> bool:
         return self.accepted >= self.target or self.stalled is not None
-
-    def expected_yield(self) -> float:
-        if self.batches == 0:
-            return float(self.batch_size)
-        return max(0.5, self.rows_from_batches / self.batches)
-
-
-class UsageLedger:
-    """Writes the meter's per-instructor usage to the store as deltas, so tokens and cost
-    survive a restart and budgets span reruns."""
-
-    def __init__(self, store: SqlStore, job_id: str, meter: UsageMeter) -> None:
-        self.store = store
-        self.job_id = job_id
-        self.meter = meter
-        self._persisted: dict[str, tuple[int, int, int, float]] = {}
-
-    async def flush(self, names: list[str] | None = None) -> None:
-        for name in names if names is not None else list(self.meter.by_instructor):
-            u = self.meter.by_instructor.get(name)
-            if u is None:
-                continue
-            cur = (u.requests, u.prompt_tokens, u.completion_tokens, u.cost)
-            prev = self._persisted.get(name, (0, 0, 0, 0.0))
-            if cur == prev:
-                continue
-            self._persisted[name] = cur
-            await self.store.add_stats(
-                self.job_id,
-                name,
-                requests=cur[0] - prev[0],
-                prompt_tokens=cur[1] - prev[1],
-                completion_tokens=cur[2] - prev[2],
-                cost=cur[3] - prev[3],
-            )
-
-    def mark_loaded(self) -> None:
-        """The meter was preloaded from the store: that much is already persisted."""
-        for name, u in self.meter.by_instructor.items():
-            self._persisted[name] = (u.requests, u.prompt_tokens, u.completion_tokens, u.cost)
 
 
 @dataclass
 class JobOutcome:
     status: str  # done | budget_exhausted | failed | cancelled
     detail: str | None = None
+
+
+def expected_yield(st: InstructorStats, batch_size: int) -> float:
+    if st.batches == 0:
+        return float(batch_size)
+    return max(0.5, st.rows_from_batches / st.batches)
 
 
 class JobController:
@@ -102,152 +68,166 @@ class JobController:
         config: Config,
         store: SqlStore,
         publish: Callable[[Message], Awaitable[None]],
-        states: dict[str, InstructorState],
-        sink: JsonlSink | None,
-        meter: UsageMeter,
-        ledger: UsageLedger,
         *,
-        max_in_flight_calls: int | None = None,
-        uses_topics: dict[str, bool] | None = None,
+        active: list[str],
+        pickers: dict[str, TopicPicker | None],
+        on_rows: Callable[[list[StoredItem]], None] | None = None,
+        on_finish: Callable[[JobOutcome], Awaitable[None]] | None = None,
+        task_timeout: float | None = None,
     ) -> None:
         self.job_id = job_id
         self.config = config
         self.store = store
         self.publish = publish
-        self.states = states
-        self.sink = sink
-        self.meter = meter
-        self.ledger = ledger
-        self.max_calls = max_in_flight_calls or config.max_concurrency
-        self.uses_topics = uses_topics or {}
+        self.active = active
+        self.pickers = pickers
+        self.on_rows = on_rows
+        self.on_finish = on_finish
+        self.task_timeout = task_timeout or (config.request_timeout + config.max_retry_time + 60.0)
         self._finished = asyncio.Event()
         self.outcome: JobOutcome | None = None
         self._budget_hit: str | None = None
-        self._seen_tasks: set[str] = set()
+        self._last_error: dict[str, str] = {}
         self._lock = asyncio.Lock()
+        self._stats: dict[str, InstructorStats] = {}
+        self._in_flight: dict[str, int] = {}
         self.started = time.monotonic()
         #: tokens paid by batches, and the part of them that produced no stored row
         self.batch_tokens = 0
         self.wasted_tokens = 0.0
 
-    # --- dispatch -----------------------------------------------------------------------
-    def _cap(self, st: InstructorState) -> int:
-        # Enough batches to keep the call budget busy, and no more than the rows still
-        # needed (so little is paid for past the count).
-        by_calls = max(1, math.ceil(self.max_calls / max(1, st.batch_size)))
-        by_need = max(1, math.ceil((st.target - st.accepted) / st.expected_yield()))
-        return min(by_calls, by_need)
-
-    async def _dispatch(self, st: InstructorState) -> None:
-        while (
-            not self._finished.is_set()
-            and self._budget_hit is None
-            and not st.done
-            and len(st.in_flight) < self._cap(st)
-        ):
-            topics = st.picker.take(st.batch_size) if st.picker else []
-            task = GenerateBatch(
-                job_id=self.job_id,
-                instructor=st.name,
-                batch_size=st.batch_size,
-                topics=topics,
-                remaining=st.target - st.accepted,
-            )
-            st.in_flight.add(task.task_id)
-            await self.publish(task)
-
-    async def start(self) -> None:
-        await self.publish(JobEvent(job_id=self.job_id, status="running"))
-        for st in self.states.values():
-            await self._dispatch(st)
-        await self._maybe_finish()
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
 
     # --- results ------------------------------------------------------------------------
     async def on_completed(self, msg: BatchCompleted) -> None:
-        async with self._lock:
-            await self._on_completed(msg)
-
-    async def _on_completed(self, msg: BatchCompleted) -> None:
-        st = self.states.get(msg.instructor)
-        if st is None or self._finished.is_set():
-            return
-        first_delivery = msg.task_id not in self._seen_tasks
-        self._seen_tasks.add(msg.task_id)
-        stored = await self.store.add_items(
-            self.job_id, [(f"{msg.task_id}:{i}", it) for i, it in enumerate(msg.items)]
-        )
-        if self.sink is not None:
-            self.sink.write(stored)
-        if first_delivery:
-            st.in_flight.discard(msg.task_id)
-            st.batches += 1
-            st.rows_from_batches += len(msg.items)
-            st.accepted += len(stored)
-            st.dropped += len(msg.items) - len(stored)
-            st.duplicates += msg.stats.duplicates
-            st.filtered += msg.stats.filtered
-            st.failures += msg.stats.failures
-            st.barren = 0 if stored else st.barren + 1
-            # Each candidate lost (duplicate, filtered, failed) or row dropped past the
-            # count is an equal share of the batch's tokens that bought nothing.
-            units = max(
-                1, len(msg.items) + msg.stats.duplicates + msg.stats.filtered + msg.stats.failures
-            )
-            self.batch_tokens += msg.stats.tokens
-            self.wasted_tokens += msg.stats.tokens * (1 - len(stored) / units)
-            await self._persist_stats(st.name, msg)
-        if msg.error == "budget_exhausted":
-            self._budget_hit = msg.error_message or "budget exhausted"
-        elif msg.error in FATAL_ERRORS:
-            await self._finish(JobOutcome("failed", f"{msg.instructor}: {msg.error_message}"))
-            return
-        elif msg.error:
-            st.last_error = msg.error_message
-        if self.meter.exhausted and self._budget_hit is None:
-            self._budget_hit = self.meter.exhausted
-        if st.barren >= MAX_BARREN_BATCHES and not st.done:
-            st.stalled = f"no new rows in {st.barren} batches in a row" + (
-                f" (last error: {st.last_error})" if st.last_error else ""
-            )
-            log.warning("%s: giving up: %s", st.name, st.stalled)
-        await self._dispatch(st)
-        await self._maybe_finish()
-
-    async def _persist_stats(self, name: str, msg: BatchCompleted) -> None:
-        await self.store.add_stats(
+        """Apply a finished batch (idempotent by message id), then top up or finish."""
+        stored = await self.store.apply_batch(
             self.job_id,
-            name,
-            duplicates=msg.stats.duplicates,
-            filtered=msg.stats.filtered,
-            failures=msg.stats.failures,
+            message_id=msg.message_id,
+            task_id=msg.task_id,
+            instructor=msg.instructor,
+            items=msg.items,
+            stats=msg.stats,
         )
-        await self.ledger.flush([name])
+        async with self._lock:
+            if stored is not None:
+                if self.on_rows is not None and stored:
+                    self.on_rows(stored)
+                # Each candidate lost (duplicate, filtered, failed) or row dropped past the
+                # count is an equal share of the batch's tokens that bought nothing.
+                units = max(
+                    1,
+                    len(msg.items) + msg.stats.duplicates + msg.stats.filtered + msg.stats.failures,
+                )
+                self.batch_tokens += msg.stats.tokens
+                self.wasted_tokens += msg.stats.tokens * (1 - len(stored) / units)
+            if msg.error == "budget_exhausted":
+                self._budget_hit = msg.error_message or "budget exhausted"
+            elif msg.error in FATAL_ERRORS:
+                await self._finish(JobOutcome("failed", f"{msg.instructor}: {msg.error_message}"))
+                return
+            elif msg.error and msg.error_message:
+                self._last_error[msg.instructor] = msg.error_message
+        await self.tick()
 
-    async def _maybe_finish(self) -> None:
-        if self._finished.is_set():
-            return
-        if self._budget_hit is not None:
-            if all(not st.in_flight for st in self.states.values()):
-                await self._finish(JobOutcome("budget_exhausted", self._budget_hit))
-            return
-        if all(st.done for st in self.states.values()):
-            stalled = {n: s.stalled for n, s in self.states.items() if s.stalled}
-            if stalled:
-                detail = "; ".join(f"{n}: {r}" for n, r in stalled.items())
-                await self._finish(JobOutcome("failed", detail))
-            else:
-                await self._finish(JobOutcome("done"))
+    # --- the control loop ---------------------------------------------------------------
+    async def tick(self) -> None:
+        """Re-read the job's state and act on it: finish, or dispatch what is missing."""
+        async with self._lock:
+            if self._finished.is_set():
+                return
+            job = await self.store.get_job(self.job_id)
+            if job.status != "running":
+                # Another controller ended it (or it was ended before a restart).
+                self.outcome = JobOutcome(job.status, job.detail)
+                self._finished.set()
+                return
+            if math.isfinite(self.task_timeout):
+                await self.store.expire_tasks(
+                    self.job_id, datetime.now(UTC) - timedelta(seconds=self.task_timeout)
+                )
+            self._stats = await self.store.stats(self.job_id)
+            self._in_flight = await self.store.in_flight(self.job_id)
+            in_flight_total = sum(self._in_flight.get(n, 0) for n in self.active)
+            if job.cancel_requested:
+                await self._finish(JobOutcome("cancelled", job.detail or "cancelled by request"))
+                return
+            budget = self._budget_hit or self._budget_from_totals()
+            if budget:
+                self._budget_hit = budget
+                if in_flight_total == 0:
+                    await self._finish(JobOutcome("budget_exhausted", budget))
+                return
+            views = self.snapshot()
+            if all(v.done for v in views):
+                stalled = [f"{v.name}: {v.stalled}" for v in views if v.stalled]
+                if stalled:
+                    await self._finish(JobOutcome("failed", "; ".join(stalled)))
+                else:
+                    await self._finish(JobOutcome("done"))
+                return
+            for v in views:
+                if not v.done:
+                    await self._dispatch(v)
+
+    def _budget_from_totals(self) -> str | None:
+        tokens = sum(s.prompt_tokens + s.completion_tokens for s in self._stats.values())
+        cost = sum(s.cost for s in self._stats.values())
+        cfg = self.config
+        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+            return f"token budget of {cfg.max_tokens} reached ({tokens} used)"
+        if cfg.max_cost is not None and cost >= cfg.max_cost:
+            return f"cost budget of ${cfg.max_cost:.2f} reached (${cost:.4f} spent)"
+        return None
+
+    def _cap(self, name: str, st: InstructorStats) -> int:
+        # Enough batches to keep the call budget busy, and no more than the rows still
+        # needed (so little is paid for past the count).
+        batch_size = self.config.batch_size_for(name)
+        by_calls = max(1, math.ceil(self.config.max_concurrency / max(1, batch_size)))
+        need = max(0, st.target - st.accepted)
+        by_need = max(1, math.ceil(need / expected_yield(st, batch_size)))
+        return min(by_calls, by_need)
+
+    async def _dispatch(self, v: InstructorView) -> None:
+        st = self._stats[v.name]
+        batch_size = self.config.batch_size_for(v.name)
+        picker = self.pickers.get(v.name)
+        missing = self._cap(v.name, st) - v.in_flight
+        for _ in range(max(0, missing)):
+            task = GenerateBatch(
+                job_id=self.job_id,
+                instructor=v.name,
+                batch_size=batch_size,
+                topics=picker.take(batch_size) if picker else [],
+                remaining=st.target - st.accepted,
+            )
+            # Recorded before it is published: a crash in between leaves a task that
+            # expires, never a batch the controller does not know about.
+            await self.store.add_task(self.job_id, task.task_id, v.name)
+            await self.publish(task)
+            self._in_flight[v.name] = self._in_flight.get(v.name, 0) + 1
+
+    async def start(self) -> None:
+        await self.publish(JobEvent(job_id=self.job_id, status="running"))
+        await self.tick()
 
     async def _finish(self, outcome: JobOutcome) -> None:
         if self._finished.is_set():
             return
         self.outcome = outcome
-        # Usage of calls whose batches never completed (cancelled at the end) still counts.
-        await self.ledger.flush()
         await self.store.set_job_status(self.job_id, outcome.status, outcome.detail)
+        if self.on_finish is not None:
+            await self.on_finish(outcome)
+        await self.publish(
+            JobEvent(job_id=self.job_id, status=outcome.status, detail=outcome.detail)
+        )
         self._finished.set()
 
     async def cancel(self, reason: str = "cancelled") -> None:
+        await self.store.request_cancel(self.job_id)
         async with self._lock:
             await self._finish(JobOutcome("cancelled", reason))
 
@@ -261,9 +241,29 @@ class JobController:
         return self.outcome
 
     # --- progress -----------------------------------------------------------------------
-    def snapshot(self) -> list[InstructorState]:
-        return list(self.states.values())
+    def snapshot(self) -> list[InstructorView]:
+        views = []
+        for name in self.active:
+            st = self._stats.get(name) or InstructorStats(name)
+            stalled = None
+            if st.barren >= MAX_BARREN_BATCHES and st.accepted < st.target:
+                stalled = f"no new rows in {st.barren} batches in a row"
+                if name in self._last_error:
+                    stalled += f" (last error: {self._last_error[name]})"
+            views.append(
+                InstructorView(
+                    name,
+                    st.target,
+                    st.accepted,
+                    st.duplicates,
+                    st.filtered,
+                    st.failures,
+                    self._in_flight.get(name, 0),
+                    stalled,
+                )
+            )
+        return views
 
     def requests_per_minute(self) -> float:
         elapsed = max(1e-6, time.monotonic() - self.started)
-        return self.meter.total.requests * 60.0 / elapsed
+        return sum(s.requests for s in self._stats.values()) * 60.0 / elapsed

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -33,6 +34,12 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(32), default="running")
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     config: Mapped[str] = mapped_column(Text, default="{}")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: which controller drives the job, until when (topics replicas share jobs this way)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    export_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now
@@ -55,6 +62,11 @@ class InstructorProgress(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost: Mapped[float] = mapped_column(Float, default=0.0)
+    batches: Mapped[int] = mapped_column(Integer, default=0)
+    rows_from_batches: Mapped[int] = mapped_column(Integer, default=0)
+    dropped: Mapped[int] = mapped_column(Integer, default=0)
+    #: consecutive batches that added no row
+    barren: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Row(Base):
@@ -72,4 +84,54 @@ class Row(Base):
     skip_prompt_formatting: Mapped[bool] = mapped_column(Boolean, default=False)
     #: idempotency key: "<message_id>:<index>" of the message that produced the row
     source_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Task(Base):
+    """A GenerateBatch in flight; lets a restarted controller know what is outstanding."""
+
+    __tablename__ = "tasks"
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    instructor: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="in_flight")  # in_flight|done|expired
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ProcessedMessage(Base):
+    """Message ids whose effects are committed: a redelivery finds its id and does nothing."""
+
+    __tablename__ = "processed_messages"
+
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class DedupeVector(Base):
+    """Every instruction dedupe accepted, as its embedding: the durable side of the index."""
+
+    __tablename__ = "dedupe_vectors"
+    __table_args__ = (UniqueConstraint("job_id", "key", name="uq_dedupe_job_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    key: Mapped[str] = mapped_column(String(64))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class DeadLetter(Base):
+    """A message that failed every delivery, kept so the job's status can show it."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    queue: Mapped[str] = mapped_column(String(255))
+    message_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kind: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

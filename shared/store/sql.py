@@ -11,12 +11,20 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airoboros.contracts import Item
+from airoboros.contracts import BatchStats, Item
 from airoboros.errors import NotFoundError, StoreError
-from airoboros.store.models import InstructorProgress, Job, Row
+from airoboros.store.models import (
+    DeadLetter,
+    DedupeVector,
+    InstructorProgress,
+    Job,
+    ProcessedMessage,
+    Row,
+    Task,
+)
 from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -46,6 +54,9 @@ class JobRecord:
     config: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    cancel_requested: bool = False
+    export_uri: str | None = None
+    finished_at: datetime | None = None
 
 
 @dataclass
@@ -60,6 +71,10 @@ class InstructorStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+    batches: int = 0
+    rows_from_batches: int = 0
+    dropped: int = 0
+    barren: int = 0
 
 
 @dataclass
@@ -146,7 +161,13 @@ class SqlStore:
             for name, target in targets.items():
                 prog = await s.get(InstructorProgress, (job_id, name))
                 if prog is None:
-                    s.add(InstructorProgress(job_id=job_id, instructor=name, target=target))
+                    s.add(
+                        InstructorProgress(
+                            job_id=job_id,
+                            instructor=name,
+                            **{**dict.fromkeys(_COUNTERS, 0), "target": target},
+                        )
+                    )
                 else:
                     prog.target = target
         return await self.get_job(job_id)
@@ -174,12 +195,18 @@ class SqlStore:
             await s.execute(
                 update(Job)
                 .where(Job.id == job_id)
-                .values(status=status, detail=detail, updated_at=datetime.now(UTC))
+                .values(
+                    status=status,
+                    detail=detail,
+                    updated_at=datetime.now(UTC),
+                    finished_at=None if status == "running" else datetime.now(UTC),
+                )
             )
 
     async def delete_job(self, job_id: str) -> None:
         async with self._s() as s, s.begin():
-            await s.execute(delete(Row).where(Row.job_id == job_id))
+            for table in (Row, Task, ProcessedMessage, DedupeVector, DeadLetter):
+                await s.execute(delete(table).where(table.job_id == job_id))
             await s.execute(delete(InstructorProgress).where(InstructorProgress.job_id == job_id))
             await s.execute(delete(Job).where(Job.id == job_id))
 
@@ -203,6 +230,10 @@ class SqlStore:
                     r.prompt_tokens,
                     r.completion_tokens,
                     r.cost,
+                    r.batches,
+                    r.rows_from_batches,
+                    r.dropped,
+                    r.barren,
                 )
                 for r in rows
             }
@@ -225,7 +256,13 @@ class SqlStore:
                 .values(**values)
             )
             if res.rowcount == 0:  # type: ignore[attr-defined]
-                s.add(InstructorProgress(job_id=job_id, instructor=instructor, **deltas))
+                s.add(
+                    InstructorProgress(
+                        job_id=job_id,
+                        instructor=instructor,
+                        **{**dict.fromkeys(_COUNTERS, 0), **deltas},
+                    )
+                )
 
     # --- rows ---------------------------------------------------------------------------
     async def add_items(
@@ -237,59 +274,257 @@ class SqlStore:
         if not items:
             return []
         async with self._s() as s, s.begin():
-            by_cat: dict[str, InstructorProgress] = {}
-            for _, it in items:
-                if it.category in by_cat:
-                    continue
-                q = select(InstructorProgress).where(
-                    InstructorProgress.job_id == job_id,
-                    InstructorProgress.instructor == it.category,
+            rows = await self._insert_items(s, job_id, items, cap=cap)
+        return [StoredItem(r.id, _to_item(r)) for r in rows]
+
+    async def _progress(self, s: AsyncSession, job_id: str, instructor: str) -> InstructorProgress:
+        q = select(InstructorProgress).where(
+            InstructorProgress.job_id == job_id, InstructorProgress.instructor == instructor
+        )
+        if self.dialect == "postgresql":
+            q = q.with_for_update()  # serialises writers of one instructor's count
+        prog = (await s.execute(q)).scalar_one_or_none()
+        if prog is None:
+            prog = InstructorProgress(
+                job_id=job_id, instructor=instructor, **dict.fromkeys(_COUNTERS, 0)
+            )
+            s.add(prog)
+            await s.flush()
+        return prog
+
+    async def _insert_items(
+        self, s: AsyncSession, job_id: str, items: Sequence[tuple[str, Item]], *, cap: bool
+    ) -> list[Row]:
+        by_cat: dict[str, InstructorProgress] = {}
+        for _, it in items:
+            if it.category not in by_cat:
+                by_cat[it.category] = await self._progress(s, job_id, it.category)
+        source_ids = [sid for sid, _ in items]
+        seen = set(
+            (
+                await s.execute(
+                    select(Row.source_id).where(Row.job_id == job_id, Row.source_id.in_(source_ids))
                 )
-                if self.dialect == "postgresql":
-                    q = q.with_for_update()
-                prog = (await s.execute(q)).scalar_one_or_none()
-                if prog is None:
-                    prog = InstructorProgress(
-                        job_id=job_id, instructor=it.category, target=0, accepted=0
+            ).scalars()
+        )
+        new_rows: list[Row] = []
+        for sid, it in items:
+            prog = by_cat[it.category]
+            if sid in seen or (cap and prog.accepted >= prog.target):
+                continue
+            seen.add(sid)
+            prog.accepted += 1
+            row = Row(
+                job_id=job_id,
+                category=it.category,
+                instruction=it.instruction.strip(),
+                response=it.response.strip(),
+                system=it.system.strip() if it.system is not None else None,
+                skip_prompt_formatting=it.skip_prompt_formatting,
+                source_id=sid,
+            )
+            s.add(row)
+            new_rows.append(row)
+        try:
+            await s.flush()
+        except IntegrityError as exc:  # a concurrent writer inserted the same source_id
+            raise StoreError(f"conflicting insert for job {job_id}: {exc}") from exc
+        return new_rows
+
+    async def apply_batch(
+        self,
+        job_id: str,
+        *,
+        message_id: str,
+        task_id: str,
+        instructor: str,
+        items: Sequence[Item],
+        stats: BatchStats,
+    ) -> list[StoredItem] | None:
+        """Commit one finished batch in one transaction: its rows (capped at the target,
+        idempotent by source id), its counters and usage, and its task's completion.
+        Returns the rows inserted, or None if this message was applied before."""
+        async with self._s() as s:
+            try:
+                async with s.begin():
+                    if await s.get(ProcessedMessage, message_id) is not None:
+                        return None
+                    s.add(ProcessedMessage(message_id=message_id, job_id=job_id))
+                    rows = await self._insert_items(
+                        s, job_id, [(f"{task_id}:{i}", it) for i, it in enumerate(items)], cap=True
                     )
-                    s.add(prog)
-                    await s.flush()
-                by_cat[it.category] = prog
-            source_ids = [sid for sid, _ in items]
-            seen = set(
+                    prog = await self._progress(s, job_id, instructor)
+                    prog.duplicates += stats.duplicates
+                    prog.filtered += stats.filtered
+                    prog.failures += stats.failures
+                    prog.requests += stats.requests
+                    prog.prompt_tokens += stats.prompt_tokens
+                    prog.completion_tokens += stats.completion_tokens
+                    prog.cost += stats.cost
+                    prog.batches += 1
+                    prog.rows_from_batches += len(items)
+                    prog.dropped += len(items) - len(rows)
+                    prog.barren = 0 if rows else prog.barren + 1
+                    await s.execute(
+                        update(Task)
+                        .where(Task.task_id == task_id, Task.status == "in_flight")
+                        .values(status="done")
+                    )
+            except (IntegrityError, StoreError):
+                # A concurrent delivery of the same message won the race.
+                async with self._s() as check:
+                    if await check.get(ProcessedMessage, message_id) is not None:
+                        return None
+                raise
+        return [StoredItem(r.id, _to_item(r)) for r in rows]
+
+    # --- tasks --------------------------------------------------------------------------
+    async def add_task(self, job_id: str, task_id: str, instructor: str) -> None:
+        async with self._s() as s, s.begin():
+            s.add(Task(task_id=task_id, job_id=job_id, instructor=instructor))
+
+    async def in_flight(self, job_id: str) -> dict[str, int]:
+        async with self._s() as s:
+            rows = await s.execute(
+                select(Task.instructor, func.count())
+                .where(Task.job_id == job_id, Task.status == "in_flight")
+                .group_by(Task.instructor)
+            )
+            return {name: int(n) for name, n in rows.all()}
+
+    async def expire_tasks(self, job_id: str, older_than: datetime) -> int:
+        """Give up on tasks in flight since before ``older_than`` (their message was lost);
+        a late completion is still applied."""
+        async with self._s() as s, s.begin():
+            res = await s.execute(
+                update(Task)
+                .where(
+                    Task.job_id == job_id,
+                    Task.status == "in_flight",
+                    Task.created_at < older_than,
+                )
+                .values(status="expired")
+            )
+            return int(res.rowcount)  # type: ignore[attr-defined]
+
+    # --- jobs: listing, cancel, leases ---------------------------------------------------
+    async def list_jobs(self, *, limit: int = 100) -> list[JobRecord]:
+        async with self._s() as s:
+            jobs = (
+                await s.execute(select(Job).order_by(Job.created_at.desc()).limit(limit))
+            ).scalars()
+            return [_job_record(j) for j in jobs]
+
+    async def request_cancel(self, job_id: str) -> None:
+        async with self._s() as s, s.begin():
+            res = await s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+            if res.rowcount == 0:  # type: ignore[attr-defined]
+                raise NotFoundError(f"no job {job_id!r}")
+
+    async def set_export(self, job_id: str, uri: str) -> None:
+        async with self._s() as s, s.begin():
+            await s.execute(update(Job).where(Job.id == job_id).values(export_uri=uri))
+
+    async def try_lease(self, job_id: str, owner: str, seconds: float) -> bool:
+        """Take or renew the job's lease for ``owner``; False if another owner holds it."""
+        now = datetime.now(UTC)
+        async with self._s() as s, s.begin():
+            res = await s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    (Job.lease_owner.is_(None))
+                    | (Job.lease_owner == owner)
+                    | (Job.lease_until < now),
+                )
+                .values(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
+            )
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    async def release_lease(self, job_id: str, owner: str) -> None:
+        async with self._s() as s, s.begin():
+            await s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner)
+                .values(lease_owner=None, lease_until=None)
+            )
+
+    async def running_jobs(self) -> list[str]:
+        async with self._s() as s:
+            return list((await s.execute(select(Job.id).where(Job.status == "running"))).scalars())
+
+    # --- dedupe vectors ------------------------------------------------------------------
+    async def add_vectors(self, job_id: str, keys: Sequence[str], vectors: Any) -> None:
+        """Persist accepted embeddings (float32 rows) so any dedupe replica can rebuild."""
+        import numpy as np
+
+        v = np.ascontiguousarray(vectors, dtype=np.float32)
+        async with self._s() as s, s.begin():
+            existing = set(
                 (
                     await s.execute(
-                        select(Row.source_id).where(
-                            Row.job_id == job_id, Row.source_id.in_(source_ids)
+                        select(DedupeVector.key).where(
+                            DedupeVector.job_id == job_id, DedupeVector.key.in_(list(keys))
                         )
                     )
                 ).scalars()
             )
-            new_rows: list[Row] = []
-            for sid, it in items:
-                prog = by_cat[it.category]
-                if sid in seen:
-                    continue
-                if cap and prog.accepted >= prog.target:
-                    continue
-                seen.add(sid)
-                prog.accepted += 1
-                row = Row(
-                    job_id=job_id,
-                    category=it.category,
-                    instruction=it.instruction.strip(),
-                    response=it.response.strip(),
-                    system=it.system.strip() if it.system is not None else None,
-                    skip_prompt_formatting=it.skip_prompt_formatting,
-                    source_id=sid,
+            for key, row in zip(keys, v, strict=True):
+                if key not in existing:
+                    s.add(DedupeVector(job_id=job_id, key=key, vector=row.tobytes()))
+
+    async def load_vectors(
+        self, job_id: str, *, after: int = 0
+    ) -> tuple[list[int], list[str], Any]:
+        """Vectors persisted after sequence ``after``: (sequence ids, keys, [n, dim] array)."""
+        import numpy as np
+
+        async with self._s() as s:
+            rows = (
+                await s.execute(
+                    select(DedupeVector.id, DedupeVector.key, DedupeVector.vector)
+                    .where(DedupeVector.job_id == job_id, DedupeVector.id > after)
+                    .order_by(DedupeVector.id)
                 )
-                s.add(row)
-                new_rows.append(row)
-            try:
-                await s.flush()
-            except IntegrityError as exc:  # a concurrent writer inserted the same source_id
-                raise StoreError(f"conflicting insert for job {job_id}: {exc}") from exc
-        return [StoredItem(r.id, _to_item(r)) for r in new_rows]
+            ).all()
+        if not rows:
+            return [], [], np.zeros((0, 0), dtype=np.float32)
+        vecs = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+        return [r[0] for r in rows], [r[1] for r in rows], vecs
+
+    async def count_vectors(self, job_id: str) -> int:
+        async with self._s() as s:
+            return int(
+                (
+                    await s.execute(select(func.count()).where(DedupeVector.job_id == job_id))
+                ).scalar_one()
+            )
+
+    # --- dead letters --------------------------------------------------------------------
+    async def add_dead_letter(
+        self, *, queue: str, body: str, job_id: str | None, message_id: str | None, kind: str | None
+    ) -> None:
+        async with self._s() as s, s.begin():
+            s.add(
+                DeadLetter(queue=queue, body=body, job_id=job_id, message_id=message_id, kind=kind)
+            )
+
+    async def dead_letters(self, job_id: str) -> list[dict[str, Any]]:
+        async with self._s() as s:
+            rows = (
+                await s.execute(
+                    select(DeadLetter).where(DeadLetter.job_id == job_id).order_by(DeadLetter.id)
+                )
+            ).scalars()
+            return [
+                {
+                    "queue": r.queue,
+                    "message_id": r.message_id,
+                    "kind": r.kind,
+                    "created_at": r.created_at.isoformat(),
+                }
+                for r in rows
+            ]
 
     async def count_items(self, job_id: str) -> int:
         async with self._s() as s:
@@ -318,6 +553,31 @@ class SqlStore:
             if len(rows) < page_size:
                 return
             cursor = rows[-1].id
+
+
+_COUNTERS = (
+    "target",
+    "accepted",
+    *STAT_FIELDS,
+    "batches",
+    "rows_from_batches",
+    "dropped",
+    "barren",
+)
+
+
+def _job_record(job: Job) -> JobRecord:
+    return JobRecord(
+        job.id,
+        job.status,
+        job.detail,
+        json.loads(job.config),
+        job.created_at,
+        job.updated_at,
+        job.cancel_requested,
+        job.export_uri,
+        job.finished_at,
+    )
 
 
 def _to_item(r: Row) -> Item:

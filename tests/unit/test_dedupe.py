@@ -85,13 +85,39 @@ async def test_empty_batch(deduper: Deduper) -> None:
     assert await deduper.screen("job", [], [], THRESHOLD) == []
 
 
-async def test_restore_rebuilds_the_index(deduper: Deduper) -> None:
-    await deduper.screen("job", ["old"], [CAPITAL], THRESHOLD)
+async def test_restore_indexes_existing_rows(deduper: Deduper) -> None:
     await deduper.restore("job", ["c", "l"], [CAKE, LINKED_LIST], chunk=1)
     assert await deduper.vectors.count("job") == 2
-    # The restored rows are known again; what was in the index before is gone.
     flags = await deduper.screen("job", ["p", "x"], [CAKE_PARAPHRASE, CAPITAL], THRESHOLD)
     assert flags == [False, True]
+
+
+async def test_redelivered_batch_keeps_its_verdict(deduper: Deduper) -> None:
+    first = await deduper.screen("job", ["a", "b"], [CAKE, CAKE_PARAPHRASE], THRESHOLD)
+    again = await deduper.screen("job", ["a", "b"], [CAKE, CAKE_PARAPHRASE], THRESHOLD)
+    assert first == again == [True, False]
+    assert await deduper.vectors.count("job") == 1
+
+
+async def test_durable_vectors_are_shared_between_processes(
+    embedder: SentenceTransformerEmbedder, tmp_path
+) -> None:
+    from airoboros.store import SqlStore
+
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path}/d.sqlite")
+    await store.connect()
+    try:
+        await store.ensure_job("job", config={}, targets={})
+        one = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
+        two = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
+        assert await one.screen("job", ["a"], [CAKE], THRESHOLD) == [True]
+        # A second replica (or a restarted run) sees what the first accepted.
+        assert await two.screen("job", ["b"], [CAKE_PARAPHRASE], THRESHOLD) == [False]
+        assert await two.screen("job", ["c"], [LINKED_LIST], THRESHOLD) == [True]
+        assert await one.screen("job", ["d"], [LINKED_LIST], THRESHOLD) == [False]
+        assert await store.count_vectors("job") == 2
+    finally:
+        await store.close()
 
 
 def _words(sentence: str, n: int) -> str:

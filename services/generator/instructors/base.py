@@ -177,7 +177,10 @@ class Instructor:
         )
         batch = current_batch.get()
         if batch is not None:
-            batch.tokens += c.prompt_tokens + c.completion_tokens
+            batch.requests += 1
+            batch.prompt_tokens += c.prompt_tokens
+            batch.completion_tokens += c.completion_tokens
+            batch.cost += c.cost
         apply = self.filter_responses if filter_response is None else filter_response
         reason = self._filter.reason(c.text, finish_reason=c.finish_reason, apply_filters=apply)
         if reason:
