@@ -38,6 +38,7 @@ import uuid
 from typing import Any
 
 import aio_pika
+
 from airoboros.bus_amqp import AmqpBus
 from airoboros.contracts import GenerateBatch
 

@@ -30,7 +30,6 @@ sys.path.insert(0, str(REPO))
 from airoboros.config import parse_config  # noqa: E402
 from airoboros.embeddings import SentenceTransformerEmbedder  # noqa: E402
 from airoboros.pipeline import Generation  # noqa: E402
-
 from tests.fakes.llm_server import ADJS, NOUNS, Script, ScriptedLLM, ServerThread  # noqa: E402
 
 

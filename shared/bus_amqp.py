@@ -52,10 +52,11 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelPreconditionFailed
+from yarl import URL
+
 from airoboros.contracts import Message
 from airoboros.errors import BusError, BusUnavailable
 from airoboros.ports import Bus, Handler, M
-from yarl import URL
 
 log = logging.getLogger(__name__)
 

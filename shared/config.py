@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from airoboros.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from airoboros.errors import ConfigError
 
 #: The original's default readability hint, injected as {flesch}.
 DEFAULT_FLESCH = (

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from airoboros.errors import ConfigError
 from airoboros.ports import Vectors
 

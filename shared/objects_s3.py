@@ -19,11 +19,12 @@ from urllib.parse import unquote, urlsplit
 
 import certifi
 import urllib3
-from airoboros.errors import ConfigError, NotFoundError, StoreError
-from airoboros.objects import LocalObjectStore
 from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE, check_bucket_name
+
+from airoboros.errors import ConfigError, NotFoundError, StoreError
+from airoboros.objects import LocalObjectStore
 
 T = TypeVar("T")
 

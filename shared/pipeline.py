@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airoboros.bus import InMemoryBus
-from airoboros.config import Config
+from airoboros.config import Config, Price
 from airoboros.contracts import (
     BatchCompleted,
     CandidatesProposed,
@@ -90,15 +90,23 @@ def make_plan(config: Config) -> Plan:
     )
 
 
-def make_llm(config: Config) -> LLMClient:
-    models = {config.model, *(config.model_for(n) for n in config.instructors)}
-    prices = {m: p for m in models if (p := config.price_for(m)) is not None}
-    meter = UsageMeter(max_tokens=config.max_tokens, max_cost=config.max_cost, prices=prices)
-    limiter = RateLimiter(
-        max_concurrency=config.max_concurrency,
-        requests_per_minute=config.requests_per_minute,
-        tokens_per_minute=config.tokens_per_minute,
-    )
+def make_llm(
+    config: Config,
+    *,
+    limiter: RateLimiter | None = None,
+    meter: UsageMeter | None = None,
+) -> LLMClient:
+    """An LLM client for ``config``; deployed workers pass shared (Redis) limits."""
+    if meter is None:
+        meter = UsageMeter(
+            max_tokens=config.max_tokens, max_cost=config.max_cost, prices=prices_for(config)
+        )
+    if limiter is None:
+        limiter = RateLimiter(
+            max_concurrency=config.max_concurrency,
+            requests_per_minute=config.requests_per_minute,
+            tokens_per_minute=config.tokens_per_minute,
+        )
     settings = LLMSettings(
         base_url=config.resolved_base_url(),
         api_key=config.resolved_api_key(),
@@ -110,6 +118,11 @@ def make_llm(config: Config) -> LLMClient:
         max_completion_tokens=config.max_completion_tokens,
     )
     return LLMClient(settings, limiter, meter)
+
+
+def prices_for(config: Config) -> dict[str, Price]:
+    models = {config.model, *(config.model_for(n) for n in config.instructors)}
+    return {m: p for m in models if (p := config.price_for(m)) is not None}
 
 
 def check_credentials(config: Config) -> None:

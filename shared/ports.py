@@ -12,6 +12,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
 from airoboros.contracts import Message
 
 M = TypeVar("M", bound=Message)

@@ -19,8 +19,6 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import weaviate
-from airoboros.errors import StoreError
-from airoboros.ports import Vectors
 from weaviate.classes.config import Configure, DataType, Property, Tokenization, VectorDistances
 from weaviate.classes.data import DataObject
 from weaviate.classes.init import AdditionalConfig, Auth, Timeout
@@ -32,6 +30,9 @@ from weaviate.exceptions import (
     WeaviateStartUpError,
 )
 from weaviate.util import generate_uuid5
+
+from airoboros.errors import StoreError
+from airoboros.ports import Vectors
 
 T = TypeVar("T")
 

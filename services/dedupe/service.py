@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
+
 from airoboros.contracts import CandidatesProposed, CandidatesScreened, Message
 from airoboros.ports import Embedder, VectorStore
 from airoboros.store import SqlStore

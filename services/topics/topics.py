@@ -49,9 +49,9 @@ def read_topics_file(path: str | Path) -> list[str]:
     return unique([line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()])
 
 
-async def generate_topics(config: Config, llm: LLMClient, path: str | Path) -> list[str]:
-    """``topic_request_count`` calls (8 at a time); topics are appended to ``path`` as
-    they arrive, so a crash keeps what was paid for."""
+async def generate_topics(config: Config, llm: LLMClient, path: str | Path | None) -> list[str]:
+    """``topic_request_count`` calls (8 at a time); topics are appended to ``path`` (when
+    given) as they arrive, so a crash keeps what was paid for."""
     if not config.topic_prompt:
         raise ConfigError(
             [
@@ -64,8 +64,9 @@ async def generate_topics(config: Config, llm: LLMClient, path: str | Path) -> l
     sem = asyncio.Semaphore(TOPIC_CONCURRENCY)
     topics: list[str] = []
     seen: set[str] = set()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(path) if path is not None else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
     lock = asyncio.Lock()
     params = config.api_params_for_topics()
 
@@ -84,8 +85,9 @@ async def generate_topics(config: Config, llm: LLMClient, path: str | Path) -> l
             fresh = unique(fresh)
             seen.update(t.lower() for t in fresh)
             topics.extend(fresh)
-            with out.open("a", encoding="utf-8") as f:
-                f.writelines(t + "\n" for t in fresh)
+            if out is not None:
+                with out.open("a", encoding="utf-8") as f:
+                    f.writelines(t + "\n" for t in fresh)
 
     results = await asyncio.gather(
         *(one() for _ in range(config.topic_request_count)), return_exceptions=True
@@ -95,7 +97,7 @@ async def generate_topics(config: Config, llm: LLMClient, path: str | Path) -> l
         raise errors[0]
     if not topics:
         raise ConfigError(["topic_prompt: the LLM returned no parseable numbered list of topics"])
-    log.info("generated %d topics into %s", len(topics), out)
+    log.info("generated %d topics%s", len(topics), f" into {out}" if out else "")
     return topics
 
 

@@ -77,3 +77,12 @@ class UsageMeter:
         reason = self.exhausted
         if reason:
             raise BudgetExhausted(reason)
+
+    # Async forms, which the LLM client uses: a shared meter (Redis) overrides these.
+    async def acheck(self) -> None:
+        self.check()
+
+    async def arecord(
+        self, instructor: str, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> Usage:
+        return self.record(instructor, model, prompt_tokens, completion_tokens)

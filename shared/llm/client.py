@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx2  # the transport of the openai SDK (a maintained fork of httpx)
 import openai
+
 from airoboros.errors import (
     AuthError,
     BadRequestError,
@@ -207,20 +208,20 @@ class LLMClient:
         rate_limited = 0
         self.stats.calls += 1
         while True:
-            self.meter.check()
+            await self.meter.acheck()
             attempt += 1
             self.stats.attempts += 1
             estimate = self._estimate(messages, max_tokens)
             try:
                 async with self.limiter.slot(estimate):
-                    self.meter.check()
+                    await self.meter.acheck()
                     text, finish, usage, headers = await self._call(
                         messages, model=model, params=params, max_tokens=max_tokens
                     )
                 self.limiter.learn(headers)
                 prompt_t, completion_t = usage
                 self.limiter.settle_tokens(estimate, prompt_t + completion_t)
-                call = self.meter.record(instructor, model, prompt_t, completion_t)
+                call = await self.meter.arecord(instructor, model, prompt_t, completion_t)
                 return Completion(
                     text, finish, prompt_t, completion_t, call.cost, model, attempt, rate_limited
                 )

@@ -93,17 +93,20 @@ class RateLimiter:
         self._pause_until = 0.0
         self.in_flight = 0
 
+    def _bucket(self, kind: str, rate: float, capacity: float) -> TokenBucket:
+        return TokenBucket(rate, capacity)
+
     def _set_rpm(self, rpm: float) -> None:
         # Capacity of one request: evenly spaced, never a burst.
         if self.requests is None:
-            self.requests = TokenBucket(rpm / 60.0, 1.0)
+            self.requests = self._bucket("requests", rpm / 60.0, 1.0)
         else:
             self.requests.set_rate(rpm / 60.0, 1.0)
 
     def _set_tpm(self, tpm: float) -> None:
         # Up to ten seconds' worth of tokens may go out together.
         if self.tokens is None:
-            self.tokens = TokenBucket(tpm / 60.0, tpm / 6.0)
+            self.tokens = self._bucket("tokens", tpm / 60.0, tpm / 6.0)
         else:
             self.tokens.set_rate(tpm / 60.0, tpm / 6.0)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from airoboros.store.models import Base
 from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from airoboros.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -14,6 +14,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import delete, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
 from airoboros.contracts import BatchStats, Item
 from airoboros.errors import NotFoundError, StoreError
 from airoboros.store.models import (
@@ -24,15 +34,6 @@ from airoboros.store.models import (
     ProcessedMessage,
     Row,
     Task,
-)
-from sqlalchemy import delete, event, func, select, update
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
 )
 
 STAT_FIELDS = (

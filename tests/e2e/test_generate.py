@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from airoboros.config import load_config
 from airoboros.embeddings import l2_threshold_to_cosine
 from airoboros.generator.instructors.contextual import valid_block
 from airoboros.pipeline import Generation
 from airoboros.store import SqlStore
-
 from tests.e2e.helpers import ALL_INSTRUCTORS, read_rows, write_config
 
 REFUSAL = re.compile(r"^\s*(I'm sorry|I am sorry|Apologies|I can't|I won't)", re.I)

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import aio_pika
 import pytest
+
 from airoboros.bus_amqp import AmqpBus, BusError, BusUnavailable, partition_of
 from airoboros.contracts import Message
 from airoboros.ports import Bus

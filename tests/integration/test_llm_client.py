@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+
 from airoboros.config import Price
 from airoboros.errors import (
     AuthError,

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from minio import Minio
+
 from airoboros.errors import ConfigError, NotFoundError, StoreError
 from airoboros.objects import LocalObjectStore
 from airoboros.objects_s3 import S3ObjectStore, make_object_store
-from minio import Minio
 
 ACCESS = "airoboros-test"
 SECRET = "do-not-print-this-secret"

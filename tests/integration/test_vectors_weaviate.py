@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+
 from airoboros.errors import StoreError
 from airoboros.ports import VectorStore
 from airoboros.vectors import FaissVectorStore

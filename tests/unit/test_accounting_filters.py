@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from airoboros.config import Price
 from airoboros.errors import BudgetExhausted
 from airoboros.llm.accounting import Usage, UsageMeter

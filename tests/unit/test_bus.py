@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+
 from airoboros.bus import InMemoryBus
 from airoboros.contracts import BatchCompleted, JobEvent
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from airoboros.config import DEFAULT_FLESCH, load_config, parse_config
 from airoboros.errors import ConfigError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from airoboros.dedupe.service import Deduper
 from airoboros.embeddings import SentenceTransformerEmbedder, l2_threshold_to_cosine
 from airoboros.vectors import FaissVectorStore

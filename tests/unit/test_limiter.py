@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+
 from airoboros.llm.limiter import RateLimiter, TokenBucket, parse_reset
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from airoboros.errors import NotFoundError
 from airoboros.objects import LocalObjectStore
 from airoboros.vectors import FaissVectorStore

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from airoboros.contracts import Item
 from airoboros.errors import NotFoundError
 from airoboros.migrations import downgrade, upgrade

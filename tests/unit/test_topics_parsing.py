@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from airoboros.config import parse_config
 from airoboros.contracts import Item
 from airoboros.errors import ConfigError

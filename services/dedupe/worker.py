@@ -1,0 +1,70 @@
+"""The dedupe worker: ``python -m airoboros.dedupe``.
+
+Consumes CandidatesProposed from the partitioned dedupe topic: per partition one replica
+at a time (single active consumer), so two near-duplicates of one dataset can never be
+accepted side by side. Accepted vectors are written to the SQL store before the verdict
+goes out, and each screen first loads what other replicas wrote, so a replica taking over
+a partition sees the whole dataset. With AIROBOROS_WEAVIATE_URL, Weaviate holds the
+vectors instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from airoboros.contracts import CandidatesProposed
+from airoboros.dedupe.service import Deduper, DedupeService
+from airoboros.health import HealthServer
+from airoboros.ports import VectorStore
+from airoboros.settings import DedupeSettings
+from airoboros.store import SqlStore
+from airoboros.worker import JobStatusCache, make_bus, stop_event
+
+log = logging.getLogger(__name__)
+GROUP = "dedupe"
+
+
+async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None) -> None:
+    from airoboros.embeddings import SentenceTransformerEmbedder
+    from airoboros.vectors import FaissVectorStore
+
+    stop = stop or stop_event()
+    store = SqlStore(settings.database_url)
+    await store.connect(migrate=False)
+    embedder = await asyncio.to_thread(
+        SentenceTransformerEmbedder, settings.embedding_model, settings.embedding_device
+    )
+    vectors: VectorStore
+    durable: SqlStore | None = store
+    if settings.weaviate_url:
+        from airoboros.vectors_weaviate import WeaviateVectorStore
+
+        vectors = WeaviateVectorStore(settings.weaviate_url)
+        durable = None  # Weaviate is itself shared by every replica
+    else:
+        vectors = FaissVectorStore(embedder.dim)
+    bus = make_bus(settings)
+    service = DedupeService(Deduper(embedder, vectors, durable=durable), bus.publish)
+    status = JobStatusCache(store)
+
+    async def on_proposed(msg: CandidatesProposed) -> None:
+        if await status.running(msg.job_id):
+            await service.on_proposed(msg)
+
+    bus.subscribe(
+        CandidatesProposed, on_proposed, concurrency=settings.dedupe_partitions, group=GROUP
+    )
+    ready = False
+    health = HealthServer(settings.host, settings.port, lambda: ready)
+    await health.start()
+    try:
+        await bus.start()
+        ready = True
+        log.info("dedupe ready (%d partitions)", settings.dedupe_partitions)
+        await stop.wait()
+    finally:
+        ready = False
+        await bus.close()
+        await store.close()
+        await health.close()

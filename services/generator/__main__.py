@@ -1,0 +1,12 @@
+"""python -m airoboros.generator"""
+
+import asyncio
+
+from airoboros.cli import setup_logging
+from airoboros.generator.worker import run_worker
+from airoboros.settings import GeneratorSettings
+
+if __name__ == "__main__":
+    settings = GeneratorSettings()
+    setup_logging(settings.log_level.upper() == "DEBUG")
+    asyncio.run(run_worker(settings))

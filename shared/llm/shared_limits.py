@@ -1,0 +1,166 @@
+"""Limits and budgets shared by every replica, kept in Redis.
+
+The requests/min and tokens/min of a config hold for all generator replicas together:
+each bucket is one Redis hash updated by a Lua script (atomic), and a 429 seen by one
+replica pauses them all. A job's token and money totals live in Redis too, so its budget
+stops every replica's calls the moment it is reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+from airoboros.config import Price
+from airoboros.errors import BudgetExhausted
+from airoboros.llm.accounting import Usage, UsageMeter
+from airoboros.llm.limiter import RateLimiter, TokenBucket
+
+# Refill the bucket for the time passed, then take `amount` if there is enough.
+# Returns 0 when taken, else the seconds until there will be enough.
+_TAKE = """
+local key = KEYS[1]
+local rate = tonumber(ARGV[1])
+local cap = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local level = tonumber(redis.call('HGET', key, 'level') or cap)
+local stamp = tonumber(redis.call('HGET', key, 'stamp') or now)
+level = math.min(cap, level + math.max(0, now - stamp) * rate)
+local wait = 0
+if level >= amount then
+  level = level - amount
+else
+  wait = (amount - level) / rate
+end
+redis.call('HSET', key, 'level', tostring(level), 'stamp', tostring(now))
+redis.call('EXPIRE', key, 3600)
+return tostring(wait)
+"""
+
+_GIVE = """
+local key = KEYS[1]
+local cap = tonumber(ARGV[1])
+local amount = tonumber(ARGV[2])
+local level = tonumber(redis.call('HGET', key, 'level') or cap)
+redis.call('HSET', key, 'level', tostring(math.min(cap, level + amount)))
+return 1
+"""
+
+
+class RedisTokenBucket(TokenBucket):
+    """A TokenBucket whose level lives in Redis, shared by every process using ``key``."""
+
+    def __init__(self, redis: Any, key: str, rate: float, capacity: float) -> None:
+        super().__init__(rate, capacity)
+        self.redis = redis
+        self.key = key
+        self._take = redis.register_script(_TAKE)
+        self._give = redis.register_script(_GIVE)
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    async def take(self, amount: float) -> None:
+        amount = min(amount, self.capacity)
+        async with self._lock:  # FIFO within this process
+            while True:
+                wait = float(
+                    await self._take(keys=[self.key], args=[self.rate, self.capacity, amount])
+                )
+                if wait <= 0:
+                    return
+                await asyncio.sleep(wait)
+
+    def give_back(self, amount: float) -> None:
+        task = asyncio.ensure_future(self._give(keys=[self.key], args=[self.capacity, amount]))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+
+class RedisRateLimiter(RateLimiter):
+    """RateLimiter whose buckets and 429 pauses are shared through Redis under ``scope``
+    (one scope per endpoint and key, so every job and replica on it shares the limit)."""
+
+    def __init__(self, redis: Any, scope: str, **kwargs: Any) -> None:
+        self.redis = redis
+        self.scope = scope
+        super().__init__(**kwargs)
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    def _bucket(self, kind: str, rate: float, capacity: float) -> TokenBucket:
+        return RedisTokenBucket(self.redis, f"{self.scope}:{kind}", rate, capacity)
+
+    def pause(self, seconds: float) -> None:
+        super().pause(seconds)
+        until_ms = int((time.time() + seconds) * 1000)
+        task = asyncio.ensure_future(
+            self.redis.set(f"{self.scope}:pause", until_ms, px=max(1, int(seconds * 1000)) + 1000)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _wait_pause(self) -> None:
+        await super()._wait_pause()
+        raw = await self.redis.get(f"{self.scope}:pause")
+        if raw:
+            delay = int(raw) / 1000 - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+
+def limiter_scope(prefix: str, base_url: str | None, api_key: str | None) -> str:
+    digest = hashlib.sha256(f"{base_url or 'openai'}|{api_key or ''}".encode()).hexdigest()[:16]
+    return f"{prefix}:limit:{digest}"
+
+
+class RedisUsageMeter(UsageMeter):
+    """UsageMeter whose job totals (for the budget) are shared through Redis."""
+
+    def __init__(
+        self,
+        redis: Any,
+        key: str,
+        *,
+        max_tokens: int | None = None,
+        max_cost: float | None = None,
+        prices: dict[str, Price] | None = None,
+    ) -> None:
+        super().__init__(max_tokens=max_tokens, max_cost=max_cost, prices=prices)
+        self.redis = redis
+        self.key = key
+
+    async def seed(self, tokens: int, cost: float) -> None:
+        """Start the shared totals from the store's, unless another replica did."""
+        await self.redis.hsetnx(self.key, "tokens", tokens)
+        await self.redis.hsetnx(self.key, "cost", cost)
+
+    async def shared_total(self) -> Usage:
+        raw = await self.redis.hgetall(self.key)
+        get = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+        return Usage(0, int(float(get.get("tokens", 0))), 0, float(get.get("cost", 0.0)))
+
+    async def acheck(self) -> None:
+        if self.max_tokens is None and self.max_cost is None:
+            return
+        total = await self.shared_total()
+        if self.max_tokens is not None and total.prompt_tokens >= self.max_tokens:
+            raise BudgetExhausted(
+                f"token budget of {self.max_tokens} reached ({total.prompt_tokens} used)"
+            )
+        if self.max_cost is not None and total.cost >= self.max_cost:
+            raise BudgetExhausted(
+                f"cost budget of ${self.max_cost:.2f} reached (${total.cost:.4f} spent)"
+            )
+
+    async def arecord(
+        self, instructor: str, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> Usage:
+        call = self.record(instructor, model, prompt_tokens, completion_tokens)
+        pipe = self.redis.pipeline()
+        pipe.hincrby(self.key, "tokens", prompt_tokens + completion_tokens)
+        pipe.hincrbyfloat(self.key, "cost", call.cost)
+        pipe.expire(self.key, 7 * 24 * 3600)
+        await pipe.execute()
+        return call

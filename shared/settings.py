@@ -1,0 +1,73 @@
+"""Service settings, read once at start from environment variables (AIROBOROS_*).
+
+One pydantic-settings class per service on a shared base; README lists every variable.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """What every deployed service reads."""
+
+    model_config = SettingsConfigDict(env_prefix="AIROBOROS_", extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: exchange and queue name prefix (lets several deployments share one broker)
+    amqp_prefix: str = "airoboros"
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/airoboros"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: key prefix in Redis (limiter and budget counters)
+    redis_prefix: str = "airoboros"
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: str = "minioadmin"
+    s3_bucket: str = "airoboros"
+    s3_secure: bool = False
+    weaviate_url: str | None = None
+    #: comma-separated API keys accepted as "Authorization: Bearer <key>"
+    api_keys: str = ""
+    host: str = "0.0.0.0"
+    port: int = 8080
+    #: deliveries of a message before it is dead-lettered
+    max_deliveries: int = 5
+    #: partitions of the dedupe topic (>= the number of dedupe replicas)
+    dedupe_partitions: int = 4
+    log_level: str = "INFO"
+    openai_api_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "AIROBOROS_OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "AIROBOROS_OPENAI_BASE_URL"),
+    )
+
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def partitions(self) -> dict[str, int]:
+        from airoboros.contracts import CandidatesProposed
+
+        return {CandidatesProposed.topic: self.dedupe_partitions}
+
+
+class TopicsSettings(ServiceSettings):
+    port: int = 8080
+    #: seconds between controller ticks (timeouts, top-ups) besides those on each result
+    tick_interval: float = 2.0
+    #: how long a topics replica's hold on a job lasts without renewal
+    lease_seconds: float = 30.0
+
+
+class GeneratorSettings(ServiceSettings):
+    port: int = 8081
+    #: LLM calls in flight in this replica
+    max_concurrency: int = 32
+
+
+class DedupeSettings(ServiceSettings):
+    port: int = 8082
+    embedding_model: str | None = None
+    embedding_device: str = "cpu"
