@@ -39,6 +39,8 @@ test: lint types unit
 bench: setup
 	$(BIN)/python bench/dedupe_bench.py
 	$(BIN)/python bench/generation_bench.py
+	$(BIN)/python bench/bus_bench.py
+	$(BIN)/python bench/replicas_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

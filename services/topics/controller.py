@@ -217,10 +217,15 @@ class JobController:
     async def _finish(self, outcome: JobOutcome) -> None:
         if self._finished.is_set():
             return
+        if self.on_finish is not None:
+            # Before the status: a job reads "done" only once its export exists.
+            try:
+                await self.on_finish(outcome)
+            except Exception as exc:
+                log.exception("job %s: finishing step failed", self.job_id)
+                outcome = JobOutcome("failed", f"{outcome.status}, but finishing failed: {exc}")
         self.outcome = outcome
         await self.store.set_job_status(self.job_id, outcome.status, outcome.detail)
-        if self.on_finish is not None:
-            await self.on_finish(outcome)
         await self.publish(
             JobEvent(job_id=self.job_id, status=outcome.status, detail=outcome.detail)
         )

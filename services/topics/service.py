@@ -44,6 +44,8 @@ PIPELINE_QUEUES: list[tuple[type[Any], str]] = [
     (CandidatesScreened, "generator"),
     (CandidatesProposed, "dedupe"),
     (BatchCompleted, GROUP),
+    # Kept for the trainer, which may start later than the job ends.
+    (DatasetExported, "trainer"),
 ]
 
 

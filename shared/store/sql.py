@@ -178,14 +178,7 @@ class SqlStore:
             job = await s.get(Job, job_id)
             if job is None:
                 raise NotFoundError(f"no job {job_id!r}")
-            return JobRecord(
-                job.id,
-                job.status,
-                job.detail,
-                json.loads(job.config),
-                job.created_at,
-                job.updated_at,
-            )
+            return _job_record(job)
 
     async def job_exists(self, job_id: str) -> bool:
         async with self._s() as s:

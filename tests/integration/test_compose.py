@@ -281,7 +281,10 @@ def test_required_settings_are_given_and_parse(
     assert not missing, f"{svc} lacks {missing}"
     for name, value in env.items():
         clean_env.setenv(name, value)
-    cls()  # every value parses (booleans, numbers)
+    settings = cls()  # every value parses (booleans, numbers)
+    if svc == "topics":
+        keys = [k for k in settings.api_keys.split(",") if k.strip()]
+        assert keys, "the topics API refuses to start without an API key"
 
 
 @pytest.mark.parametrize("svc", sorted(SETTINGS))

@@ -1,0 +1,290 @@
+"""The deployed pipeline: topics, generator and dedupe as real processes on RabbitMQ,
+PostgreSQL, Redis and S3 (moto), against the scripted LLM server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.services_harness import (
+    REPO,
+    Stack,
+    base_env,
+    create_database,
+    drop_database,
+    free_port,
+)
+
+pytestmark = pytest.mark.services
+
+JOB = {
+    "model": "gpt-4",
+    "topics": [f"topic {i}" for i in range(40)],
+    "default_batch_size": 4,
+    "max_concurrency": 8,
+    "request_timeout": 10,
+    "instructors": {
+        "general": {"count": 8},
+        "joke": {"count": 6},
+        "trivia": {"count": 6},
+        "coding": {"count": 5, "coding_languages": ["python"]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def stack(tmp_path, s3, llm_server) -> Iterator[Stack]:
+    name, url = create_database()
+    srv = llm_server(latency=0.02, duplicate_rate=0.1)
+    env = base_env(url, s3, srv.base_url)
+    subprocess.run(
+        [sys.executable, "-c", "from airoboros.cli import entry; entry()", "migrate"],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    st = Stack(tmp_path, env)
+    st.llm = srv.llm  # type: ignore[attr-defined]
+    try:
+        yield st
+    finally:
+        st.stop_all()
+        drop_database(name)
+
+
+def start_all(stack: Stack, generators: int = 2) -> None:
+    stack.start("dedupe", "airoboros.dedupe")
+    for i in range(generators):
+        stack.start(f"generator{i}", "airoboros.generator")
+    stack.start("topics", "airoboros.topics")
+
+
+def post_job(stack: Stack, job: dict[str, Any] | None = None) -> str:
+    with stack.client() as c:
+        r = c.post("/v1/jobs", json=job or JOB)
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+
+def export_rows(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    with stack.client() as c:
+        r = c.get(f"/v1/jobs/{job_id}/export", params={"format": "jsonl"})
+        assert r.status_code == 200
+        return [json.loads(line) for line in r.text.splitlines() if line]
+
+
+def s3_rows(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    from minio import Minio
+
+    env = stack.env
+    client = Minio(env["AIROBOROS_S3_ENDPOINT"], "testing", "testing", secure=False)
+    data = client.get_object(
+        env["AIROBOROS_S3_BUCKET"], f"jobs/{job_id}/export/instructions.jsonl"
+    ).read()
+    return [json.loads(line) for line in data.decode().splitlines() if line]
+
+
+def expected() -> dict[str, int]:
+    return {k: v["count"] for k, v in JOB["instructors"].items()}  # type: ignore[index]
+
+
+def assert_exact(rows: list[dict[str, Any]]) -> None:
+    assert Counter(r["category"] for r in rows) == expected()
+    keys = [(r["instruction"], r.get("system"), r["response"]) for r in rows]
+    assert len(set(keys)) == len(keys), "a row was written twice"
+
+
+def test_job_completes_with_exact_counts_and_lands_in_s3(stack):
+    start_all(stack)
+    job_id = post_job(stack)
+    status = stack.wait_job(job_id)
+    assert status["status"] == "done", stack.logs()
+    assert {k: v["accepted"] for k, v in status["instructors"].items()} == expected()
+    rows = export_rows(stack, job_id)
+    assert_exact(rows)
+    assert s3_rows(stack, job_id) == rows
+    assert status["export"].startswith("s3://")
+    assert status["tokens"]["prompt"] > 0
+
+
+def test_sigkill_of_a_generator_loses_and_repeats_nothing(stack):
+    start_all(stack)
+    job_id = post_job(stack)
+    time.sleep(1.0)
+    stack.kill("generator0")
+    status = stack.wait_job(job_id)
+    assert status["status"] == "done", stack.logs()
+    assert_exact(export_rows(stack, job_id))
+
+
+def test_sigkill_of_dedupe_and_topics_then_restart(stack):
+    start_all(stack, generators=1)
+    job_id = post_job(stack)
+    time.sleep(1.0)
+    stack.kill("dedupe")
+    stack.kill("topics")
+    time.sleep(1.0)
+    stack.start("dedupe", "airoboros.dedupe")
+    stack.start("topics", "airoboros.topics")
+    status = stack.wait_job(job_id)
+    assert status["status"] == "done", stack.logs()
+    assert_exact(export_rows(stack, job_id))
+
+
+def test_api_errors(stack):
+    stack.start("topics", "airoboros.topics")
+    import httpx
+
+    r = httpx.get(f"{stack.topics_url}/v1/jobs")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = httpx.get(f"{stack.topics_url}/v1/jobs", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    assert httpx.get(f"{stack.topics_url}/healthz").status_code == 200
+    with stack.client() as c:
+        assert c.get("/v1/jobs/nope").status_code == 404
+        bad = c.post("/v1/jobs", json={"default_count": "x", "instructors": {"coding": {}}})
+        assert bad.status_code == 422
+        problems = bad.json()["error"]["problems"]
+        assert any(p.startswith("default_count") for p in problems)
+        assert any("coding_languages" in p for p in problems)
+        r = c.post(
+            "/v1/jobs", content=b"a: [unclosed", headers={"content-type": "application/yaml"}
+        )
+        assert r.status_code == 422 and "YAML" in r.json()["error"]["message"]
+        r = c.post("/v1/jobs", json={"instructors": {"rp": {}}})
+        assert r.status_code == 422
+        r = c.post("/v1/jobs", content=b"", headers={"content-type": "application/yaml"})
+        assert r.status_code == 422
+        assert c.get("/openapi.json").status_code == 200
+
+
+def test_cancel_stops_new_llm_calls(stack):
+    start_all(stack, generators=1)
+    job = {**JOB, "instructors": {"general": {"count": 10_000}}}
+    job_id = post_job(stack, job)
+    time.sleep(2.0)
+    with stack.client() as c:
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    status = stack.wait_job(job_id, timeout=30)
+    assert status["status"] == "cancelled"
+    time.sleep(1.5)  # calls already in flight may finish
+    before = stack.llm.stats["requests"]  # type: ignore[attr-defined]
+    time.sleep(2.0)
+    assert stack.llm.stats["requests"] == before  # type: ignore[attr-defined]
+
+
+def test_broker_restart_mid_job(stack):
+    start_all(stack, generators=1)
+    job = {**JOB, "instructors": {"general": {"count": 30}, "joke": {"count": 20}}}
+    job_id = post_job(stack, job)
+    time.sleep(1.0)
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
+    try:
+        time.sleep(3.0)
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+        subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=120)
+    status = stack.wait_job(job_id, timeout=240)
+    assert status["status"] == "done", stack.logs()
+    rows = export_rows(stack, job_id)
+    assert Counter(r["category"] for r in rows) == {"general": 30, "joke": 20}
+    keys = [(r["instruction"], r["response"]) for r in rows]
+    assert len(set(keys)) == len(keys)
+
+
+def test_poison_message_is_dead_lettered_and_shown(stack):
+    import asyncio
+
+    from airoboros.bus_amqp import AmqpBus
+    from airoboros.contracts import GenerateBatch
+
+    start_all(stack, generators=1)
+    job_id = post_job(stack)
+
+    async def poison() -> str:
+        bus = AmqpBus(stack.env["AIROBOROS_AMQP_URL"], prefix=stack.env["AIROBOROS_AMQP_PREFIX"])
+        await bus.start()
+        try:
+            # An instructor no generator knows: its handler fails on every delivery.
+            msg = GenerateBatch(
+                job_id=job_id, instructor="no_such_instructor", batch_size=1, remaining=1
+            )
+            await bus.publish(msg)
+            return msg.message_id
+        finally:
+            await bus.close()
+
+    message_id = asyncio.run(poison())
+    status = stack.wait_job(job_id)
+    assert status["status"] == "done", stack.logs()
+    assert_exact(export_rows(stack, job_id))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with stack.client() as c:
+            dead = c.get(f"/v1/jobs/{job_id}").json()["dead_letters"]
+        if dead:
+            break
+        time.sleep(0.5)
+    assert [d["message_id"] for d in dead] == [message_id]
+    assert dead[0]["kind"] == "generate_batch"
+
+
+def test_embedded_and_services_give_the_same_counts(stack, tmp_path):
+    import yaml
+
+    start_all(stack, generators=1)
+    job_id = post_job(stack)
+    services = stack.wait_job(job_id)
+    cfg = {
+        **JOB,
+        "openai_api_key": "sk-test",
+        "base_url": stack.env["OPENAI_BASE_URL"],
+        "output_path": str(tmp_path / "embedded.jsonl"),
+    }
+    path = tmp_path / "embedded.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in stack.env.items() if not k.startswith("AIROBOROS_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from airoboros.cli import entry; entry()",
+            "generate-instructions",
+            "-c",
+            str(path),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    embedded = Counter(
+        json.loads(line)["category"]
+        for line in (tmp_path / "embedded.jsonl").read_text().splitlines()
+    )
+    assert (
+        {k: v["accepted"] for k, v in services["instructors"].items()}
+        == dict(embedded)
+        == expected()
+    )
