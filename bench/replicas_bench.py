@@ -26,6 +26,7 @@ from tests.integration.services_harness import (  # noqa: E402
     Stack,
     base_env,
     create_database,
+    delete_amqp,
     drop_database,
     free_port,
 )
@@ -80,6 +81,7 @@ def measure(replicas: int, args: argparse.Namespace, s3: str, llm_url: str) -> f
         finally:
             stack.stop_all()
             drop_database(name)
+            delete_amqp(env["AIROBOROS_AMQP_PREFIX"])
 
 
 def main() -> None:

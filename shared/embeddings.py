@@ -22,6 +22,9 @@ from airoboros.ports import Vectors
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+#: transformers' model loading is not thread-safe (it swaps global torch state while it
+#: builds the model): two loads at once in one process can leave one on the meta device.
+_LOAD_LOCK = threading.Lock()
 
 
 def default_model_path() -> str:
@@ -57,7 +60,8 @@ class SentenceTransformerEmbedder:
 
         path = resolve_model_name(model)
         try:
-            self._model: Any = SentenceTransformer(path, device=device)
+            with _LOAD_LOCK:
+                self._model: Any = SentenceTransformer(path, device=device)
         except Exception as exc:
             raise ConfigError(
                 [f"embedding_model: could not load {model or path!r} ({type(exc).__name__}: {exc})"]

@@ -164,3 +164,36 @@ def base_env(database_url: str, s3_endpoint: str, llm_base_url: str) -> dict[str
         }
     )
     return env
+
+
+def delete_amqp(prefix: str, partitions: int = 2) -> None:
+    """Delete the queues and exchanges a test's services declared (quorum queues are
+    heavy for the broker; a test must not leave them behind)."""
+    import asyncio
+
+    import aio_pika
+
+    from airoboros.bus_amqp import AmqpBus
+    from airoboros.contracts import CandidatesProposed
+    from airoboros.topics.service import PIPELINE_QUEUES
+
+    bus = AmqpBus(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        prefix=prefix,
+        partitions={CandidatesProposed.topic: partitions},
+    )
+    names = [q for t, g in PIPELINE_QUEUES for q in bus.queue_names(t, g)]
+    names += [f"{n}.dlq" for n in list(names)]
+
+    async def go() -> None:
+        conn = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/", timeout=10)
+        try:
+            channel = await conn.channel()
+            for name in names:
+                await channel.queue_delete(name)
+            for exchange in (prefix, f"{prefix}.dlx"):
+                await channel.exchange_delete(exchange)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())

@@ -14,7 +14,7 @@ from airoboros.contracts import Candidate, CandidatesProposed, CandidatesScreene
 from airoboros.dedupe.worker import run_worker
 from airoboros.settings import DedupeSettings
 from airoboros.store import SqlStore
-from tests.integration.services_harness import create_database, drop_database
+from tests.integration.services_harness import create_database, delete_amqp, drop_database
 
 pytestmark = pytest.mark.services
 
@@ -75,8 +75,6 @@ async def test_two_replicas_never_accept_near_duplicates_together():
         # Exactly one of each near-duplicate family was ever accepted.
         assert len(accepted) == 3, accepted
         families = {k for a in accepted for k in range(3) if a in (TEXTS[k], PARAPHRASES[k])}
-            for a in accepted
-        }
         assert families == {0, 1, 2}
         assert await store.count_vectors(job_id) == 3
     finally:
@@ -85,3 +83,4 @@ async def test_two_replicas_never_accept_near_duplicates_together():
         await bus.close()
         await store.close()
         drop_database(name)
+        await asyncio.to_thread(delete_amqp, prefix)

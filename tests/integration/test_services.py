@@ -18,6 +18,7 @@ from tests.integration.services_harness import (
     Stack,
     base_env,
     create_database,
+    delete_amqp,
     drop_database,
     free_port,
 )
@@ -69,6 +70,7 @@ def stack(tmp_path, s3, llm_server) -> Iterator[Stack]:
     finally:
         st.stop_all()
         drop_database(name)
+        delete_amqp(env["AIROBOROS_AMQP_PREFIX"])
 
 
 def start_all(stack: Stack, generators: int = 2) -> None:
@@ -288,3 +290,19 @@ def test_embedded_and_services_give_the_same_counts(stack, tmp_path):
         == dict(embedded)
         == expected()
     )
+
+
+def test_topics_generate_route(stack):
+    stack.start("topics", "airoboros.topics")
+    with stack.client() as c:
+        r = c.post(
+            "/v1/topics:generate",
+            json={
+                "topic_prompt": "Give me a numbered list of 20 random topics.",
+                "topic_request_count": 2,
+            },
+        )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == len(body["topics"]) >= 20
+    assert len({t.lower() for t in body["topics"]}) == body["count"]
