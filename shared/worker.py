@@ -9,6 +9,7 @@ import signal
 from typing import Any
 
 from airoboros.config import Config
+from airoboros.health import HealthServer
 from airoboros.settings import ServiceSettings
 from airoboros.store import SqlStore
 
@@ -70,3 +71,20 @@ class JobStatusCache:
             ok = False
         self._seen[job_id] = (now, ok)
         return ok
+
+
+async def serve(settings: ServiceSettings, bus: Any, stop: asyncio.Event, banner: str) -> None:
+    """Serve the health probes, start the bus, and run until ``stop``; the bus and the
+    probes are closed on the way out (the caller closes its own resources after)."""
+    ready = False
+    health = HealthServer(settings.host, settings.port, lambda: ready)
+    await health.start()
+    try:
+        await bus.start()
+        ready = True
+        log.info(banner)
+        await stop.wait()
+    finally:
+        ready = False
+        await bus.close()
+        await health.close()

@@ -15,11 +15,10 @@ import logging
 
 from airoboros.contracts import CandidatesProposed
 from airoboros.dedupe.service import Deduper, DedupeService
-from airoboros.health import HealthServer
 from airoboros.ports import VectorStore
 from airoboros.settings import DedupeSettings
 from airoboros.store import SqlStore
-from airoboros.worker import JobStatusCache, make_bus, stop_event
+from airoboros.worker import JobStatusCache, make_bus, serve, stop_event
 
 log = logging.getLogger(__name__)
 GROUP = "dedupe"
@@ -55,16 +54,7 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
     bus.subscribe(
         CandidatesProposed, on_proposed, concurrency=settings.dedupe_partitions, group=GROUP
     )
-    ready = False
-    health = HealthServer(settings.host, settings.port, lambda: ready)
-    await health.start()
     try:
-        await bus.start()
-        ready = True
-        log.info("dedupe ready (%d partitions)", settings.dedupe_partitions)
-        await stop.wait()
+        await serve(settings, bus, stop, f"dedupe ready ({settings.dedupe_partitions} partitions)")
     finally:
-        ready = False
-        await bus.close()
         await store.close()
-        await health.close()

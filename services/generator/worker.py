@@ -12,12 +12,11 @@ import logging
 
 from airoboros.contracts import CandidatesScreened, GenerateBatch
 from airoboros.generator.service import GeneratorService, JobRuntime
-from airoboros.health import HealthServer
 from airoboros.llm.shared_limits import RedisRateLimiter, RedisUsageMeter, limiter_scope
 from airoboros.pipeline import make_llm, prices_for
 from airoboros.settings import GeneratorSettings
 from airoboros.store import SqlStore
-from airoboros.worker import JobStatusCache, job_config, make_bus, stop_event
+from airoboros.worker import JobStatusCache, job_config, make_bus, serve, stop_event
 
 log = logging.getLogger(__name__)
 GROUP = "generator"
@@ -78,19 +77,12 @@ async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = N
     bus.subscribe(
         CandidatesScreened, on_screened, concurrency=settings.max_concurrency, group=GROUP
     )
-    ready = False
-    health = HealthServer(settings.host, settings.port, lambda: ready)
-    await health.start()
     try:
-        await bus.start()
-        ready = True
-        log.info("generator ready (max %d calls in flight)", settings.max_concurrency)
-        await stop.wait()
+        await serve(
+            settings, bus, stop, f"generator ready (max {settings.max_concurrency} calls in flight)"
+        )
     finally:
-        ready = False
-        await bus.close()
         for rt in runtimes.values():
             await rt.llm.close()
         await redis.aclose()
         await store.close()
-        await health.close()
