@@ -3,22 +3,27 @@
 Three ways to dedupe the same stream of alpaca items, fed in arrival order:
 
   ours      Deduper.screen over batches of --batch items, cosine >= the original's
-            default min_docsearch_score (0.35) converted with l2_threshold_to_cosine.
+            default min_docsearch_score (0.35) converted with l2_threshold_to_cosine; the
+            embedder at --dtype (default auto, as the product runs it).
   (a) rouge the self-instruct way: ROUGE-L F-measure >= 0.7 against every kept text,
             one item at a time, with self-instruct's own ``scorer.score`` per pair. O(n^2),
             so it runs on the first --rouge-n items only, and ours is rerun on that same
             prefix (fresh index) for the comparison. (a') is Stanford Alpaca's faster
             variant (each text tokenized once), printed for reference only.
-  (b) orig  the original airoboros way: embed one item alone, search a faiss IndexFlatL2
-            with k=1, reject if the squared L2 distance <= 0.35, else add it. All N items.
+  (b) orig  the original airoboros way: embed one item alone as its embeddings.py did
+            (tokenize, split into 512-token chunks, decode, ``model.encode`` each chunk
+            with normalize_embeddings, length-weighted mean) on the same model in float32,
+            search a faiss IndexFlatL2 with k=1, reject if the squared L2 distance <= 0.35,
+            else add it. All N items.
 
 All methods see the same dedupe text (instruction, plus "\\n" + input when non-empty).
 Prints items, wall seconds, items/s, rejections and CPU seconds per method, the speed
 ratios, and how much the rejected sets overlap. Timings are wall-clock on a possibly
 shared machine: the load average is printed before and after. Reports only; exits 0.
 
-    .venv/bin/python bench/dedupe_bench.py [--n 2000] [--rouge-n 600] [--batch 50]
-                                           [--threads 2] [--embed-batch B] [--data PATH]
+    .venv/bin/python bench/dedupe_bench.py [--n 5000] [--rouge-n 5000] [--batch 50]
+                                           [--threads 2] [--embed-batch B] [--dtype auto]
+                                           [--data PATH]
 """
 
 from __future__ import annotations
@@ -66,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="SentenceTransformerEmbedder batch_size (default: the library's)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="precision of ours (default auto); (b) always runs float32 like the original",
     )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"default {DEFAULT_DATA}")
     args = p.parse_args(argv)
@@ -137,14 +148,27 @@ def run_rouge(texts: list[str], pretokenized: bool = False) -> Result:
     return Result(name, len(texts), time.perf_counter() - t0, time.process_time() - c0, rejected)
 
 
-def run_original(embedder: Any, texts: list[str]) -> Result:
+def original_embed(model: Any, text: str) -> Any:
+    """The original's embeddings.py, rewritten: chunks of 512 tokens, decoded, each
+    encoded alone and normalised, then averaged weighted by character length."""
+    import numpy as np
+
+    tokenizer = model.tokenizer
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    chunks = [tokenizer.decode(ids[i : i + 512]) for i in range(0, len(ids), 512)] or [text]
+    vecs = np.stack([model.encode(chunk, normalize_embeddings=True) for chunk in chunks])
+    mean = np.average(vecs, axis=0, weights=[len(c) for c in chunks])
+    return (mean / np.linalg.norm(mean)).astype(np.float32).reshape(1, -1)
+
+
+def run_original(model: Any, texts: list[str]) -> Result:
     import faiss
 
-    index = faiss.IndexFlatL2(embedder.dim)
+    index = faiss.IndexFlatL2(model.get_sentence_embedding_dimension())
     rejected: set[int] = set()
     t0, c0 = time.perf_counter(), time.process_time()
     for i, text in enumerate(texts):
-        vec = embedder.embed([text])
+        vec = original_embed(model, text)
         if index.ntotal > 0:
             dist, _ = index.search(vec, 1)
             if dist[0, 0] <= MIN_DOCSEARCH_SCORE:
@@ -184,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from airoboros.embeddings import SentenceTransformerEmbedder, l2_threshold_to_cosine
+    from airoboros.embeddings import (
+        SentenceTransformerEmbedder,
+        l2_threshold_to_cosine,
+        resolve_model_name,
+    )
 
     torch.set_num_threads(args.threads)
     texts = load_texts(args.data, args.n)
@@ -192,10 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     threshold = l2_threshold_to_cosine(MIN_DOCSEARCH_SCORE)
 
     kwargs = {} if args.embed_batch is None else {"batch_size": args.embed_batch}
-    embedder = SentenceTransformerEmbedder(device="cpu", **kwargs)
+    embedder = SentenceTransformerEmbedder(device="cpu", dtype=args.dtype, **kwargs)
+    from sentence_transformers import SentenceTransformer
+
+    original_model = SentenceTransformer(resolve_model_name(None), device="cpu")
     # Warm up once (weights paged in, kernels chosen) on a single text and a full batch.
     embedder.embed(["warm up the model"])
     embedder.embed(["warm up the model", "once before timing", "anything at all"] * 4)
+    original_embed(original_model, "warm up the model")
 
     async def worker_threads() -> int:  # Deduper embeds in a worker thread
         return await asyncio.to_thread(torch.get_num_threads)
@@ -210,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  ours: batch {args.batch}, cos >= {threshold:.3f} "
         f"(= l2_threshold_to_cosine({MIN_DOCSEARCH_SCORE})), "
-        f"embedder batch_size {embedder._batch_size}"
+        f"embedder batch_size {embedder._batch_size}, {embedder.dtype}"
     )
     print(
         f"  (a): ROUGE-L F >= {ROUGE_THRESHOLD}; (b): IndexFlatL2 k=1, squared L2 <= "
@@ -223,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     rouge = run_rouge(texts[:rn])
     rouge_tok = run_rouge(texts[:rn], pretokenized=True)
     ours_all = run_ours(embedder, texts, args.batch, threshold)
-    orig = run_original(embedder, texts)
+    orig = run_original(original_model, texts)
     print(f"  load average after:  {load_average()}")
 
     print(f"\nprefix: first {rn} items")

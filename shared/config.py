@@ -104,6 +104,8 @@ class Config(BaseModel):
     append: bool = False
     embedding_model: str | None = None
     embedding_device: str = "cpu"
+    #: (new) auto | float32 | bfloat16: auto is bfloat16 where the device computes it natively
+    embedding_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     topic_avoidance: str = ""
     response_filters: list[str] = Field(default_factory=list)
     #: The original's *global* token budget (sum of usage.total_tokens), not a per-call limit.

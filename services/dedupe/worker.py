@@ -32,7 +32,10 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
     store = SqlStore(settings.database_url)
     await store.connect(migrate=False)
     embedder = await asyncio.to_thread(
-        SentenceTransformerEmbedder, settings.embedding_model, settings.embedding_device
+        SentenceTransformerEmbedder,
+        settings.embedding_model,
+        settings.embedding_device,
+        dtype=settings.embedding_dtype,
     )
     vectors: VectorStore
     durable: SqlStore | None = store
