@@ -51,6 +51,10 @@ class Item(BaseModel):
     category: str
     system: str | None = None
     skip_prompt_formatting: bool = False
+    #: whether the row counts toward its category's ``count`` (internal, never written):
+    #: an rp chat or a gtkm transcript is one unit of ``count`` spread over several rows,
+    #: and an uncounted row shares the fate of the counted row before it in its batch
+    counted: bool = True
 
     def to_row(self) -> dict[str, Any]:
         """The original JSONL shape: optional keys only when set; text stripped."""
@@ -86,6 +90,17 @@ class Candidate(BaseModel):
         return self.dedupe_text if self.dedupe_text is not None else self.instruction
 
 
+class Artifact(BaseModel):
+    """Something a job makes that is not a dataset row but later phases use (a character
+    card). Unique per job by (kind, name), case-insensitively."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    name: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 class BatchStats(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -117,6 +132,9 @@ class GenerateBatch(Message):
     topics: list[str] = Field(default_factory=list)
     #: how many rows the instructor still needs; instructors may use it to size work
     remaining: int
+    #: material the controller chose for this batch (source rows, cards, passages); its
+    #: shape belongs to the instructor (see ``Instructor.batch_inputs``)
+    inputs: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class CandidatesProposed(Message):
@@ -130,6 +148,8 @@ class CandidatesProposed(Message):
     #: cosine similarity at or above which a candidate is a duplicate
     threshold: float
     candidates: list[Candidate]
+    #: dedupe index to screen against; None: the job's dataset index (``job_id``)
+    namespace: str | None = None
     stats: BatchStats = Field(default_factory=BatchStats)
 
     def partition_key(self) -> str | None:
@@ -158,6 +178,8 @@ class BatchCompleted(Message):
     task_id: str
     instructor: str
     items: list[Item] = Field(default_factory=list)
+    #: non-row products (character cards); they count toward the instructor's target
+    artifacts: list[Artifact] = Field(default_factory=list)
     stats: BatchStats = Field(default_factory=BatchStats)
     #: set when the batch failed as a whole (an error code from airoboros.errors)
     error: str | None = None

@@ -11,15 +11,16 @@ import asyncio
 import hashlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airoboros.bus import InMemoryBus
-from airoboros.config import Config, Price
+from airoboros.config import Config, InstructorConfig, Price
 from airoboros.contracts import (
+    Artifact,
     BatchCompleted,
     CandidatesProposed,
     CandidatesScreened,
@@ -51,6 +52,8 @@ class Plan:
     output_path: Path
     database_url: str
     warnings: list[str] = field(default_factory=list)
+    #: the phase each active instructor runs in (main, editor, cards, characters)
+    phases: dict[str, str] = field(default_factory=dict)
 
 
 def job_id_for(config: Config) -> str:
@@ -65,6 +68,12 @@ def make_plan(config: Config) -> Plan:
     impl = implemented_instructors()
     known = known_instructors()
     active, skipped, warnings = [], {}, []
+    for name in list(config.instructors):
+        for needed in impl[name].implied(config) if name in impl else []:
+            if needed not in config.instructors:
+                # Unlike the original, rp & co. work without a `character` section.
+                config.instructors[needed] = InstructorConfig()
+                warnings.append(f"{name} needs {needed}, which the config lacks: using defaults")
     for name in config.instructors:
         if name in impl:
             active.append(name)
@@ -79,6 +88,10 @@ def make_plan(config: Config) -> Plan:
             "vertexai_* keys are ignored: point base_url at an OpenAI-compatible endpoint instead"
         )
     targets = {n: config.count_for(n) for n in active}
+    from airoboros.generator.instructors.base import PHASES
+
+    phases = {n: impl[n].phase for n in active}
+    active.sort(key=lambda n: PHASES.index(phases[n]))  # stable: config order within a phase
     return Plan(
         job_id_for(config),
         active,
@@ -87,6 +100,7 @@ def make_plan(config: Config) -> Plan:
         Path(config.output_path),
         config.resolved_database_url(),
         warnings,
+        phases,
     )
 
 
@@ -268,6 +282,9 @@ class Generation:
                     own = instructor_topics(cfg, name, topics)
                     pickers[name] = TopicPicker(own, cls.topic_mode, random.Random(rng.random()))
 
+            on_artifacts = None
+            if "character" in plan.active:
+                on_artifacts = await self._card_folder(store)
             controller = JobController(
                 plan.job_id,
                 cfg,
@@ -278,6 +295,8 @@ class Generation:
                 on_rows=sink.write,
                 # In one process nothing is lost in transit: a task is only late.
                 task_timeout=float("inf"),
+                seed=rng.randrange(2**31),
+                on_artifacts=on_artifacts,
             )
             self.controller = controller
             runtime = JobRuntime(cfg, llm)
@@ -322,6 +341,36 @@ class Generation:
             await bus.close()
             await llm.close()
             await store.close()
+
+    async def _card_folder(self, store: SqlStore) -> Callable[[list[Artifact]], Awaitable[None]]:
+        """Cards live in the character ``output_dir`` as the original kept them (one
+        md5-named JSON file each): cards found there are adopted and count toward the
+        target, and every new card is written there."""
+        from airoboros.generator.instructors.characters import (
+            card_file_name,
+            card_json,
+            read_card_files,
+        )
+
+        folder = Path(str(self.config.instructors["character"].extra("output_dir", "characters")))
+        if folder.is_dir():
+            adopted = await store.add_artifacts(
+                self.plan.job_id, read_card_files(folder), count_as="character"
+            )
+            if adopted:
+                log.info("adopted %d character cards from %s", adopted, folder)
+
+        async def save(cards: list[Artifact]) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            on_disk = {c.name.lower() for c in read_card_files(folder)}
+            for card in cards:
+                path = folder / card_file_name(card)
+                if card.name.lower() not in on_disk and not path.exists():
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(card_json(card), encoding="utf-8")
+                    tmp.replace(path)
+
+        return save
 
     async def _progress_loop(self) -> None:
         if self.on_progress is None:

@@ -119,7 +119,7 @@ class DedupeService:
 
     async def on_proposed(self, msg: CandidatesProposed) -> None:
         flags = await self.deduper.screen(
-            msg.job_id,
+            msg.namespace or msg.job_id,
             [c.candidate_id for c in msg.candidates],
             [c.text_for_dedupe() for c in msg.candidates],
             msg.threshold,

@@ -15,16 +15,32 @@ ALL_CATEGORIES = (
 
 
 def _implemented() -> dict[str, type[Instructor]]:
+    from airoboros.generator.instructors.characters import CHARACTERS_INSTRUCTORS
     from airoboros.generator.instructors.contextual import Contextual
+    from airoboros.generator.instructors.counterfactual import COUNTERFACTUAL_INSTRUCTORS
+    from airoboros.generator.instructors.documents import DOCUMENTS_INSTRUCTORS
+    from airoboros.generator.instructors.editor import EDITOR_INSTRUCTORS
     from airoboros.generator.instructors.inline import INLINE_INSTRUCTORS
+    from airoboros.generator.instructors.longform import LONGFORM_INSTRUCTORS
+    from airoboros.generator.instructors.simple import SIMPLE_INSTRUCTORS
     from airoboros.generator.instructors.tasks import TASK_INSTRUCTORS
 
-    classes: list[type[Instructor]] = [*TASK_INSTRUCTORS, *INLINE_INSTRUCTORS, Contextual]
+    classes: list[type[Instructor]] = [
+        *TASK_INSTRUCTORS,
+        *INLINE_INSTRUCTORS,
+        Contextual,
+        *SIMPLE_INSTRUCTORS,
+        *LONGFORM_INSTRUCTORS,
+        *COUNTERFACTUAL_INSTRUCTORS,
+        *DOCUMENTS_INSTRUCTORS,
+        *EDITOR_INSTRUCTORS,
+        *CHARACTERS_INSTRUCTORS,
+    ]
     return {c.name: c for c in classes}
 
 
 def known_instructors() -> set[str]:
-    return set(ALL_CATEGORIES)
+    return set(ALL_CATEGORIES) | set(_implemented())
 
 
 def implemented_instructors() -> dict[str, type[Instructor]]:

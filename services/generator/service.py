@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from airoboros.config import Config
 from airoboros.contracts import (
+    Artifact,
     BatchCompleted,
     BatchStats,
     CandidatesProposed,
@@ -87,7 +88,20 @@ class GeneratorService:
         if not candidates:
             await self._report(task, stats)
             return
+        if inst.dedupe_scope == "none":
+            await self.publish(
+                CandidatesScreened(
+                    job_id=task.job_id,
+                    task_id=task.task_id,
+                    instructor=task.instructor,
+                    accepted=candidates,
+                    stats=stats,
+                    headers=task.headers,
+                )
+            )
+            return
         threshold = l2_threshold_to_cosine(config.min_docsearch_score_for(task.instructor))
+        own = inst.dedupe_scope == "own"
         await self.publish(
             CandidatesProposed(
                 job_id=task.job_id,
@@ -96,6 +110,7 @@ class GeneratorService:
                 threshold=threshold,
                 candidates=candidates,
                 stats=stats,
+                namespace=f"{task.job_id}:{task.instructor}" if own else None,
                 headers=task.headers,
             )
         )
@@ -109,6 +124,7 @@ class GeneratorService:
             *(inst.respond(c, stats) for c in msg.accepted), return_exceptions=True
         )
         items: list[Item] = []
+        artifacts: list[Artifact] = []
         error: BaseException | None = None
         for r in results:
             if isinstance(r, Filtered):
@@ -121,11 +137,15 @@ class GeneratorService:
                 stats.failures += 1
                 error = error or r
             else:
-                items.extend(r)
+                for product in r:
+                    if isinstance(product, Artifact):
+                        artifacts.append(product)
+                    else:
+                        items.append(product)
         # A failed call among good rows is counted, not reported: the batch still delivered.
-        if items and not isinstance(error, BudgetExhausted):
+        if (items or artifacts) and not isinstance(error, BudgetExhausted):
             error = None
-        await self._report(msg, stats, items=items, error=error)
+        await self._report(msg, stats, items=items, artifacts=artifacts, error=error)
 
     async def _report(
         self,
@@ -133,6 +153,7 @@ class GeneratorService:
         stats: BatchStats,
         *,
         items: list[Item] | None = None,
+        artifacts: list[Artifact] | None = None,
         error: BaseException | None = None,
     ) -> None:
         await self.publish(
@@ -141,6 +162,7 @@ class GeneratorService:
                 task_id=origin.task_id,
                 instructor=origin.instructor,
                 items=items or [],
+                artifacts=artifacts or [],
                 stats=stats,
                 error=getattr(error, "code", "error") if error is not None else None,
                 error_message=str(error) if error is not None else None,

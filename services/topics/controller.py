@@ -12,15 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from airoboros.config import Config
-from airoboros.contracts import BatchCompleted, GenerateBatch, JobEvent, Message
+from airoboros.contracts import Artifact, BatchCompleted, GenerateBatch, Item, JobEvent, Message
 from airoboros.store import InstructorStats, SqlStore, StoredItem
 from airoboros.topics.topics import TopicPicker
+
+if TYPE_CHECKING:
+    from airoboros.generator.instructors.base import Instructor
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +48,30 @@ class InstructorView:
     failures: int
     in_flight: int
     stalled: str | None
+    phase: str = "main"
+    #: why the instructor has nothing to do (editor without writing rows); not a failure
+    skipped: str | None = None
 
     @property
     def done(self) -> bool:
-        return self.accepted >= self.target or self.stalled is not None
+        return self.accepted >= self.target or self.stalled is not None or bool(self.skipped)
+
+
+class StoreSources:
+    """``Sources`` over the job's store: what later phases work from."""
+
+    def __init__(self, store: SqlStore, job_id: str) -> None:
+        self.store = store
+        self.job_id = job_id
+
+    async def rows(
+        self, categories: list[str], n: int, *, unused_by: str | None = None
+    ) -> list[Item]:
+        found = await self.store.sample_items(self.job_id, categories, n, unused_by=unused_by)
+        return [s.item for s in found]
+
+    async def cards(self) -> list[Artifact]:
+        return await self.store.artifacts(self.job_id, "character")
 
 
 @dataclass
@@ -74,6 +99,9 @@ class JobController:
         on_rows: Callable[[list[StoredItem]], None] | None = None,
         on_finish: Callable[[JobOutcome], Awaitable[None]] | None = None,
         task_timeout: float | None = None,
+        classes: dict[str, type[Instructor]] | None = None,
+        seed: int | None = None,
+        on_artifacts: Callable[[list[Artifact]], Awaitable[None]] | None = None,
     ) -> None:
         self.job_id = job_id
         self.config = config
@@ -84,6 +112,17 @@ class JobController:
         self.on_rows = on_rows
         self.on_finish = on_finish
         self.task_timeout = task_timeout or (config.request_timeout + config.max_retry_time + 60.0)
+        if classes is None:
+            from airoboros.generator.registry import implemented_instructors
+
+            impl = implemented_instructors()
+            classes = {n: impl[n] for n in active if n in impl}
+        self.classes = classes
+        self.sources = StoreSources(store, job_id)
+        self.on_artifacts = on_artifacts
+        self._rng = random.Random(seed)
+        self._skipped: dict[str, str] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._finished = asyncio.Event()
         self.outcome: JobOutcome | None = None
         self._budget_hit: str | None = None
@@ -110,7 +149,14 @@ class JobController:
             instructor=msg.instructor,
             items=msg.items,
             stats=msg.stats,
+            artifacts=msg.artifacts,
         )
+        if stored is not None and msg.artifacts and self.on_artifacts is not None:
+            try:
+                # Every artifact the job has, so a hook that failed once catches up.
+                await self.on_artifacts(await self.store.artifacts(self.job_id, "character"))
+            except Exception:
+                log.exception("job %s: could not save artifacts", self.job_id)
         async with self._lock:
             if stored is not None:
                 if self.on_rows is not None and stored:
@@ -163,14 +209,37 @@ class JobController:
             views = self.snapshot()
             if all(v.done for v in views):
                 stalled = [f"{v.name}: {v.stalled}" for v in views if v.stalled]
+                skipped = [f"{v.name} skipped: {v.skipped}" for v in views if v.skipped]
                 if stalled:
-                    await self._finish(JobOutcome("failed", "; ".join(stalled)))
+                    await self._finish(JobOutcome("failed", "; ".join(stalled + skipped)))
                 else:
-                    await self._finish(JobOutcome("done"))
+                    await self._finish(JobOutcome("done", "; ".join(skipped) or None))
                 return
+            # Phases run in order: only the first phase with work left is dispatched.
+            current = self.current_phase(views)
+            skipped_before = len(self._skipped)
             for v in views:
-                if not v.done:
+                if not v.done and v.phase == current:
                     await self._dispatch(v)
+            if len(self._skipped) > skipped_before:
+                # An instructor with nothing to do ends its phase (or the job) now: no
+                # batch will complete to trigger the next look.
+                retick = asyncio.create_task(self.tick())
+                self._background.add(retick)
+                retick.add_done_callback(self._background.discard)
+
+    def phase_of(self, name: str) -> str:
+        cls = self.classes.get(name)
+        return cls.phase if cls is not None else "main"
+
+    @staticmethod
+    def current_phase(views: list[InstructorView]) -> str | None:
+        from airoboros.generator.instructors.base import PHASES
+
+        for phase in PHASES:
+            if any(not v.done for v in views if v.phase == phase):
+                return phase
+        return None
 
     def _budget_from_totals(self) -> str | None:
         tokens = sum(s.prompt_tokens + s.completion_tokens for s in self._stats.values())
@@ -196,13 +265,25 @@ class JobController:
         batch_size = self.config.batch_size_for(v.name)
         picker = self.pickers.get(v.name)
         missing = self._cap(v.name, st) - v.in_flight
+        cls = self.classes.get(v.name)
         for _ in range(max(0, missing)):
+            inputs: list[dict[str, Any]] | None = []
+            if cls is not None:
+                inputs = await cls.batch_inputs(
+                    self.config, v.name, self.sources, batch_size, self._rng
+                )
+            if inputs is None:
+                if v.in_flight == 0 and cls is not None:
+                    self._skipped[v.name] = f"it needs {cls.needs}, and there are none"
+                    log.warning("job %s: %s skipped: no %s", self.job_id, v.name, cls.needs)
+                return
             task = GenerateBatch(
                 job_id=self.job_id,
                 instructor=v.name,
                 batch_size=batch_size,
                 topics=picker.take(batch_size) if picker else [],
                 remaining=st.target - st.accepted,
+                inputs=inputs,
             )
             # Recorded before it is published: a crash in between leaves a task that
             # expires, never a batch the controller does not know about.
@@ -265,6 +346,8 @@ class JobController:
                     st.failures,
                     self._in_flight.get(name, 0),
                     stalled,
+                    self.phase_of(name),
+                    self._skipped.get(name),
                 )
             )
         return views

@@ -82,6 +82,8 @@ class Row(Base):
     response: Mapped[str] = mapped_column(Text)
     system: Mapped[str | None] = mapped_column(Text, nullable=True)
     skip_prompt_formatting: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: counts toward the category's target (an rp chat counts once, on its first row)
+    counted: Mapped[bool] = mapped_column(Boolean, default=True)
     #: idempotency key: "<message_id>:<index>" of the message that produced the row
     source_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
@@ -134,4 +136,21 @@ class DeadLetter(Base):
     message_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str | None] = mapped_column(String(64), nullable=True)
     body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ArtifactRow(Base):
+    """A job's non-row product (a character card), unique by (kind, lower-cased name)."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "kind", "name_key", name="uq_artifacts_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(255))
+    name_key: Mapped[str] = mapped_column(String(255))
+    data: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -24,9 +24,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from airoboros.contracts import BatchStats, Item
+from airoboros.contracts import Artifact, BatchStats, Item
 from airoboros.errors import NotFoundError, StoreError
 from airoboros.store.models import (
+    ArtifactRow,
     DeadLetter,
     DedupeVector,
     InstructorProgress,
@@ -199,8 +200,12 @@ class SqlStore:
 
     async def delete_job(self, job_id: str) -> None:
         async with self._s() as s, s.begin():
-            for table in (Row, Task, ProcessedMessage, DedupeVector, DeadLetter):
+            for table in (Row, Task, ProcessedMessage, DedupeVector, DeadLetter, ArtifactRow):
                 await s.execute(delete(table).where(table.job_id == job_id))
+            # Instructors' own dedupe indexes are namespaced "<job_id>:<instructor>".
+            await s.execute(
+                delete(DedupeVector).where(DedupeVector.job_id.startswith(job_id + ":"))
+            )
             await s.execute(delete(InstructorProgress).where(InstructorProgress.job_id == job_id))
             await s.execute(delete(Job).where(Job.id == job_id))
 
@@ -302,12 +307,17 @@ class SqlStore:
             ).scalars()
         )
         new_rows: list[Row] = []
+        # An uncounted row (the later turns of an rp chat) goes where its counted row went.
+        keep_group = True
         for sid, it in items:
             prog = by_cat[it.category]
-            if sid in seen or (cap and prog.accepted >= prog.target):
+            if it.counted:
+                keep_group = not (cap and prog.accepted >= prog.target)
+            if sid in seen or not keep_group:
                 continue
             seen.add(sid)
-            prog.accepted += 1
+            if it.counted:
+                prog.accepted += 1
             row = Row(
                 job_id=job_id,
                 category=it.category,
@@ -315,6 +325,7 @@ class SqlStore:
                 response=it.response.strip(),
                 system=it.system.strip() if it.system is not None else None,
                 skip_prompt_formatting=it.skip_prompt_formatting,
+                counted=it.counted,
                 source_id=sid,
             )
             s.add(row)
@@ -334,6 +345,7 @@ class SqlStore:
         instructor: str,
         items: Sequence[Item],
         stats: BatchStats,
+        artifacts: Sequence[Artifact] = (),
     ) -> list[StoredItem] | None:
         """Commit one finished batch in one transaction: its rows (capped at the target,
         idempotent by source id), its counters and usage, and its task's completion.
@@ -348,7 +360,8 @@ class SqlStore:
                         s, job_id, [(f"{task_id}:{i}", it) for i, it in enumerate(items)], cap=True
                     )
                     prog = await self._progress(s, job_id, instructor)
-                    prog.duplicates += stats.duplicates
+                    made = await self._insert_artifacts(s, job_id, prog, artifacts)
+                    prog.duplicates += stats.duplicates + len(artifacts) - made
                     prog.filtered += stats.filtered
                     prog.failures += stats.failures
                     prog.requests += stats.requests
@@ -358,7 +371,7 @@ class SqlStore:
                     prog.batches += 1
                     prog.rows_from_batches += len(items)
                     prog.dropped += len(items) - len(rows)
-                    prog.barren = 0 if rows else prog.barren + 1
+                    prog.barren = 0 if rows or made else prog.barren + 1
                     await s.execute(
                         update(Task)
                         .where(Task.task_id == task_id, Task.status == "in_flight")
@@ -371,6 +384,112 @@ class SqlStore:
                         return None
                 raise
         return [StoredItem(r.id, _to_item(r)) for r in rows]
+
+    async def _insert_artifacts(
+        self,
+        s: AsyncSession,
+        job_id: str,
+        prog: InstructorProgress,
+        artifacts: Sequence[Artifact],
+    ) -> int:
+        """Add artifacts that are new by (kind, name), up to the instructor's target; each
+        counts toward it. Returns how many were added."""
+        made = 0
+        for a in artifacts:
+            key = _name_key(a.name)
+            if not key or prog.accepted >= prog.target:
+                continue
+            exists = await s.execute(
+                select(ArtifactRow.id).where(
+                    ArtifactRow.job_id == job_id,
+                    ArtifactRow.kind == a.kind,
+                    ArtifactRow.name_key == key,
+                )
+            )
+            if exists.first() is not None:
+                continue
+            s.add(
+                ArtifactRow(
+                    job_id=job_id,
+                    kind=a.kind,
+                    name=a.name.strip(),
+                    name_key=key,
+                    data=json.dumps(a.data, ensure_ascii=False),
+                )
+            )
+            await s.flush()
+            prog.accepted += 1
+            made += 1
+        return made
+
+    async def add_artifacts(
+        self, job_id: str, artifacts: Sequence[Artifact], *, count_as: str | None = None
+    ) -> int:
+        """Add artifacts outside any batch (cards adopted from disk), new names only;
+        with ``count_as``, each added one counts toward that instructor's target."""
+        made = 0
+        async with self._s() as s, s.begin():
+            prog = await self._progress(s, job_id, count_as) if count_as else None
+            for a in artifacts:
+                key = _name_key(a.name)
+                found = await s.execute(
+                    select(ArtifactRow.id).where(
+                        ArtifactRow.job_id == job_id,
+                        ArtifactRow.kind == a.kind,
+                        ArtifactRow.name_key == key,
+                    )
+                )
+                if key and found.first() is None:
+                    s.add(
+                        ArtifactRow(
+                            job_id=job_id,
+                            kind=a.kind,
+                            name=a.name.strip(),
+                            name_key=key,
+                            data=json.dumps(a.data, ensure_ascii=False),
+                        )
+                    )
+                    await s.flush()
+                    made += 1
+                    if prog is not None:
+                        prog.accepted += 1
+        return made
+
+    async def artifacts(self, job_id: str, kind: str) -> list[Artifact]:
+        async with self._s() as s:
+            rows = (
+                await s.execute(
+                    select(ArtifactRow)
+                    .where(ArtifactRow.job_id == job_id, ArtifactRow.kind == kind)
+                    .order_by(ArtifactRow.id)
+                )
+            ).scalars()
+            return [Artifact(kind=r.kind, name=r.name, data=json.loads(r.data)) for r in rows]
+
+    async def sample_items(
+        self, job_id: str, categories: Sequence[str], n: int, *, unused_by: str | None = None
+    ) -> list[StoredItem]:
+        """Up to ``n`` random rows of the given categories (source material for editor
+        and stylized_response); with ``unused_by``, only rows whose response is not yet
+        the response of a row of that category (a writing row editor has not used)."""
+        if n <= 0 or not categories:
+            return []
+        q = select(Row).where(Row.job_id == job_id, Row.category.in_(list(categories)))
+        if unused_by is not None:
+            used = select(Row.response).where(Row.job_id == job_id, Row.category == unused_by)
+            q = q.where(Row.response.not_in(used))
+        async with self._s() as s:
+            rows = (await s.execute(q.order_by(func.random()).limit(n))).scalars()
+            return [StoredItem(r.id, _to_item(r)) for r in rows]
+
+    async def count_by_category(self, job_id: str) -> dict[str, int]:
+        async with self._s() as s:
+            result = await s.execute(
+                select(Row.category, func.count())
+                .where(Row.job_id == job_id)
+                .group_by(Row.category)
+            )
+            return {c: int(n) for c, n in result.all()}
 
     # --- tasks --------------------------------------------------------------------------
     async def add_task(self, job_id: str, task_id: str, instructor: str) -> None:
@@ -574,6 +693,10 @@ def _job_record(job: Job) -> JobRecord:
     )
 
 
+def _name_key(name: str) -> str:
+    return " ".join(name.lower().split())[:255]
+
+
 def _to_item(r: Row) -> Item:
     return Item(
         instruction=r.instruction,
@@ -581,4 +704,5 @@ def _to_item(r: Row) -> Item:
         category=r.category,
         system=r.system,
         skip_prompt_formatting=r.skip_prompt_formatting,
+        counted=r.counted,
     )

@@ -76,3 +76,56 @@ def run_cli(
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def example_config(tmp: Path, base_url: str, docs: Path | None = None) -> dict[str, Any]:
+    """The repository's example-config.yaml (every category of the original, plus the
+    documents instructor when ``docs`` is given) cut down to a few rows of each."""
+    cfg: dict[str, Any] = yaml.safe_load((REPO / "example-config.yaml").read_text())
+    cfg.update(
+        openai_api_key="sk-test",
+        base_url=base_url,
+        output_path=str(tmp / "instructions.jsonl"),
+        topics_path=str(tmp / "topics.txt"),
+        topic_request_count=2,
+        request_timeout=10,
+        max_retry_time=30,
+        default_batch_size=3,
+    )
+    small = {
+        "experience": {"word_count": 60},
+        "detailed_writing": {"word_count": 90, "count": 1},
+        "rp": {"turn_count": 3, "count": 1},
+        "gtkm": {"question_count": 3, "count": 1},
+        "character": {"count": 3, "output_dir": str(tmp / "characters")},
+        "counterfactual_contextual": {"count": 2},
+    }
+    for name, inst in cfg["instructors"].items():
+        inst.update(count=2, batch_size=3)
+        inst.update(small.get(name, {}))
+    if docs is not None:
+        cfg["instructors"]["documents"] = {"count": 2, "documents_path": str(docs)}
+    return cfg
+
+
+def write_docs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lighthouses.md").write_text(
+        "# Lighthouses\n\n"
+        "The lighthouse at Cape Verran was built in 1871 from granite quarried on the island. "
+        "Its lamp burned whale oil until 1903, when the keepers switched to kerosene. "
+        "The tower stands forty-one metres tall and its light can be seen from thirty "
+        "kilometres away on a clear night.\n\n"
+        "Keepers lived in a cottage beside the tower and kept a daily log of the weather, "
+        "passing ships and the state of the lamp. The last keeper left in 1989, when the "
+        "light was automated and a solar panel was fitted to the gallery roof.\n",
+        encoding="utf-8",
+    )
+    (folder / "bees.txt").write_text(
+        "Honey bees communicate the location of flowers with a waggle dance performed on the "
+        "comb. The angle of the dance shows the direction relative to the sun, and its length "
+        "shows the distance. A colony may hold fifty thousand workers in summer but only a "
+        "few thousand in winter, when the bees cluster together to keep the queen warm.\n",
+        encoding="utf-8",
+    )
+    return folder

@@ -74,11 +74,17 @@ def test_wrong_key_is_one_line(tmp_path, llm_server):
 
 def test_dry_run_calls_nothing(tmp_path, llm_server):
     srv = llm_server()
-    cfg = write_config(tmp_path, srv.base_url, instructors={"joke": {"count": 7}, "rp": {}})
+    instructors = {"rp": {}, "joke": {"count": 7}, "limericks": {}}
+    cfg = write_config(tmp_path, srv.base_url, instructors=instructors)
     proc = run_cli("generate-instructions", "--config-path", str(cfg), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "joke" in proc.stdout and "count     7" in proc.stdout
-    assert "rp" in proc.stdout and "skipped" in proc.stdout
+    lines = proc.stdout.splitlines()
+    plan = [line.split()[0] for line in lines if "count" in line and "phase" in line]
+    # phases in order: the cards rp needs are made first, and come without a section
+    assert plan == ["joke", "character", "rp"]
+    assert "count     7" in proc.stdout and "phase characters" in proc.stdout
+    assert "rp needs character" in proc.stdout
+    assert "limericks" in proc.stdout and "skipped: unknown category" in proc.stdout
     assert srv.llm.stats["requests"] == 0
     assert not (tmp_path / "instructions.jsonl").exists()
 

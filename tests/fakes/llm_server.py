@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import random
 import re
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -250,6 +253,24 @@ def paragraph(rng: random.Random, n: int = 3) -> str:
     return " ".join(parts)
 
 
+Answerer = Callable[["ScriptedLLM", str, list[dict[str, Any]]], str | None]
+
+
+def _plugins() -> list[Answerer]:
+    """``answer`` of every ``answer_*.py`` module beside this file, in name order."""
+    global _PLUGINS
+    if _PLUGINS is None:
+        found: list[Answerer] = []
+        for path in sorted(Path(__file__).parent.glob("answer_*.py")):
+            module = importlib.import_module(f"{__package__ or 'tests.fakes'}.{path.stem}")
+            found.append(module.answer)
+        _PLUGINS = found
+    return _PLUGINS
+
+
+_PLUGINS: list[Answerer] | None = None
+
+
 @dataclass
 class Script:
     """What the server does. Rates are per request, drawn from a seeded RNG."""
@@ -333,7 +354,15 @@ class ScriptedLLM:
         self._history.append(text)
         return text
 
-    def answer(self, prompt: str) -> str:
+    def answer(self, prompt: str, messages: list[dict[str, Any]] | None = None) -> str:
+        """The text for one request. Answerer plugins (``tests/fakes/answer_*.py``, each
+        with ``answer(llm, prompt, messages) -> str | None``) are asked first, in name
+        order; the built-in shapes below answer the rest."""
+        msgs = messages if messages is not None else [{"role": "user", "content": prompt}]
+        for plugin in _plugins():
+            text = plugin(self, prompt, msgs)
+            if text is not None:
+                return text
         rng = self.rng
         n_match = re.search(r"exactly (\d+)", prompt)
         n = int(n_match.group(1)) if n_match else 5
@@ -462,7 +491,9 @@ class ScriptedLLM:
         async def chat(request: Request) -> Any:
             body = await request.json()
             prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
-            return await self._complete(request, body, prompt, chat=True)
+            return await self._complete(
+                request, body, prompt, chat=True, messages=list(body.get("messages", []))
+            )
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> Any:
@@ -487,7 +518,13 @@ class ScriptedLLM:
         return None
 
     async def _complete(
-        self, request: Request, body: dict[str, Any], prompt: str, *, chat: bool
+        self,
+        request: Request,
+        body: dict[str, Any],
+        prompt: str,
+        *,
+        chat: bool,
+        messages: list[dict[str, Any]] | None = None,
     ) -> Any:
         self.stats["requests"] += 1
         if (err := self._auth(request)) is not None:
@@ -558,7 +595,7 @@ class ScriptedLLM:
         elif outcome == "refusal":
             text = "I'm sorry, but I can't help with that request."
         else:
-            text = self.answer(prompt)
+            text = self.answer(prompt, messages)
             if outcome == "truncate":
                 text, finish = text[: max(1, len(text) // 2)], "length"
         model = body.get("model", "test-model")

@@ -172,7 +172,7 @@ def test_api_errors(stack):
             "/v1/jobs", content=b"a: [unclosed", headers={"content-type": "application/yaml"}
         )
         assert r.status_code == 422 and "YAML" in r.json()["error"]["message"]
-        r = c.post("/v1/jobs", json={"instructors": {"rp": {}}})
+        r = c.post("/v1/jobs", json={"instructors": {"limericks": {}}})  # nothing to make
         assert r.status_code == 422
         r = c.post("/v1/jobs", content=b"", headers={"content-type": "application/yaml"})
         assert r.status_code == 422
@@ -306,3 +306,30 @@ def test_topics_generate_route(stack):
     body = r.json()
     assert body["count"] == len(body["topics"]) >= 20
     assert len({t.lower() for t in body["topics"]}) == body["count"]
+
+
+def test_the_example_config_runs_as_services(stack, tmp_path):
+    """Every category of example-config.yaml, all four phases, through the real services:
+    cards end up in the SQL store and the object store, rows in the export."""
+    from minio import Minio
+
+    from tests.e2e.helpers import example_config, write_docs
+
+    start_all(stack)
+    cfg = example_config(tmp_path, stack.env["OPENAI_BASE_URL"], docs=write_docs(tmp_path / "d"))
+    for key in ("openai_api_key", "base_url", "output_path", "topics_path"):
+        cfg.pop(key)
+    job_id = post_job(stack, cfg)
+    status = stack.wait_job(job_id, timeout=400)
+    assert status["status"] == "done", stack.logs()
+    targets = {n: c["count"] for n, c in cfg["instructors"].items()}
+    assert {k: v["accepted"] for k, v in status["instructors"].items()} == targets
+    by_cat = Counter(r["category"] for r in export_rows(stack, job_id))
+    assert "character" not in by_cat
+    for name in ("general", "editor", "stylized_response", "awareness", "documents"):
+        assert by_cat[name] == targets[name], name
+    assert by_cat["rp"] >= 1 and by_cat["gtkm"] >= 1
+    env = stack.env
+    client = Minio(env["AIROBOROS_S3_ENDPOINT"], "testing", "testing", secure=False)
+    cards = list(client.list_objects(env["AIROBOROS_S3_BUCKET"], f"jobs/{job_id}/characters/"))
+    assert len(cards) == targets["character"]

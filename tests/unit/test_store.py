@@ -340,3 +340,72 @@ async def test_postgres_downgrade_to_base_then_upgrade(pg_url: str) -> None:
     assert not (TABLES & await pg_tables(pg_url))
     await asyncio.to_thread(upgrade, pg_url)
     assert await pg_tables(pg_url) >= TABLES
+
+
+def card(name: str):  # type: ignore[no-untyped-def]
+    from airoboros.contracts import Artifact
+
+    return Artifact(kind="character", name=name, data={"description": f"NAME: {name}"})
+
+
+async def apply_cards(s: SqlStore, names: list[str]) -> None:
+    from airoboros.contracts import BatchStats
+
+    await s.apply_batch(
+        "j",
+        message_id=uuid.uuid4().hex,
+        task_id=uuid.uuid4().hex,
+        instructor="character",
+        items=[],
+        stats=BatchStats(),
+        artifacts=[card(n) for n in names],
+    )
+
+
+async def test_cards_are_unique_by_name_and_capped(store: SqlStore) -> None:
+    await store.ensure_job("j", config={}, targets={"character": 3})
+    await apply_cards(store, ["Ada Quill", "Bram"])
+    await apply_cards(store, ["ada  quill", "Cora", "Dev"])  # same name, other case/spacing
+    names = [c.name for c in await store.artifacts("j", "character")]
+    assert names == ["Ada Quill", "Bram", "Cora"]
+    st = (await store.stats("j"))["character"]
+    assert st.accepted == 3 and st.duplicates == 2  # the repeated name and the one past the cap
+    assert await store.count_items("j") == 0  # cards are not rows
+
+
+async def test_uncounted_rows_follow_their_counted_row(store: SqlStore) -> None:
+    from airoboros.contracts import BatchStats
+
+    await store.ensure_job("j", config={}, targets={"rp": 1})
+
+    def chat(tag: str) -> list[Item]:
+        return [
+            Item(instruction=f"{tag} {i}", response="r", category="rp", counted=i == 0)
+            for i in range(3)
+        ]
+
+    stored = await store.apply_batch(
+        "j",
+        message_id="m1",
+        task_id="t1",
+        instructor="rp",
+        items=chat("first") + chat("second"),
+        stats=BatchStats(),
+    )
+    assert stored is not None
+    assert [s.item.instruction for s in stored] == ["first 0", "first 1", "first 2"]
+    assert (await store.stats("j"))["rp"].accepted == 1
+
+
+@pytest.mark.postgres
+async def test_postgres_concurrent_card_batches_make_each_name_once(pg_url: str) -> None:
+    s = SqlStore(pg_url)
+    await s.connect()
+    try:
+        await s.ensure_job("j", config={}, targets={"character": 10})
+        await asyncio.gather(*(apply_cards(s, ["Ada", "Bram", f"Solo {i}"]) for i in range(4)))
+        names = sorted(c.name for c in await s.artifacts("j", "character"))
+        assert names == ["Ada", "Bram", "Solo 0", "Solo 1", "Solo 2", "Solo 3"]
+        assert (await s.stats("j"))["character"].accepted == 6
+    finally:
+        await s.close()

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from airoboros.config import Config, InstructorConfig
-from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
+from airoboros.contracts import Artifact, BatchStats, Candidate, GenerateBatch, Item
 from airoboros.llm import LLMClient, ResponseFilter
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,27 @@ def parse_pairs(text: str, start: str = "QUESTION", end: str = "ANSWER") -> list
     return pairs
 
 
+#: The phases of a job, in order. An instructor's batches are dispatched only once every
+#: instructor of the earlier phases is done: editor needs writing rows, the card-based
+#: instructors need the cards, and the cards come after the main phase (as the original).
+PHASES = ("main", "editor", "cards", "characters")
+
+
+class Sources(Protocol):
+    """What the controller can hand an instructor's batches (read from the job's store)."""
+
+    async def rows(
+        self, categories: list[str], n: int, *, unused_by: str | None = None
+    ) -> list[Item]:
+        """Up to ``n`` random dataset rows of these categories; with ``unused_by``, only
+        rows whose response no row of that category has as its response yet."""
+        ...
+
+    async def cards(self) -> list[Artifact]:
+        """Every character card of the job."""
+        ...
+
+
 @dataclass
 class Ctx:
     """What an instructor needs at run time. Built once per instructor per process."""
@@ -133,6 +155,14 @@ class Instructor:
     prompt_file: ClassVar[str] = ""
     #: how topics are picked per batch: "rotate" (sequential from a random start) or "sample"
     topic_mode: ClassVar[str] = "rotate"
+    #: the job phase this instructor runs in (see PHASES)
+    phase: ClassVar[str] = "main"
+    #: which dedupe index candidates are screened against: "dataset" (the job's, shared by
+    #: every instructor), "own" (one for this instructor alone: a re-answered row must not
+    #: be rejected as a copy of its source) or "none"
+    dedupe_scope: ClassVar[str] = "dataset"
+    #: what batch_inputs needs, for the message when there is none ("writing rows")
+    needs: ClassVar[str] = "source material"
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -150,6 +180,20 @@ class Instructor:
         if cfg.response_prompt_path and not prompt_exists(cfg.response_prompt_path):
             problems.append(f"response_prompt_path: file not found: {cfg.response_prompt_path}")
         return problems
+
+    @classmethod
+    def implied(cls, config: Config) -> list[str]:
+        """Categories this one needs that the config may not list (cards for rp)."""
+        return []
+
+    @classmethod
+    async def batch_inputs(
+        cls, config: Config, name: str, sources: Sources, batch_size: int, rng: random.Random
+    ) -> list[dict[str, Any]] | None:
+        """Controller side: the material one batch needs, carried in
+        ``GenerateBatch.inputs``. An empty list: none needed. None: nothing to work
+        from (no writing rows for editor), so the instructor is skipped."""
+        return []
 
     # --- LLM helpers ------------------------------------------------------------------
     def params(self, **overrides: Any) -> dict[str, Any]:
@@ -202,8 +246,8 @@ class Instructor:
     async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
         raise NotImplementedError
 
-    async def respond(self, candidate: Candidate, stats: BatchStats) -> list[Item]:
-        """Rows for one accepted candidate. Default: the inline pair as it came."""
+    async def respond(self, candidate: Candidate, stats: BatchStats) -> Sequence[Item | Artifact]:
+        """Rows (or artifacts) for one accepted candidate. Default: the inline pair."""
         if candidate.response is None:
             raise NotImplementedError(f"{self.name} must implement respond()")
         return [self.item(candidate.instruction, candidate.response, system=candidate.system)]
