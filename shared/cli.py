@@ -76,7 +76,7 @@ def _print_plan(plan: Any, config: Any) -> None:
     for name in plan.active:
         print(
             f"  {name:<26} count {plan.targets[name]:>5}  batch {config.batch_size_for(name):>3}"
-            f"  model {config.model_for(name)}"
+            f"  phase {plan.phases.get(name, 'main'):<10}  model {config.model_for(name)}"
         )
     for name, why in plan.skipped.items():
         print(f"  {name:<26} skipped: {why}")
@@ -151,6 +151,33 @@ def cmd_generate_topics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cull_instructions(args: argparse.Namespace) -> int:
+    from airoboros.config import load_config
+    from airoboros.errors import BudgetExhausted
+    from airoboros.generator import cull
+    from airoboros.pipeline import check_credentials
+
+    config = load_config(args.config_path)
+    try:
+        if args.dry_run:
+            print("\n".join(cull.dry_run_lines(args.input, args.output)))
+            return EXIT_OK
+        check_credentials(config)
+        progress = cull.make_cull_progress(force_plain=args.plain)
+        try:
+            result = asyncio.run(
+                cull.cull_files(config, args.input, args.output, on_progress=progress)
+            )
+        finally:
+            progress.close()
+    except (cull.CullInputError, cull.CullStateError) as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    except BudgetExhausted as exc:
+        return _fail(f"stopped: {exc}; every decision so far is kept, rerun to resume", EXIT_BUDGET)
+    print("\n".join(cull.summary_lines(result)), file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from airoboros.migrations import upgrade
     from airoboros.store.sql import normalize_url
@@ -180,10 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     gt = sub.add_parser("generate-topics", help="generate topics only")
     common(gt)
     gt.set_defaults(func=cmd_generate_topics)
+    cu = sub.add_parser("cull-instructions", help="drop near-duplicates and poor rows (LLM judge)")
+    common(cu)
+    cu.add_argument("--input", nargs="+", required=True, help="JSONL dataset file(s)")
+    cu.add_argument("--output", required=True, help="culled JSONL (progress kept beside it)")
+    cu.set_defaults(func=cmd_cull_instructions)
     mg = sub.add_parser("migrate", help="run database migrations")
     mg.add_argument("--database-url", default=None)
     mg.add_argument("--debug", action="store_true")
     mg.set_defaults(func=cmd_migrate)
+    from airoboros.exports_cli import add_export_parser
+
+    add_export_parser(sub)
     return p
 
 

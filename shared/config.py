@@ -121,7 +121,11 @@ class Config(BaseModel):
     instructors: dict[str, InstructorConfig] = Field(default_factory=dict)
     scoring: dict[str, Any] = Field(default_factory=dict)
     judge: dict[str, Any] = Field(default_factory=dict)
+    #: cull-instructions: the most rows in one near-duplicate cluster (the original's k)
     cull_max_k: int = Field(default=1000, ge=1)
+    #: (new) cull-instructions: the judge keeps a row whose silent 0-100 score is at least
+    #: this. Unset: the original's scoring.threshold, else 100 (see docs/culling.md)
+    cull_threshold: int | None = Field(default=None, ge=0, le=100)
 
     # --- additions ---
     base_url: str | None = None

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from airoboros.errors import AiroborosError, ConfigError, NotFoundError
 from airoboros.settings import TopicsSettings
+from airoboros.topics.cull import CullRequest, JobNotFinished
 
 log = logging.getLogger(__name__)
 MAX_BODY = 2 * 1024 * 1024
@@ -120,6 +121,10 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     async def config_error(_: Request, exc: ConfigError) -> JSONResponse:
         return error(422, str(exc), exc.code, problems=exc.problems)
 
+    @app.exception_handler(JobNotFinished)
+    async def conflict(_: Request, exc: JobNotFinished) -> JSONResponse:
+        return error(409, str(exc), exc.code)
+
     @app.exception_handler(NotFoundError)
     async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
         return error(404, str(exc), exc.code)
@@ -165,6 +170,11 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     async def get_job(job_id: str) -> Any:
         return await svc().status(job_id)
 
+    @app.post("/v1/jobs/{job_id}/cull", status_code=201, dependencies=guarded)
+    async def cull_job(job_id: str, body: CullRequest | None = None) -> Any:
+        """Cull a finished job's rows into a new job (docs/culling.md)."""
+        return await svc().cull(job_id, body or CullRequest())
+
     @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
     async def cancel_job(job_id: str) -> Any:
         return await svc().cancel(job_id)
@@ -179,15 +189,25 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         return await svc().items(job_id, category=category, after=after, limit=limit)
 
     @app.get("/v1/jobs/{job_id}/export", dependencies=guarded)
-    async def export(job_id: str, format: str = "jsonl") -> Any:
-        if format != "jsonl":
-            raise ConfigError([f"format: {format!r} is not supported (jsonl)"])
+    async def export(
+        job_id: str,
+        format: str = Query(
+            "airoboros",
+            description="airoboros (alias jsonl), sharegpt, alpaca, openai or parquet; "
+            "see docs/exports.md",
+        ),
+    ) -> Any:
+        from airoboros.exports import export_filename, media_type, resolve_format
+
+        fmt = resolve_format(format)  # UnknownFormat: 400 naming the valid formats
         s = svc()
         await s.store.get_job(job_id)  # 404 before the stream starts
         return StreamingResponse(
-            s.export_lines(job_id),
-            media_type="application/jsonl",
-            headers={"content-disposition": f'attachment; filename="{job_id}.jsonl"'},
+            s.export_stream(job_id, fmt),
+            media_type=media_type(fmt),
+            headers={
+                "content-disposition": f'attachment; filename="{export_filename(job_id, fmt)}"'
+            },
         )
 
     @app.post("/v1/topics:generate", dependencies=guarded)

@@ -20,6 +20,7 @@ from typing import Any
 
 from airoboros.config import Config, parse_config
 from airoboros.contracts import (
+    Artifact,
     BatchCompleted,
     CandidatesProposed,
     CandidatesScreened,
@@ -27,6 +28,7 @@ from airoboros.contracts import (
     GenerateBatch,
 )
 from airoboros.errors import ConfigError
+from airoboros.generator.instructors.characters import card_file_name, card_json
 from airoboros.pipeline import make_llm, make_plan
 from airoboros.ports import ObjectStore
 from airoboros.settings import TopicsSettings
@@ -62,6 +64,10 @@ class TopicsService:
         self._starting: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random()
+        from airoboros.topics.cull import CullJobs
+
+        #: cull steps (POST /v1/jobs/{id}/cull) run by this replica
+        self.culls = CullJobs(self)
 
     # --- jobs -----------------------------------------------------------------------------
     async def create_job(self, raw: Any) -> dict[str, Any]:
@@ -86,13 +92,18 @@ class TopicsService:
 
     async def _take(self, job_id: str) -> None:
         """Become the job's controller if no live replica is."""
-        if job_id in self.controllers or job_id in self._starting:
+        if job_id in self.controllers or job_id in self._starting or self.culls.running(job_id):
             return
         if not await self.store.try_lease(job_id, self.owner, self.settings.lease_seconds):
             return
         self._starting.add(job_id)
         try:
             job = await self.store.get_job(job_id)
+            from airoboros.topics.cull import is_cull_job
+
+            if is_cull_job(job.config):  # a cull step, not a generation: resume it here
+                self.culls.start(job_id)
+                return
             cfg = job_config(self.settings, job.config)
             plan = make_plan(cfg)
             topics = await self._topics(job_id, cfg)
@@ -112,6 +123,13 @@ class TopicsService:
                 if outcome.status in ("done", "budget_exhausted"):
                     await self.export(job_id)
 
+            async def on_artifacts(cards: list[Artifact]) -> None:
+                # Cards are kept beside the job's exports, one JSON object each.
+                for card in cards:
+                    key = f"jobs/{job_id}/characters/{card_file_name(card)}"
+                    if not await self.objects.exists(key):
+                        await self.objects.put_bytes(key, card_json(card).encode())
+
             ctl = JobController(
                 job_id,
                 cfg,
@@ -120,6 +138,7 @@ class TopicsService:
                 active=plan.active,
                 pickers=pickers,
                 on_finish=on_finish,
+                on_artifacts=on_artifacts,
             )
             self.controllers[job_id] = ctl
             await ctl.start()
@@ -159,6 +178,10 @@ class TopicsService:
                 )
         await self.objects.put_bytes(key, ("\n".join(topics) + "\n").encode())
         return topics
+
+    async def cull(self, job_id: str, request: Any) -> dict[str, Any]:
+        """Cull a finished job's rows into a new job (airoboros.topics.cull)."""
+        return await self.culls.create(job_id, request)
 
     async def status(self, job_id: str) -> dict[str, Any]:
         job = await self.store.get_job(job_id)
@@ -228,6 +251,18 @@ class TopicsService:
         await self.store.get_job(job_id)
         async for it in self.store.iter_items(job_id):
             yield (json.dumps(it.item.to_row(), ensure_ascii=False) + "\n").encode()
+
+    async def export_stream(self, job_id: str, fmt: str) -> AsyncIterator[bytes]:
+        """The job's rows converted to ``fmt`` (see airoboros.exports), streamed."""
+        from airoboros.contracts import Item
+        from airoboros.exports import aiter_export
+
+        async def rows() -> AsyncIterator[Item]:
+            async for it in self.store.iter_items(job_id):
+                yield it.item
+
+        async for chunk in aiter_export(rows(), fmt):
+            yield chunk
 
     async def export(self, job_id: str) -> DatasetExported:
         """Write the dataset to the object store (JSONL in the original format, one file

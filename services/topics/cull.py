@@ -1,0 +1,358 @@
+"""The cull step of the topics API: ``POST /v1/jobs/{id}/cull`` culls a finished job's
+rows (airoboros.generator.cull) into a new job, whose rows are the kept rows.
+
+The new job is an ordinary job record (status running, then done; rows, items and export
+as for any job) whose config is the source's plus ``cull_of: <source id>``. It runs in the
+topics replica that holds its lease, as a background task that renews the lease; a
+replica that finds a running cull job without a live owner resumes it (see
+``TopicsService._take``). Progress lives in the object store (the plan, then the number
+of decisions made with the verdicts, saved every few seconds) and in the rows
+themselves: a kept row's source_id is its cluster's, so a resumed run writes no row twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from airoboros.contracts import JobEvent
+from airoboros.errors import AiroborosError, BudgetExhausted, NotFoundError
+from airoboros.generator.cull import (
+    INSTRUCTOR,
+    LEGACY_CATEGORIES,
+    PASS_THROUGH,
+    CullCounts,
+    CullPlan,
+    CullRow,
+    CullStateError,
+    Decision,
+    Judge,
+    Verdict,
+    build_plan,
+    fingerprint,
+    judge_concurrency,
+    judge_model,
+    load_embedder,
+    make_judge_llm,
+    run_units,
+)
+from airoboros.llm.accounting import Usage
+from airoboros.worker import job_config
+
+if TYPE_CHECKING:
+    from airoboros.ports import Embedder
+    from airoboros.store import StoredItem
+    from airoboros.topics.service import TopicsService
+
+log = logging.getLogger(__name__)
+
+#: The key of a cull job's config naming the job it culls.
+CULL_OF = "cull_of"
+#: Source statuses that can be culled: the job ended and its dataset was exported.
+CULLABLE = ("done", "budget_exhausted")
+
+
+class CullRequest(BaseModel):
+    """Body of ``POST /v1/jobs/{id}/cull`` (all optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: the judge keeps rows scoring at least this (0-100); default: the job's config
+    threshold: int | None = Field(default=None, ge=0, le=100)
+
+
+class JobNotFinished(AiroborosError):
+    """The job to cull is still running (or ended without a dataset): HTTP 409."""
+
+    code = "job_not_finished"
+
+
+class CullUnavailable(AiroborosError):
+    """This replica cannot embed (its image lacks the embedding model)."""
+
+    code = "cull_unavailable"
+
+
+def is_cull_job(config: dict[str, Any]) -> bool:
+    return bool(config.get(CULL_OF))
+
+
+class StoreLedger:
+    """A cull job's progress: the plan and ``progress.json`` in the object store, the
+    kept rows in the SQL store (one per cluster, by source_id)."""
+
+    def __init__(
+        self,
+        svc: TopicsService,
+        job_id: str,
+        items: Sequence[StoredItem],
+        rows: Sequence[CullRow],
+        save_every: float = 2.0,
+    ) -> None:
+        self.svc = svc
+        self.job_id = job_id
+        self.items = items
+        self.rows = rows
+        self.prefix = f"jobs/{job_id}/cull"
+        self.save_every = save_every
+        self.committed = 0
+        self.verdicts: dict[int, Verdict] = {}
+        self.counts = CullCounts()
+        self.plan: CullPlan | None = None
+        self._saved_at = 0.0
+        self._saved = -1
+
+    async def load_plan(self, fp: str) -> CullPlan | None:
+        key = f"{self.prefix}/plan.json"
+        if not await self.svc.objects.exists(key):
+            return None
+        plan = CullPlan.from_json(json.loads(await self.svc.objects.get_bytes(key)))
+        if plan.fingerprint != fp:
+            raise CullStateError(
+                "the source job's rows or the cull settings changed since this cull started"
+            )
+        return plan
+
+    async def save_plan(self, plan: CullPlan) -> None:
+        await self.svc.objects.put_bytes(
+            f"{self.prefix}/plan.json", json.dumps(plan.to_json()).encode()
+        )
+
+    async def open(self) -> None:
+        key = f"{self.prefix}/progress.json"
+        if not await self.svc.objects.exists(key):
+            return
+        data = json.loads(await self.svc.objects.get_bytes(key))
+        self.committed = int(data["committed"])
+        self.counts = CullCounts.from_json(data["counts"])
+        self.verdicts = {int(k): Verdict(bool(g), e) for k, (g, e) in data["verdicts"].items()}
+        self._saved = self.committed
+
+    async def save(self) -> None:
+        """Write the progress (the rows of every decision counted in it are already in
+        the store, so a resume from it repeats no row)."""
+        if self._saved == self.committed and self._saved_at:
+            return
+        data = {
+            "committed": self.committed,
+            "counts": self.counts.to_json(),
+            "verdicts": {str(k): [int(v.good), v.error] for k, v in self.verdicts.items()},
+        }
+        await self.svc.objects.put_bytes(f"{self.prefix}/progress.json", json.dumps(data).encode())
+        self._saved = self.committed
+        self._saved_at = time.monotonic()
+
+    async def record_verdict(self, index: int, verdict: Verdict) -> None:
+        pass  # saved with the next progress
+
+    async def commit(self, decisions: Sequence[Decision]) -> None:
+        assert self.plan is not None
+        batch = []
+        for d in decisions:
+            # One source_id per decision: a decision repeated after a crash (whose judge may
+            # pick another member) still writes at most one row.
+            leader = self.items[self.plan.units[d.unit].members[0]].seq
+            for i in d.write:
+                item = self.items[i].item
+                if item.category != self.rows[i].category:  # a legacy category name
+                    item = item.model_copy(update={"category": self.rows[i].category})
+                batch.append((f"cull:{leader}", item))
+        await self.svc.store.add_items(self.job_id, batch, cap=False)
+        for d in decisions:
+            d.apply(self.counts)
+        self.committed = decisions[-1].unit + 1
+        if time.monotonic() - self._saved_at >= self.save_every:
+            await self.save()
+
+
+class CullJobs:
+    """Creates cull jobs and runs the ones this replica holds."""
+
+    def __init__(self, svc: TopicsService) -> None:
+        self.svc = svc
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        #: set by tests and by replicas that load a model at start; else loaded on first use
+        self.embedder: Embedder | None = None
+
+    def running(self, job_id: str) -> bool:
+        return job_id in self.tasks
+
+    async def create(self, source_id: str, request: CullRequest) -> dict[str, Any]:
+        """Validate and start a cull of ``source_id``; returns the new job's status."""
+        source = await self.svc.store.get_job(source_id)  # NotFoundError: 404
+        if source.status not in CULLABLE:
+            raise JobNotFinished(
+                f"job {source_id} is {source.status}: only a finished job "
+                f"({' or '.join(CULLABLE)}) can be culled"
+            )
+        if self.embedder is None and importlib.util.find_spec("sentence_transformers") is None:
+            raise CullUnavailable(
+                "this topics service cannot embed rows: install airoboros[dedupe] in its image "
+                "to cull through the API, or run `airoboros cull-instructions` on the export"
+            )
+        config = dict(source.config)
+        config[CULL_OF] = source_id
+        if request.threshold is not None:
+            config["cull_threshold"] = request.threshold
+        job_config(self.svc.settings, config)  # the stored config must still load
+        job_id = uuid.uuid4().hex
+        await self.svc.store.ensure_job(job_id, config=config, targets={})
+        if await self.svc.store.try_lease(job_id, self.svc.owner, self.svc.settings.lease_seconds):
+            self.start(job_id)
+        out = await self.svc.status(job_id)
+        out[CULL_OF] = source_id
+        return out
+
+    def start(self, job_id: str) -> None:
+        """Run the job here (the caller holds its lease)."""
+        if job_id in self.tasks:
+            return
+        task = asyncio.create_task(self._guarded(job_id))
+        self.tasks[job_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(job_id, None))
+
+    async def wait(self, job_id: str) -> None:
+        task = self.tasks.get(job_id)
+        if task is not None:
+            await task
+
+    async def _guarded(self, job_id: str) -> None:
+        """Runs the cull while renewing the lease; stops it on a cancel request or a
+        lost lease (another replica then owns the job and resumes it)."""
+        store, svc = self.svc.store, self.svc
+        work = asyncio.create_task(self._run(job_id))
+        interval = max(0.5, svc.settings.lease_seconds / 3)
+        stop: str | None = None
+        try:
+            while stop is None:
+                done, _ = await asyncio.wait({work}, timeout=interval)
+                if done:
+                    break
+                if not await store.try_lease(job_id, svc.owner, svc.settings.lease_seconds):
+                    stop = "lost"
+                elif (await store.get_job(job_id)).cancel_requested:
+                    stop = "cancelled"
+            if stop is not None:
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                if stop == "cancelled":
+                    await self._finish(job_id, "cancelled", "cancelled by request")
+                else:
+                    log.warning("cull job %s: lease lost; another replica resumes it", job_id)
+        except asyncio.CancelledError:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            raise
+        finally:
+            if stop != "lost":
+                with contextlib.suppress(Exception):
+                    await store.release_lease(job_id, svc.owner)
+
+    async def _finish(self, job_id: str, status: str, detail: str) -> None:
+        await self.svc.store.set_job_status(job_id, status, detail)
+        await self.svc.bus.publish(JobEvent(job_id=job_id, status=status, detail=detail))
+
+    async def _embedder(self, job_config_: Any) -> Embedder:
+        if self.embedder is None:
+            self.embedder = await asyncio.to_thread(load_embedder, job_config_)
+        return self.embedder
+
+    async def _run(self, job_id: str) -> None:
+        store = self.svc.store
+        job = await store.get_job(job_id)
+        source_id = str(job.config[CULL_OF])
+        cfg = job_config(self.svc.settings, job.config)
+        items = [it async for it in store.iter_items(source_id)]
+        rows = [
+            CullRow(
+                it.item.instruction,
+                it.item.response,
+                LEGACY_CATEGORIES.get(it.item.category, it.item.category),
+                it.item.system,
+                f"job {source_id} row {it.seq}",
+            )
+            for it in items
+        ]
+        llm = make_judge_llm(cfg, judge_model(cfg))
+        before = (await store.stats(job_id)).get(INSTRUCTOR)
+        if before is not None:
+            llm.meter.preload(
+                INSTRUCTOR,
+                Usage(
+                    requests=before.requests,
+                    prompt_tokens=before.prompt_tokens,
+                    completion_tokens=before.completion_tokens,
+                    cost=before.cost,
+                ),
+            )
+        start = llm.meter.by_instructor.get(INSTRUCTOR) or Usage()
+        start = Usage(start.requests, start.prompt_tokens, start.completion_tokens, start.cost)
+        ledger = StoreLedger(self.svc, job_id, items, rows)
+        try:
+            await self.svc.bus.publish(JobEvent(job_id=job_id, status="running"))
+            judge = Judge(cfg, llm)
+            lines = (json.dumps(it.item.to_row(), ensure_ascii=False) for it in items)
+            fp = fingerprint(lines, rows, cfg, {"judge": judge.settings_key()})
+            plan = await ledger.load_plan(fp)
+            if plan is None:
+                judged = any(r.category not in PASS_THROUGH for r in rows)
+                embedder = await self._embedder(cfg) if judged else None
+                if embedder is not None:
+                    plan = await asyncio.to_thread(build_plan, rows, embedder=embedder, config=cfg)
+                else:
+                    plan = build_plan(rows, embedder=_NoEmbedder(), config=cfg)
+                plan.fingerprint = fp
+                await ledger.save_plan(plan)
+            ledger.plan = plan
+            await ledger.open()
+            await run_units(plan, rows, judge, ledger, concurrency=judge_concurrency(cfg))
+            await ledger.save()
+            detail = ledger.counts.summary()
+            # Export before the status: a job reads "done" only once its export exists.
+            await self.svc.export(job_id)
+            await self._finish(job_id, "done", detail)
+            log.info("cull job %s of %s done: %s", job_id, source_id, detail)
+        except BudgetExhausted as exc:
+            await ledger.save()
+            await self._finish(job_id, "budget_exhausted", f"{exc}; {ledger.counts.summary()}")
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await ledger.save()
+            raise
+        except NotFoundError as exc:
+            await self._finish(job_id, "failed", f"source job gone: {exc}")
+        except Exception as exc:
+            log.exception("cull job %s failed", job_id)
+            with contextlib.suppress(Exception):
+                await ledger.save()
+            await self._finish(job_id, "failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            u = llm.meter.by_instructor.get(INSTRUCTOR)
+            if u is not None:
+                with contextlib.suppress(Exception):
+                    await store.add_stats(
+                        job_id,
+                        INSTRUCTOR,
+                        requests=u.requests - start.requests,
+                        prompt_tokens=u.prompt_tokens - start.prompt_tokens,
+                        completion_tokens=u.completion_tokens - start.completion_tokens,
+                        cost=u.cost - start.cost,
+                    )
+            await llm.close()
+
+
+class _NoEmbedder:
+    """For a dataset with nothing to judge: build_plan embeds no row."""
+
+    dim = 1
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        raise AssertionError("nothing to embed")
