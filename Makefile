@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python bench/generation_bench.py
 	$(BIN)/python bench/bus_bench.py
 	$(BIN)/python bench/replicas_bench.py
+	$(BIN)/python bench/trainer_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

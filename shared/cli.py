@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     from airoboros.exports_cli import add_export_parser
 
     add_export_parser(sub)
+    from airoboros.trainer.segment_cli import add_segment_parser
+
+    add_segment_parser(sub)
+    from airoboros.trainer.train_cli import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

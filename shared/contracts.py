@@ -207,3 +207,22 @@ class DatasetExported(Message):
     #: object URI per category file
     files: dict[str, str] = Field(default_factory=dict)
     counts: dict[str, int] = Field(default_factory=dict)
+
+
+class AdapterPublished(Message):
+    """Event: an expert's LoRA adapter is in the object store, in the LMoE layout
+    (``<uri>/adapter_config.json``, ``adapter_model.safetensors``, ``description.txt``;
+    ``routing_uri`` the expert's routing samples), and registered."""
+
+    topic: ClassVar[str] = "adapter.published"
+    kind: Literal["adapter_published"] = "adapter_published"
+    expert: str
+    version: str
+    base_model: str
+    uri: str
+    routing_uri: str
+    description: str = ""
+    #: the job whose dataset trained it, when it came from one
+    job_id: str | None = None
+    dataset_uri: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)

@@ -74,3 +74,17 @@ class DedupeSettings(ServiceSettings):
     embedding_model: str | None = None
     embedding_device: str = "cpu"
     embedding_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+class TrainerSettings(ServiceSettings):
+    port: int = 8083
+    #: local path of the base model (a mounted volume in a deployment)
+    base_model: str = ""
+    #: experts to train, comma-separated; empty: every expert of the map
+    experts: str = ""
+    #: YAML of TrainConfig keys (lora_r, epochs, learning_rate, ...); empty: the defaults
+    train_config: str = ""
+    #: YAML category -> expert map; empty: the six default experts
+    expert_map: str = ""
+    #: scratch space for segments, checkpoints and packages
+    work_dir: str = "/tmp/airoboros-trainer"

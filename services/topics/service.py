@@ -20,6 +20,7 @@ from typing import Any
 
 from airoboros.config import Config, parse_config
 from airoboros.contracts import (
+    AdapterPublished,
     Artifact,
     BatchCompleted,
     CandidatesProposed,
@@ -48,6 +49,8 @@ PIPELINE_QUEUES: list[tuple[type[Any], str]] = [
     (BatchCompleted, GROUP),
     # Kept for the trainer, which may start later than the job ends.
     (DatasetExported, "trainer"),
+    # Kept for the router, which reloads its experts when one is published.
+    (AdapterPublished, "router"),
 ]
 
 
@@ -211,7 +214,7 @@ class TopicsService:
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
             "cancel_requested": job.cancel_requested,
             "instructors": instructors,
-            "rows": sum(s.accepted for s in stats.values()),
+            "rows": await self.store.count_items(job_id),
             "tokens": {
                 "prompt": sum(s.prompt_tokens for s in stats.values()),
                 "completion": sum(s.completion_tokens for s in stats.values()),
@@ -219,6 +222,18 @@ class TopicsService:
             "cost": round(sum(s.cost for s in stats.values()), 6),
             "dead_letters": await self.store.dead_letters(job_id),
             "export": job.export_uri,
+            # Experts trained on this job's dataset (the trainer's registry rows).
+            "experts": [
+                {
+                    "expert": a.expert,
+                    "version": a.version,
+                    "status": a.status,
+                    "uri": a.uri,
+                    "metrics": a.metrics,
+                    "detail": a.detail,
+                }
+                for a in await self.store.adapters(job_id=job_id)
+            ],
         }
 
     async def list_jobs(self) -> list[dict[str, Any]]:

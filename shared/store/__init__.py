@@ -1,5 +1,5 @@
-"""The SQL store: jobs, per-instructor progress and dataset rows (SQLAlchemy 2, async)."""
+"""The SQL store (the source of truth): jobs, rows, progress, artifacts, the adapter registry."""
 
-from airoboros.store.sql import InstructorStats, JobRecord, SqlStore, StoredItem
+from airoboros.store.sql import AdapterInfo, InstructorStats, JobRecord, SqlStore, StoredItem
 
-__all__ = ["InstructorStats", "JobRecord", "SqlStore", "StoredItem"]
+__all__ = ["AdapterInfo", "InstructorStats", "JobRecord", "SqlStore", "StoredItem"]

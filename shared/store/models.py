@@ -154,3 +154,26 @@ class ArtifactRow(Base):
     name_key: Mapped[str] = mapped_column(String(255))
     data: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class AdapterRecord(Base):
+    """The adapter registry: one row per trained expert version."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("expert", "version", name="uq_adapters_expert_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    expert: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    base_model: Mapped[str] = mapped_column(Text)
+    #: training | published | failed
+    status: Mapped[str] = mapped_column(String(16), default="training")
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    dataset_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metrics: Mapped[str] = mapped_column(Text, default="{}")
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=_now, onupdate=_now
+    )

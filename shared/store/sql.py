@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from airoboros.contracts import Artifact, BatchStats, Item
 from airoboros.errors import NotFoundError, StoreError
 from airoboros.store.models import (
+    AdapterRecord,
     ArtifactRow,
     DeadLetter,
     DedupeVector,
@@ -46,6 +47,20 @@ STAT_FIELDS = (
     "completion_tokens",
     "cost",
 )
+
+
+@dataclass
+class AdapterInfo:
+    expert: str
+    version: str
+    base_model: str
+    status: str
+    job_id: str | None
+    dataset_uri: str | None
+    uri: str | None
+    metrics: dict[str, Any]
+    detail: str | None
+    created_at: datetime
 
 
 @dataclass
@@ -490,6 +505,84 @@ class SqlStore:
                 .group_by(Row.category)
             )
             return {c: int(n) for c, n in result.all()}
+
+    # --- the adapter registry -----------------------------------------------------------
+    async def register_adapter(
+        self,
+        expert: str,
+        version: str,
+        *,
+        base_model: str,
+        job_id: str | None = None,
+        dataset_uri: str | None = None,
+    ) -> None:
+        """Record that ``expert`` ``version`` is being trained (idempotent: a retried
+        training of the same version starts its row over)."""
+        async with self._s() as s, s.begin():
+            rec = await self._adapter(s, expert, version)
+            if rec is None:
+                s.add(
+                    AdapterRecord(
+                        expert=expert,
+                        version=version,
+                        base_model=base_model,
+                        status="training",
+                        job_id=job_id,
+                        dataset_uri=dataset_uri,
+                    )
+                )
+            else:
+                rec.status, rec.detail, rec.base_model = "training", None, base_model
+
+    async def finish_adapter(
+        self,
+        expert: str,
+        version: str,
+        *,
+        status: str,
+        uri: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        detail: str | None = None,
+    ) -> None:
+        async with self._s() as s, s.begin():
+            rec = await self._adapter(s, expert, version)
+            if rec is None:
+                raise NotFoundError(f"adapter {expert} {version} is not registered")
+            rec.status, rec.uri, rec.detail = status, uri, detail
+            rec.metrics = json.dumps(metrics or {})
+
+    async def adapters(
+        self, expert: str | None = None, *, job_id: str | None = None
+    ) -> list[AdapterInfo]:
+        """Registered adapters, newest first."""
+        q = select(AdapterRecord).order_by(AdapterRecord.id.desc())
+        if expert is not None:
+            q = q.where(AdapterRecord.expert == expert)
+        if job_id is not None:
+            q = q.where(AdapterRecord.job_id == job_id)
+        async with self._s() as s:
+            return [
+                AdapterInfo(
+                    r.expert,
+                    r.version,
+                    r.base_model,
+                    r.status,
+                    r.job_id,
+                    r.dataset_uri,
+                    r.uri,
+                    json.loads(r.metrics or "{}"),
+                    r.detail,
+                    r.created_at,
+                )
+                for r in (await s.execute(q)).scalars()
+            ]
+
+    @staticmethod
+    async def _adapter(s: AsyncSession, expert: str, version: str) -> AdapterRecord | None:
+        q = select(AdapterRecord).where(
+            AdapterRecord.expert == expert, AdapterRecord.version == version
+        )
+        return (await s.execute(q)).scalar_one_or_none()
 
     # --- tasks --------------------------------------------------------------------------
     async def add_task(self, job_id: str, task_id: str, instructor: str) -> None:

@@ -1,0 +1,18 @@
+"""python -m airoboros.trainer"""
+
+import asyncio
+import sys
+
+from airoboros.cli import setup_logging
+from airoboros.errors import ConfigError
+from airoboros.settings import TrainerSettings
+from airoboros.trainer.worker import run_worker
+
+if __name__ == "__main__":
+    settings = TrainerSettings()
+    setup_logging(settings.log_level.upper() == "DEBUG")
+    try:
+        asyncio.run(run_worker(settings))
+    except ConfigError as exc:
+        print(f"airoboros trainer: {exc}", file=sys.stderr)
+        sys.exit(2)
