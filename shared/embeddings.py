@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 
 from airoboros.errors import ConfigError
+from airoboros.loading import MODEL_LOAD_LOCK
 from airoboros.ports import Vectors
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDING_DTYPES = ("auto", "float32", "bfloat16")
-#: transformers' model loading is not thread-safe (it swaps global torch state while it
-#: builds the model): two loads at once in one process can leave one on the meta device.
-_LOAD_LOCK = threading.Lock()
+#: see airoboros.loading: every model load in the process takes the one lock
+_LOAD_LOCK = MODEL_LOAD_LOCK
 
 
 def default_model_path() -> str:
