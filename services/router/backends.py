@@ -1,0 +1,399 @@
+"""Forwarding to OpenAI-compatible backends: inference pods, TGI-fronting pods, vLLM with
+LoRA (the adapter's name is the ``model``), or anything else that speaks the API.
+
+Choosing a pod: healthy pods only (all of them, as a last resort, when none is), those
+that already hold the expert first (learnt from their ``GET /v1/models`` and from what
+they have answered), unless such a pod has more than ``affinity_slack`` requests in flight
+beyond the least loaded one (bounded spill-over: a popular expert does not pile onto one
+pod); then the fewest requests in flight; ties in turn.
+
+Failover: a connection that cannot be opened (or a pod answering 503) moves the request
+to the next pod. Nothing is retried once the request was sent, and a stream is never
+moved once its first byte has gone to the client: a stream that breaks off ends with an
+error event (``data: {"error": {...}}``), which OpenAI's SDK raises as ``APIError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from airoboros.router.errors import (
+    BadGateway,
+    RouterError,
+    Unavailable,
+    error_body,
+    normalise_error,
+)
+
+log = logging.getLogger(__name__)
+
+#: headers of a backend's answer that travel on to the client
+PASS_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "openai-processing-ms")
+_DONE = b"data: [DONE]"
+
+
+@dataclass
+class Backend:
+    """One OpenAI-compatible server; ``url`` is its API base (ending in ``/v1``)."""
+
+    url: str
+    healthy: bool = True
+    #: models (adapters) it serves, from its /v1/models and its answers; None: unknown
+    models: frozenset[str] | None = None
+    #: requests in flight through this router
+    outstanding: int = 0
+    checked_at: float = 0.0
+    failed_at: float = 0.0
+    error: str = ""
+
+    @property
+    def root(self) -> str:
+        return self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+
+    def holds(self, model: str | None) -> bool:
+        return model is not None and self.models is not None and model in self.models
+
+    def learn(self, model: str) -> None:
+        if not self.holds(model):
+            self.models = frozenset({*(self.models or ()), model})
+
+
+def api_base(url: str) -> str:
+    """``http://pod:8000`` and ``http://pod:8000/v1/`` both give ``http://pod:8000/v1``."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    return url if url.endswith("/v1") else f"{url}/v1"
+
+
+@dataclass
+class Reply:
+    """A complete (non-streamed) answer of a backend."""
+
+    status: int
+    content: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    backend: str = ""
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def _pass_headers(resp: httpx.Response) -> dict[str, str]:
+    return {h: resp.headers[h] for h in PASS_HEADERS if h in resp.headers}
+
+
+def _event_end(buf: bytes) -> int:
+    """Where the last complete server-sent event of ``buf`` ends (0: none is complete);
+    events end with a blank line, ``\\n\\n`` or ``\\r\\n\\r\\n``."""
+    ends = [i + len(sep) for sep in (b"\n\n", b"\r\n\r\n") if (i := buf.rfind(sep)) >= 0]
+    return max(ends, default=0)
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    body = error_body(message, "server_error", code)
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class Stream:
+    """An answer being streamed: status and headers are known, the events follow. Iterate
+    ``events()`` once; ``aclose()`` (idempotent) releases the connection and the pod's
+    in-flight slot, whether or not the events were read."""
+
+    def __init__(self, pool: BackendPool, backend: Backend, resp: httpx.Response) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.resp = resp
+        self.status = resp.status_code
+        self.headers = _pass_headers(resp)
+        self.media_type = resp.headers.get("content-type", "text/event-stream").split(";")[0]
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The backend's bytes, cut at event boundaries (a blank line) so that an error
+        event can always follow what was sent; each event goes on as soon as it is whole."""
+        buf = b""
+        done = False
+        try:
+            async for chunk in self.resp.aiter_bytes():
+                buf += chunk
+                cut = _event_end(buf)
+                if cut:
+                    out, buf = buf[:cut], buf[cut:]
+                    done = done or _DONE in out
+                    yield out
+            if buf.strip() and not done:
+                # Ended inside an event: drop the torn event, say so.
+                yield _sse_error(
+                    f"the backend's stream ended in the middle of an event ({self.backend.url})",
+                    "backend_stream_error",
+                )
+            elif buf:
+                yield buf
+        except httpx.HTTPError as exc:
+            log.warning(
+                "stream from %s broke off: %s: %s", self.backend.url, type(exc).__name__, exc
+            )
+            yield _sse_error(
+                f"the backend's stream broke off ({type(exc).__name__}); the answer is incomplete",
+                "backend_stream_error",
+            )
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.backend.outstanding -= 1
+        with contextlib.suppress(Exception):
+            await self.resp.aclose()
+
+
+class BackendPool:
+    """The backends and how requests are spread over them (see the module's docstring)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        client: httpx.AsyncClient | None = None,
+        api_key: str | None = None,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 600.0,
+        health_interval: float = 10.0,
+        affinity_slack: int = 8,
+    ) -> None:
+        self.backends = [Backend(api_base(u)) for u in dict.fromkeys(urls)]
+        self._own_client = client is None
+        self.client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        self.api_key = api_key
+        self.health_interval = health_interval
+        self.health_timeout = min(5.0, max(health_interval, 0.5))
+        self.affinity_slack = affinity_slack
+        self._turn = 0
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check every backend once, then keep checking every ``health_interval``."""
+        await self.refresh()
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._health_loop())
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._own_client:
+            await self.client.aclose()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self.refresh()
+            except Exception:  # a check must never end the loop
+                log.exception("backend health check failed")
+
+    # --- health -----------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        h = {"content-type": "application/json"}
+        if self.api_key:
+            h["authorization"] = f"Bearer {self.api_key}"
+        return h
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self.check(b) for b in self.backends))
+
+    async def check(self, b: Backend) -> None:
+        """``GET /v1/models`` (healthy, and the models it serves); servers without that
+        route (LoRAX) are asked ``/health`` or ``/healthz`` and their models stay unknown."""
+        try:
+            resp = await self.client.get(
+                f"{b.url}/models", headers=self._headers(), timeout=self.health_timeout
+            )
+            if resp.status_code == 200:
+                data = resp.json().get("data", [])
+                models = frozenset(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
+                # Keep what it answered for since (an adapter loaded on demand) only if the
+                # pod does not list adapters itself.
+                b.models = models if models else b.models
+                self._mark(b, True)
+                return
+            if resp.status_code in (404, 405):
+                for path in ("/health", "/healthz"):
+                    r = await self.client.get(f"{b.root}{path}", timeout=self.health_timeout)
+                    if r.status_code == 200:
+                        self._mark(b, True)
+                        return
+            if resp.status_code in (401, 403):
+                # Up, but our key is refused: requests will say so to the client.
+                log.error("backend %s refuses the router's key (HTTP %d)", b.url, resp.status_code)
+                self._mark(b, True)
+                return
+            self._mark(b, False, f"HTTP {resp.status_code}")
+        except (httpx.HTTPError, ValueError) as exc:
+            self._mark(b, False, f"{type(exc).__name__}: {exc}")
+
+    def _mark(self, b: Backend, healthy: bool, error: str = "") -> None:
+        now = time.monotonic()
+        if healthy != b.healthy:
+            if healthy:
+                log.info("backend %s is healthy", b.url)
+            else:
+                log.warning("backend %s is unhealthy: %s", b.url, error)
+        b.healthy = healthy
+        b.checked_at = now
+        b.error = error
+        if not healthy:
+            b.failed_at = now
+
+    # --- choosing -----------------------------------------------------------------------------
+
+    def models(self) -> set[str]:
+        """Every model some backend says it serves."""
+        return {m for b in self.backends for m in (b.models or ())}
+
+    def order(self, model: str | None) -> list[Backend]:
+        """The pods to try for ``model``, best first."""
+        if not self.backends:
+            return []
+        pool = [b for b in self.backends if b.healthy]
+        if not pool:
+            # Nothing known to be healthy: the checks may be stale, so try them all, the
+            # longest-failed first.
+            pool = sorted(self.backends, key=lambda b: b.failed_at)
+        least = min(b.outstanding for b in pool)
+        self._turn += 1
+        n = len(self.backends)
+        position = {id(b): i for i, b in enumerate(self.backends)}
+
+        def key(b: Backend) -> tuple[bool, int, int]:
+            preferred = b.holds(model) and b.outstanding <= least + self.affinity_slack
+            return (not preferred, b.outstanding, (position[id(b)] - self._turn) % n)
+
+        return sorted(pool, key=key)
+
+    # --- forwarding ---------------------------------------------------------------------------
+
+    async def _send(
+        self, path: str, body: bytes, model: str | None, *, stream: bool
+    ) -> tuple[Backend, httpx.Response]:
+        """Open the request on the first pod that takes it. Returns with the answer's
+        status and headers read (and, unless ``stream``, its body), the pod's in-flight
+        count raised by one. Raises ``Unavailable`` when no pod could be reached."""
+        tried: list[str] = []
+        last_503: httpx.Response | None = None
+        for b in self.order(model):
+            b.outstanding += 1
+            try:
+                req = self.client.build_request(
+                    "POST", f"{b.url}{path}", content=body, headers=self._headers()
+                )
+                resp = await self.client.send(req, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                # The request never left: safe to give it to another pod.
+                b.outstanding -= 1
+                self._mark(b, False, f"{type(exc).__name__}: {exc}")
+                tried.append(f"{b.url} ({type(exc).__name__})")
+                continue
+            except httpx.TimeoutException as exc:
+                b.outstanding -= 1
+                raise BadGateway(
+                    f"the backend did not answer in time ({type(exc).__name__})",
+                    status=504,
+                    code="backend_timeout",
+                ) from None
+            except httpx.HTTPError as exc:
+                b.outstanding -= 1
+                raise BadGateway(
+                    f"the backend failed while answering ({type(exc).__name__}: {exc})"
+                ) from None
+            if resp.status_code == 503:
+                # Starting, draining or overloaded: the next pod may take it.
+                if stream:
+                    await resp.aread()
+                    await resp.aclose()
+                b.outstanding -= 1
+                last_503 = resp
+                tried.append(f"{b.url} (HTTP 503)")
+                continue
+            return b, resp
+        if last_503 is not None:
+            env = normalise_error(503, last_503.content)["error"]
+            raise Unavailable(
+                f"every backend is unavailable: {env['message']}",
+                headers={"retry-after": last_503.headers.get("retry-after", "1")},
+            )
+        where = "; ".join(tried) or "no backends configured (AIROBOROS_BACKENDS)"
+        raise Unavailable(f"no backend could be reached: {where}", headers={"retry-after": "1"})
+
+    def _fail(self, status: int, content: bytes, headers: dict[str, str]) -> RouterError:
+        """A backend's error answer as the error the client gets: 4xx passed through in
+        OpenAI's envelope, 5xx as 502."""
+        env = normalise_error(status, content)["error"]
+        if status < 500:
+            return RouterError(
+                env["message"],
+                status=status,
+                type=env["type"],
+                code=env["code"],
+                param=env["param"],
+                headers=headers,
+            )
+        return BadGateway(f"the backend failed (HTTP {status}): {env['message']}", headers=headers)
+
+    async def post(self, path: str, body: bytes, model: str | None) -> Reply:
+        """POST ``body`` to ``path`` (``/chat/completions``, ``/completions``) on the best
+        pod for ``model``; the whole answer. Raises ``RouterError`` for error answers."""
+        b, resp = await self._send(path, body, model, stream=False)
+        try:
+            headers = _pass_headers(resp)
+            if resp.status_code >= 400:
+                raise self._fail(resp.status_code, resp.content, headers)
+            if model is not None:
+                b.learn(model)
+            return Reply(resp.status_code, resp.content, headers, b.url)
+        finally:
+            b.outstanding -= 1
+
+    async def open_stream(self, path: str, body: bytes, model: str | None) -> Stream:
+        """Like ``post`` for ``stream: true``: returns once the pod has answered with a
+        success status (or raises with its error, nothing having been streamed)."""
+        b, resp = await self._send(path, body, model, stream=True)
+        stream = Stream(self, b, resp)
+        if resp.status_code >= 400:
+            try:
+                content = await resp.aread()
+            except httpx.HTTPError:
+                content = b""
+            await stream.aclose()
+            raise self._fail(resp.status_code, content, stream.headers)
+        if model is not None:
+            b.learn(model)
+        return stream
+
+    async def complete_json(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A chat completion (not streamed) for the router's own use (agent routing)."""
+        reply = await self.post("/chat/completions", json.dumps(body).encode(), body.get("model"))
+        data = reply.json()
+        if not isinstance(data, dict):
+            raise BadGateway("the backend's answer is not a JSON object")
+        return data
