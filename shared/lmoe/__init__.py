@@ -1,0 +1,1 @@
+"""The original's LMoE entry points (``python -m airoboros.lmoe.api``), kept working."""
