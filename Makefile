@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python bench/replicas_bench.py
 	$(BIN)/python bench/trainer_bench.py
 	$(BIN)/python bench/router_bench.py
+	$(BIN)/python bench/inference_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -141,3 +141,40 @@ def build_tiny_llama(
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def make_lora_adapter(
+    base: object,
+    out: Path,
+    seed: int,
+    *,
+    rank: int = 4,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+    safe: bool = True,
+    description: str = "",
+) -> object:
+    """A LoRA with random A and B (B non-zero, so it changes the output) on ``base`` (a
+    model folder or a loaded model), saved to ``out`` in the LMoE layout (with
+    ``description.txt`` when given). Returns the base model, unwrapped."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = base
+    if isinstance(base, str | Path):
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(
+            model,  # type: ignore[arg-type]
+            LoraConfig(
+                r=rank,
+                lora_alpha=16,
+                target_modules=list(target_modules),
+                init_lora_weights=False,
+            ),
+        )
+    peft_model.save_pretrained(str(out), safe_serialization=safe)
+    if description:
+        (out / "description.txt").write_text(description + "\n")
+    return peft_model.unload()

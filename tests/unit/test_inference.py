@@ -24,7 +24,7 @@ from airoboros.inference.settings import InferenceSettings
 from airoboros.inference.text import IncrementalDecoder, StopMatcher
 from airoboros.objects import LocalObjectStore
 from tests.fakes.asgi_server import AppServer
-from tests.fakes.tiny_llama import build_tiny_llama
+from tests.fakes.tiny_llama import build_tiny_llama, make_lora_adapter
 
 BASE_ID = "tiny-base"
 PROMPTS = [
@@ -42,24 +42,7 @@ def make_adapter(
     base: Path, out: Path, seed: int, *, safe: bool = True, description: str = ""
 ) -> Path:
     """A LoRA with random A and B (B non-zero, so it changes the output)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(
-            model,
-            LoraConfig(
-                r=4,
-                lora_alpha=16,
-                target_modules=["q_proj", "v_proj", "down_proj"],
-                init_lora_weights=False,
-            ),
-        )
-    peft_model.save_pretrained(str(out), safe_serialization=safe)
-    if description:
-        (out / "description.txt").write_text(description + "\n")
+    make_lora_adapter(base, out, seed, safe=safe, description=description)
     return out
 
 
