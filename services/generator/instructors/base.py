@@ -12,10 +12,11 @@ task families:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +255,28 @@ class Instructor:
 
     def item(self, instruction: str, response: str, **extra: Any) -> Item:
         return Item(instruction=instruction, response=response, category=self.name, **extra)
+
+
+async def gather_candidates(
+    calls: Sequence[Awaitable[Candidate | list[Candidate] | None]], stats: BatchStats
+) -> list[Candidate]:
+    """Run the calls of one batch concurrently (each gives a candidate, a list of them or
+    None). Failed calls are counted; the batch fails only when every call failed with an
+    error, so the controller sees the error."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    out: list[Candidate] = []
+    errors: list[BaseException] = []
+    for r in results:
+        if isinstance(r, BaseException):
+            errors.append(r)
+        elif isinstance(r, list):
+            out.extend(r)
+        elif r is not None:
+            out.append(r)
+    if errors and not out:
+        raise errors[0]
+    stats.failures += len(errors)
+    return out
 
 
 def topic_lines(topics: list[str], label: str) -> str:

@@ -7,7 +7,12 @@ from typing import Any
 
 from airoboros.config import InstructorConfig
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch
-from airoboros.generator.instructors.base import Filtered, TaskListInstructor, render
+from airoboros.generator.instructors.base import (
+    Filtered,
+    TaskListInstructor,
+    gather_candidates,
+    render,
+)
 
 # A body is any text that does not itself contain a marker (so a missing ENDCONTEXT or
 # ENDINPUT cannot be papered over by the next block's markers).
@@ -97,20 +102,7 @@ class Contextual(TaskListInstructor):
         return Candidate(instruction=text)
 
     async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
-        import asyncio
-
         topics: list[str | None] = list(task.topics) or [None] * task.batch_size
-        results = await asyncio.gather(
-            *(self._one(t, stats) for t in topics[: task.batch_size]), return_exceptions=True
+        return await gather_candidates(
+            [self._one(t, stats) for t in topics[: task.batch_size]], stats
         )
-        out: list[Candidate] = []
-        errors: list[BaseException] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                errors.append(r)
-            elif r is not None:
-                out.append(r)
-        if errors and not out:
-            raise errors[0]
-        stats.failures += len(errors)
-        return out

@@ -32,6 +32,7 @@ from airoboros.generator.instructors.base import (
     Filtered,
     Instructor,
     Sources,
+    gather_candidates,
     render,
 )
 from airoboros.generator.instructors.contextual import valid_block
@@ -750,20 +751,7 @@ class Documents(Instructor):
         if not inputs:
             raise Filtered("no passages to work from")
         passages = [Passage.from_input(d) for d in inputs]
-        results = await asyncio.gather(
-            *(self._one(p, stats) for p in passages), return_exceptions=True
-        )
-        out: list[Candidate] = []
-        errors: list[BaseException] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                errors.append(r)
-            else:
-                out.extend(r)
-        if errors and not out:
-            raise errors[0]
-        stats.failures += len(errors)
-        return out
+        return await gather_candidates([self._one(p, stats) for p in passages], stats)
 
 
 DOCUMENTS_INSTRUCTORS: list[type[Instructor]] = [Documents]

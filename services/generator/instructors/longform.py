@@ -7,10 +7,8 @@ filter's patterns far more often than they contain a refusal.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,28 +19,10 @@ from airoboros.generator.instructors.base import (
     Ctx,
     Filtered,
     Instructor,
+    gather_candidates,
     load_prompt,
     render,
 )
-
-
-async def gather_candidates(
-    calls: list[Awaitable[Candidate | None]], stats: BatchStats
-) -> list[Candidate]:
-    """Run single-candidate calls concurrently. Failed calls are counted; the batch fails
-    only when every call failed with an error (so the controller sees the error)."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    out: list[Candidate] = []
-    errors: list[BaseException] = []
-    for r in results:
-        if isinstance(r, BaseException):
-            errors.append(r)
-        elif r is not None:
-            out.append(r)
-    if errors and not out:
-        raise errors[0]
-    stats.failures += len(errors)
-    return out
 
 
 def positive_int_problem(cfg: InstructorConfig, key: str) -> str | None:
