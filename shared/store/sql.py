@@ -400,6 +400,32 @@ class SqlStore:
                 raise
         return [StoredItem(r.id, _to_item(r)) for r in rows]
 
+    async def _insert_artifact(self, s: AsyncSession, job_id: str, a: Artifact) -> bool:
+        """Add one artifact unless one of its kind and name exists; True when added."""
+        key = _name_key(a.name)
+        if not key:
+            return False
+        exists = await s.execute(
+            select(ArtifactRow.id).where(
+                ArtifactRow.job_id == job_id,
+                ArtifactRow.kind == a.kind,
+                ArtifactRow.name_key == key,
+            )
+        )
+        if exists.first() is not None:
+            return False
+        s.add(
+            ArtifactRow(
+                job_id=job_id,
+                kind=a.kind,
+                name=a.name.strip(),
+                name_key=key,
+                data=json.dumps(a.data, ensure_ascii=False),
+            )
+        )
+        await s.flush()
+        return True
+
     async def _insert_artifacts(
         self,
         s: AsyncSession,
@@ -411,30 +437,9 @@ class SqlStore:
         counts toward it. Returns how many were added."""
         made = 0
         for a in artifacts:
-            key = _name_key(a.name)
-            if not key or prog.accepted >= prog.target:
-                continue
-            exists = await s.execute(
-                select(ArtifactRow.id).where(
-                    ArtifactRow.job_id == job_id,
-                    ArtifactRow.kind == a.kind,
-                    ArtifactRow.name_key == key,
-                )
-            )
-            if exists.first() is not None:
-                continue
-            s.add(
-                ArtifactRow(
-                    job_id=job_id,
-                    kind=a.kind,
-                    name=a.name.strip(),
-                    name_key=key,
-                    data=json.dumps(a.data, ensure_ascii=False),
-                )
-            )
-            await s.flush()
-            prog.accepted += 1
-            made += 1
+            if prog.accepted < prog.target and await self._insert_artifact(s, job_id, a):
+                prog.accepted += 1
+                made += 1
         return made
 
     async def add_artifacts(
@@ -446,25 +451,7 @@ class SqlStore:
         async with self._s() as s, s.begin():
             prog = await self._progress(s, job_id, count_as) if count_as else None
             for a in artifacts:
-                key = _name_key(a.name)
-                found = await s.execute(
-                    select(ArtifactRow.id).where(
-                        ArtifactRow.job_id == job_id,
-                        ArtifactRow.kind == a.kind,
-                        ArtifactRow.name_key == key,
-                    )
-                )
-                if key and found.first() is None:
-                    s.add(
-                        ArtifactRow(
-                            job_id=job_id,
-                            kind=a.kind,
-                            name=a.name.strip(),
-                            name_key=key,
-                            data=json.dumps(a.data, ensure_ascii=False),
-                        )
-                    )
-                    await s.flush()
+                if await self._insert_artifact(s, job_id, a):
                     made += 1
                     if prog is not None:
                         prog.accepted += 1
