@@ -27,6 +27,19 @@ def make_bus(settings: ServiceSettings) -> Any:
     )
 
 
+def make_objects(settings: ServiceSettings) -> Any:
+    """The deployment's object store (S3/MinIO) from the AIROBOROS_S3_* settings."""
+    from airoboros.objects_s3 import S3ObjectStore
+
+    return S3ObjectStore(
+        settings.s3_endpoint,
+        settings.s3_access_key,
+        settings.s3_secret_key,
+        settings.s3_bucket,
+        secure=settings.s3_secure,
+    )
+
+
 def stop_event() -> asyncio.Event:
     """Set on SIGTERM or SIGINT, so the worker can finish handlers and close cleanly."""
     stop = asyncio.Event()

@@ -43,10 +43,9 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from airoboros.objects_s3 import S3ObjectStore
         from airoboros.store import SqlStore
         from airoboros.topics.service import GROUP, PIPELINE_QUEUES, TopicsService
-        from airoboros.worker import make_bus
+        from airoboros.worker import make_bus, make_objects
 
         if state["service"] is not None:
             state["ready"] = True
@@ -55,13 +54,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         store = SqlStore(settings.database_url)
         await store.connect(migrate=False)
         bus = make_bus(settings)
-        objects = S3ObjectStore(
-            settings.s3_endpoint,
-            settings.s3_access_key,
-            settings.s3_secret_key,
-            settings.s3_bucket,
-            secure=settings.s3_secure,
-        )
+        objects = make_objects(settings)
         svc = TopicsService(settings, store, bus, objects)
         from airoboros.contracts import BatchCompleted
 

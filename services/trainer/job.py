@@ -12,12 +12,11 @@ import sys
 from airoboros.cli import setup_logging
 from airoboros.contracts import DatasetExported
 from airoboros.errors import ConfigError
-from airoboros.objects_s3 import S3ObjectStore
 from airoboros.settings import TrainerSettings
 from airoboros.store import SqlStore
 from airoboros.trainer.pipeline import check_base_model
 from airoboros.trainer.service import TrainerService, TrainingFailed
-from airoboros.worker import make_bus
+from airoboros.worker import make_bus, make_objects
 
 
 async def run_once(settings: TrainerSettings, job_id: str) -> None:
@@ -27,13 +26,7 @@ async def run_once(settings: TrainerSettings, job_id: str) -> None:
     bus = make_bus(settings)
     await bus.start()
     try:
-        objects = S3ObjectStore(
-            settings.s3_endpoint,
-            settings.s3_access_key,
-            settings.s3_secret_key,
-            settings.s3_bucket,
-            secure=settings.s3_secure,
-        )
+        objects = make_objects(settings)
         job = await store.get_job(job_id)
         if not job.export_uri:
             raise ConfigError([f"JOB_ID: job {job_id} has no export (is it finished?)"])

@@ -13,12 +13,11 @@ import logging
 
 from airoboros.contracts import DatasetExported
 from airoboros.errors import ConfigError
-from airoboros.objects_s3 import S3ObjectStore
 from airoboros.settings import TrainerSettings
 from airoboros.store import SqlStore
 from airoboros.trainer.pipeline import check_base_model
 from airoboros.trainer.service import TrainerService
-from airoboros.worker import make_bus, serve, stop_event
+from airoboros.worker import make_bus, make_objects, serve, stop_event
 
 log = logging.getLogger(__name__)
 GROUP = "trainer"
@@ -31,13 +30,7 @@ async def run_worker(settings: TrainerSettings, stop: asyncio.Event | None = Non
     stop = stop or stop_event()
     store = SqlStore(settings.database_url)
     await store.connect(migrate=False)
-    objects = S3ObjectStore(
-        settings.s3_endpoint,
-        settings.s3_access_key,
-        settings.s3_secret_key,
-        settings.s3_bucket,
-        secure=settings.s3_secure,
-    )
+    objects = make_objects(settings)
     bus = make_bus(settings)
     service = TrainerService(settings, store, objects, bus.publish)
     bus.subscribe(DatasetExported, service.on_dataset_exported, concurrency=1, group=GROUP)
