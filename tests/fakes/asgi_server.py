@@ -10,16 +10,28 @@ from typing import Any
 
 
 class AppServer:
-    def __init__(self, app: Any, *, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        port: int = 0,
+        start_timeout: float = 60.0,
+        log_level: str = "warning",
+        lifespan: str = "auto",
+        timeout_keep_alive: int = 5,
+    ) -> None:
         import uvicorn
 
         self.app = app
         self.start_timeout = start_timeout
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = int(self.sock.getsockname()[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        config = uvicorn.Config(
+            app, log_level=log_level, lifespan=lifespan, timeout_keep_alive=timeout_keep_alive
+        )
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )

@@ -16,7 +16,6 @@ import asyncio
 import importlib
 import random
 import re
-import socket
 import threading
 import time
 from collections import Counter
@@ -27,6 +26,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from tests.fakes.asgi_server import AppServer
 
 NOUNS = [
     "lighthouse",
@@ -631,42 +632,18 @@ class ScriptedLLM:
         }
 
 
-class ServerThread:
+class ServerThread(AppServer):
     """Runs a ScriptedLLM under uvicorn in a background thread on a free loopback port."""
 
     def __init__(self, llm: ScriptedLLM, port: int = 0) -> None:
-        import uvicorn
-
         self.llm = llm
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(
-            llm.app(), log_level="warning", lifespan="off", timeout_keep_alive=30
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        super().__init__(
+            llm.app(), port=port, start_timeout=10, lifespan="off", timeout_keep_alive=30
         )
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("scripted LLM server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 def main() -> None:
