@@ -11,6 +11,9 @@ Failover: a connection that cannot be opened (or a pod answering 503) moves the 
 to the next pod. Nothing is retried once the request was sent, and a stream is never
 moved once its first byte has gone to the client: a stream that breaks off ends with an
 error event (``data: {"error": {...}}``), which OpenAI's SDK raises as ``APIError``.
+
+The client is aiohttp: on loopback it takes about half of httpx's time per request
+(measured for bench/router_bench.py), and the router pays that on every request.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from airoboros.router.errors import (
     BadGateway,
@@ -88,8 +91,8 @@ class Reply:
         return json.loads(self.content)
 
 
-def _pass_headers(resp: httpx.Response) -> dict[str, str]:
-    return {h: resp.headers[h] for h in PASS_HEADERS if h in resp.headers}
+def _pass_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {h: headers[h] for h in PASS_HEADERS if h in headers}
 
 
 def _event_end(buf: bytes) -> int:
@@ -97,6 +100,18 @@ def _event_end(buf: bytes) -> int:
     events end with a blank line, ``\\n\\n`` or ``\\r\\n\\r\\n``."""
     ends = [i + len(sep) for sep in (b"\n\n", b"\r\n\r\n") if (i := buf.rfind(sep)) >= 0]
     return max(ends, default=0)
+
+
+def _broken(exc: BaseException) -> BadGateway:
+    """The error for a request that reached a pod and then failed: never retried, as the
+    pod may have acted on it."""
+    if isinstance(exc, TimeoutError):
+        return BadGateway(
+            f"the backend did not answer in time ({type(exc).__name__})",
+            status=504,
+            code="backend_timeout",
+        )
+    return BadGateway(f"the backend failed while answering ({type(exc).__name__}: {exc})")
 
 
 def _sse_error(message: str, code: str) -> bytes:
@@ -109,14 +124,25 @@ class Stream:
     ``events()`` once; ``aclose()`` (idempotent) releases the connection and the pod's
     in-flight slot, whether or not the events were read."""
 
-    def __init__(self, pool: BackendPool, backend: Backend, resp: httpx.Response) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        backend: Backend,
+        status: int,
+        headers: Mapping[str, str],
+        chunks: AsyncIterator[bytes],
+        release: Callable[[], Awaitable[None] | None],
+    ) -> None:
         self.backend = backend
-        self.resp = resp
-        self.status = resp.status_code
-        self.headers = _pass_headers(resp)
-        self.media_type = resp.headers.get("content-type", "text/event-stream").split(";")[0]
+        self.status = status
+        self.headers = _pass_headers(headers)
+        self.media_type = headers.get("content-type", "text/event-stream").split(";")[0]
+        self._chunks = chunks
+        self._release = release
         self._closed = False
+
+    @classmethod
+    def of(cls, backend: Backend, resp: aiohttp.ClientResponse) -> Stream:
+        return cls(backend, resp.status, resp.headers, resp.content.iter_any(), resp.release)
 
     async def events(self) -> AsyncIterator[bytes]:
         """The backend's bytes, cut at event boundaries (a blank line) so that an error
@@ -124,7 +150,7 @@ class Stream:
         buf = b""
         done = False
         try:
-            async for chunk in self.resp.aiter_bytes():
+            async for chunk in self._chunks:
                 buf += chunk
                 cut = _event_end(buf)
                 if cut:
@@ -139,7 +165,7 @@ class Stream:
                 )
             elif buf:
                 yield buf
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning(
                 "stream from %s broke off: %s: %s", self.backend.url, type(exc).__name__, exc
             )
@@ -156,7 +182,9 @@ class Stream:
         self._closed = True
         self.backend.outstanding -= 1
         with contextlib.suppress(Exception):
-            await self.resp.aclose()
+            done = self._release()
+            if done is not None:
+                await done
 
 
 class BackendPool:
@@ -166,7 +194,6 @@ class BackendPool:
         self,
         urls: Sequence[str],
         *,
-        client: httpx.AsyncClient | None = None,
         api_key: str | None = None,
         connect_timeout: float = 3.0,
         read_timeout: float = 600.0,
@@ -174,11 +201,11 @@ class BackendPool:
         affinity_slack: int = 8,
     ) -> None:
         self.backends = [Backend(api_base(u)) for u in dict.fromkeys(urls)]
-        self._own_client = client is None
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        #: connect: a free connection and the TCP connect; sock_read: between two reads
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
         )
+        self._session: aiohttp.ClientSession | None = None
         self.api_key = api_key
         self.health_interval = health_interval
         self.health_timeout = min(5.0, max(health_interval, 0.5))
@@ -194,14 +221,27 @@ class BackendPool:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._health_loop())
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The connection pool, made on first use (inside the event loop, as aiohttp wants)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                # Idle connections go before a uvicorn backend drops them (5 s): a POST on a
+                # connection the pod has just closed would fail after being sent.
+                connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=4),
+                timeout=self.timeout,
+            )
+        return self._session
+
     async def close(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
-        if self._own_client:
-            await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def _health_loop(self) -> None:
         while True:
@@ -225,31 +265,34 @@ class BackendPool:
     async def check(self, b: Backend) -> None:
         """``GET /v1/models`` (healthy, and the models it serves); servers without that
         route (LoRAX) are asked ``/health`` or ``/healthz`` and their models stay unknown."""
+        timeout = aiohttp.ClientTimeout(total=self.health_timeout)
         try:
-            resp = await self.client.get(
-                f"{b.url}/models", headers=self._headers(), timeout=self.health_timeout
-            )
-            if resp.status_code == 200:
-                data = resp.json().get("data", [])
+            async with self.session.get(
+                f"{b.url}/models", headers=self._headers(), timeout=timeout
+            ) as resp:
+                status = resp.status
+                body = await resp.read()
+            if status == 200:
+                data = json.loads(body).get("data", [])
                 models = frozenset(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
                 # Keep what it answered for since (an adapter loaded on demand) only if the
                 # pod does not list adapters itself.
                 b.models = models if models else b.models
                 self._mark(b, True)
                 return
-            if resp.status_code in (404, 405):
+            if status in (404, 405):
                 for path in ("/health", "/healthz"):
-                    r = await self.client.get(f"{b.root}{path}", timeout=self.health_timeout)
-                    if r.status_code == 200:
-                        self._mark(b, True)
-                        return
-            if resp.status_code in (401, 403):
+                    async with self.session.get(f"{b.root}{path}", timeout=timeout) as r:
+                        if r.status == 200:
+                            self._mark(b, True)
+                            return
+            if status in (401, 403):
                 # Up, but our key is refused: requests will say so to the client.
-                log.error("backend %s refuses the router's key (HTTP %d)", b.url, resp.status_code)
+                log.error("backend %s refuses the router's key (HTTP %d)", b.url, status)
                 self._mark(b, True)
                 return
-            self._mark(b, False, f"HTTP {resp.status_code}")
-        except (httpx.HTTPError, ValueError) as exc:
+            self._mark(b, False, f"HTTP {status}")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self._mark(b, False, f"{type(exc).__name__}: {exc}")
 
     def _mark(self, b: Backend, healthy: bool, error: str = "") -> None:
@@ -294,53 +337,41 @@ class BackendPool:
     # --- forwarding ---------------------------------------------------------------------------
 
     async def _send(
-        self, path: str, body: bytes, model: str | None, *, stream: bool
-    ) -> tuple[Backend, httpx.Response]:
+        self, path: str, body: bytes, model: str | None
+    ) -> tuple[Backend, aiohttp.ClientResponse]:
         """Open the request on the first pod that takes it. Returns with the answer's
-        status and headers read (and, unless ``stream``, its body), the pod's in-flight
-        count raised by one. Raises ``Unavailable`` when no pod could be reached."""
+        status and headers read (not its body), the pod's in-flight count raised by one.
+        Raises ``Unavailable`` when no pod could be reached."""
         tried: list[str] = []
-        last_503: httpx.Response | None = None
+        last_503: tuple[bytes, str] | None = None
         for b in self.order(model):
             b.outstanding += 1
             try:
-                req = self.client.build_request(
-                    "POST", f"{b.url}{path}", content=body, headers=self._headers()
-                )
-                resp = await self.client.send(req, stream=stream)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                # The request never left: safe to give it to another pod.
+                resp = await self.session.post(f"{b.url}{path}", data=body, headers=self._headers())
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # The request never left (no connection, or none free in time): safe to
+                # give it to another pod.
                 b.outstanding -= 1
                 self._mark(b, False, f"{type(exc).__name__}: {exc}")
                 tried.append(f"{b.url} ({type(exc).__name__})")
                 continue
-            except httpx.TimeoutException as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 b.outstanding -= 1
-                raise BadGateway(
-                    f"the backend did not answer in time ({type(exc).__name__})",
-                    status=504,
-                    code="backend_timeout",
-                ) from None
-            except httpx.HTTPError as exc:
-                b.outstanding -= 1
-                raise BadGateway(
-                    f"the backend failed while answering ({type(exc).__name__}: {exc})"
-                ) from None
-            if resp.status_code == 503:
+                raise _broken(exc) from None
+            if resp.status == 503:
                 # Starting, draining or overloaded: the next pod may take it.
-                if stream:
-                    await resp.aread()
-                    await resp.aclose()
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    last_503 = (await resp.read(), resp.headers.get("retry-after", "1"))
+                resp.release()
                 b.outstanding -= 1
-                last_503 = resp
                 tried.append(f"{b.url} (HTTP 503)")
                 continue
             return b, resp
         if last_503 is not None:
-            env = normalise_error(503, last_503.content)["error"]
+            env = normalise_error(503, last_503[0])["error"]
             raise Unavailable(
                 f"every backend is unavailable: {env['message']}",
-                headers={"retry-after": last_503.headers.get("retry-after", "1")},
+                headers={"retry-after": last_503[1]},
             )
         where = "; ".join(tried) or "no backends configured (AIROBOROS_BACKENDS)"
         raise Unavailable(f"no backend could be reached: {where}", headers={"retry-after": "1"})
@@ -363,29 +394,33 @@ class BackendPool:
     async def post(self, path: str, body: bytes, model: str | None) -> Reply:
         """POST ``body`` to ``path`` (``/chat/completions``, ``/completions``) on the best
         pod for ``model``; the whole answer. Raises ``RouterError`` for error answers."""
-        b, resp = await self._send(path, body, model, stream=False)
+        b, resp = await self._send(path, body, model)
         try:
-            headers = _pass_headers(resp)
-            if resp.status_code >= 400:
-                raise self._fail(resp.status_code, resp.content, headers)
-            if model is not None:
-                b.learn(model)
-            return Reply(resp.status_code, resp.content, headers, b.url)
+            content = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _broken(exc) from None
         finally:
+            resp.release()
             b.outstanding -= 1
+        headers = _pass_headers(resp.headers)
+        if resp.status >= 400:
+            raise self._fail(resp.status, content, headers)
+        if model is not None:
+            b.learn(model)
+        return Reply(resp.status, content, headers, b.url)
 
     async def open_stream(self, path: str, body: bytes, model: str | None) -> Stream:
         """Like ``post`` for ``stream: true``: returns once the pod has answered with a
         success status (or raises with its error, nothing having been streamed)."""
-        b, resp = await self._send(path, body, model, stream=True)
-        stream = Stream(self, b, resp)
-        if resp.status_code >= 400:
+        b, resp = await self._send(path, body, model)
+        stream = Stream.of(b, resp)
+        if resp.status >= 400:
             try:
-                content = await resp.aread()
-            except httpx.HTTPError:
+                content = await resp.read()
+            except (aiohttp.ClientError, TimeoutError):
                 content = b""
             await stream.aclose()
-            raise self._fail(resp.status_code, content, stream.headers)
+            raise self._fail(resp.status, content, stream.headers)
         if model is not None:
             b.learn(model)
         return stream

@@ -4,10 +4,11 @@ agent's answer parsing, the rate limiter, error shapes, the pod order."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 import pytest
 
@@ -328,23 +329,26 @@ def test_requests_are_checked_with_clear_messages() -> None:
         service.parse("chat", b"{nope")
 
 
-class _Chunks(httpx.AsyncByteStream):
-    def __init__(self, parts: list[bytes], fail: bool = False) -> None:
-        self.parts = parts
-        self.fail = fail
-
-    async def __aiter__(self) -> Any:
-        for p in self.parts:
-            yield p
-        if self.fail:
-            raise httpx.RemoteProtocolError("peer closed connection")
+async def _chunks(parts: list[bytes], fail: bool) -> AsyncIterator[bytes]:
+    for p in parts:
+        yield p
+    if fail:
+        raise aiohttp.ClientPayloadError("Response payload is not completed")
 
 
 async def _events(parts: list[bytes], fail: bool = False) -> tuple[list[bytes], Backend]:
-    pool = BackendPool([])
     backend = Backend("http://pod/v1", outstanding=1)
-    stream = Stream(pool, backend, httpx.Response(200, stream=_Chunks(parts, fail)))
-    return [e async for e in stream.events()], backend
+    released: list[bool] = []
+    stream = Stream(
+        backend,
+        200,
+        {"content-type": "text/event-stream"},
+        _chunks(parts, fail),
+        lambda: released.append(True),
+    )
+    got = [e async for e in stream.events()]
+    assert released == [True]  # the connection went back exactly once
+    return got, backend
 
 
 async def test_streams_pass_whole_events_and_end_broken_ones_with_an_error_event() -> None:
