@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, cast
 
+from airoboros import telemetry
 from airoboros.contracts import Message
 from airoboros.ports import Handler, M
 
@@ -67,9 +68,12 @@ class InMemoryBus:
         subs = self._subs.get(message.topic, [])
         if not subs:
             log.warning("no subscriber for %s; message dropped", message.topic)
-        for sub in subs:
-            # Each subscriber gets its own copy, as with a fan-out exchange.
-            self._enqueue(self._queues[id(sub)], message.model_copy(deep=True), 1)
+        headers = dict(message.headers)
+        with telemetry.publishing(message.topic, headers, message.message_id):
+            for sub in subs:
+                # Each subscriber gets its own copy, as with a fan-out exchange.
+                copy = message.model_copy(deep=True, update={"headers": dict(headers)})
+                self._enqueue(self._queues[id(sub)], copy, 1)
 
     def _enqueue(
         self, q: asyncio.Queue[tuple[Message, int]], message: Message, delivery: int
@@ -82,7 +86,14 @@ class InMemoryBus:
         while True:
             message, delivery = await q.get()
             try:
-                await sub.handler(message)
+                with telemetry.consuming(
+                    message.topic,
+                    message.headers,
+                    message.message_id,
+                    job_id=getattr(message, "job_id", None),
+                    delivery=delivery,
+                ):
+                    await sub.handler(message)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -37,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import aio_pika
@@ -54,6 +56,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelPreconditionFailed
 from yarl import URL
 
+from airoboros import metrics, telemetry
 from airoboros.contracts import Message
 from airoboros.errors import BusError, BusUnavailable
 from airoboros.ports import Bus, Handler, M
@@ -162,6 +165,7 @@ class AmqpBus:
         self._consumers: list[tuple[AbstractRobustQueue, str]] = []
         self._inflight: set[asyncio.Task[Any]] = set()
         self._declared: set[str] = set()
+        self._poll_task: asyncio.Task[None] | None = None
 
     # --- names -----------------------------------------------------------------------
 
@@ -247,6 +251,7 @@ class AmqpBus:
             self._exchange = await self._declare_exchanges(self._pub_channel)
             for sub in self._subs:
                 await self._start_subscription(sub)
+            self._poll_task = asyncio.create_task(self._poll_depths())
         except BaseException:
             # Half started is of no use: leave nothing connected or consuming behind.
             await self.close()
@@ -259,18 +264,20 @@ class AmqpBus:
         if self._closing:
             raise RuntimeError("the bus is closed")
         routing_key = self.routing_key(message)
-        headers: dict[str, Any] = dict(message.headers)  # W3C trace context
+        headers: dict[str, Any] = dict(message.headers)
         headers["x-schema-version"] = message.schema_version
-        amqp_message = aio_pika.Message(
-            body=message.model_dump_json().encode("utf-8"),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            type=message.topic,
-            timestamp=message.created_at,
-            headers=headers,
-        )
-        result = await self._publish_with_retry(amqp_message, routing_key)
+        # The W3C trace context of a producer span goes in the AMQP headers.
+        with telemetry.publishing(message.topic, headers, message.message_id):
+            amqp_message = aio_pika.Message(
+                body=message.model_dump_json().encode("utf-8"),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message.message_id,
+                type=message.topic,
+                timestamp=message.created_at,
+                headers=headers,
+            )
+            result = await self._publish_with_retry(amqp_message, routing_key)
         if not isinstance(result, aiormq.spec.Basic.Ack):
             # mandatory=True and nothing was bound: the broker returned it to us.
             log.warning(
@@ -299,6 +306,11 @@ class AmqpBus:
                     timeout=2.0,
                 )
         self._consumers.clear()
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._poll_task
+            self._poll_task = None
         running = {t for t in self._inflight if not t.done()}
         if running:
             _, pending = await asyncio.wait(running, timeout=self.close_timeout)
@@ -566,6 +578,31 @@ class AmqpBus:
             if task is not None:
                 self._inflight.discard(task)
 
+    async def _poll_depths(self) -> None:
+        """Every ``metrics.QUEUE_POLL_SECONDS``: the ready messages and consumers of each
+        queue this bus declared (a passive declare on a channel of its own, as a missing
+        queue closes the channel it is asked on)."""
+        channel: Any = None
+        while not self._closing:
+            try:
+                if channel is None or channel.is_closed:
+                    assert self._pub_conn is not None
+                    channel = await self._pub_conn.channel()
+                for name in sorted(self._declared):
+                    q = await channel.declare_queue(name, passive=True)
+                    result = q.declaration_result
+                    metrics.QUEUE_MESSAGES.labels(name).set(result.message_count or 0)
+                    metrics.QUEUE_CONSUMERS.labels(name).set(result.consumer_count or 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("queue depth poll failed: %s", exc)
+                channel = None
+            await asyncio.sleep(metrics.QUEUE_POLL_SECONDS)
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
     async def _on_message(
         self,
         sub: _Subscription,
@@ -596,9 +633,22 @@ class AmqpBus:
             )
             await self._settle(incoming.reject(requeue=False), queue_name, "reject")
             return
+        topic = sub.message_type.topic
+        metrics.MESSAGE_LAG.labels(topic).observe(
+            max(0.0, (datetime.now(UTC) - message.created_at).total_seconds())
+        )
+        start = time.perf_counter()
         try:
-            await sub.handler(message)
+            with telemetry.consuming(
+                topic,
+                incoming.headers,
+                message.message_id,
+                job_id=getattr(message, "job_id", None),
+                delivery=_delivery_count(incoming) + 1,
+            ):
+                await sub.handler(message)
         except Exception as exc:
+            metrics.HANDLER_SECONDS.labels(topic, "error").observe(time.perf_counter() - start)
             delivery = _delivery_count(incoming) + 1
             if delivery >= self.max_deliveries:
                 log.error(
@@ -621,6 +671,7 @@ class AmqpBus:
             # Requeue: the quorum queue counts the return and dead-letters past the limit.
             await self._settle(incoming.nack(requeue=True), queue_name, "nack")
             return
+        metrics.HANDLER_SECONDS.labels(topic, "ok").observe(time.perf_counter() - start)
         await self._settle(incoming.ack(), queue_name, "ack")
 
     async def _on_dead_letter(

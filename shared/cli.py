@@ -29,15 +29,24 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ENDPOINT, EXIT_BUDGET, EXIT_INTERRUPTED 
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; inside a span, with its ``trace_id`` and ``span_id`` (the
+    ids the trace UI shows), and the exception when there is one."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "ts": self.formatTime(record),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )
+        from airoboros.telemetry import log_ids
+
+        out: dict[str, Any] = {
+            "ts": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        ids = log_ids()
+        if ids is not None:
+            out["trace_id"], out["span_id"] = ids
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def setup_logging(debug: bool) -> None:
@@ -231,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "debug", False))
+    from airoboros import telemetry
+
+    # Off unless OTEL_TRACES_EXPORTER asks: a laptop run has no collector.
+    telemetry.setup("airoboros-cli", default_on=False)
     try:
         code = int(args.func(args))
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
-"""A minimal HTTP server for the health probes of queue workers (/healthz, /readyz).
+"""A minimal HTTP server for queue workers: the health probes (/healthz, /readyz) and
+the Prometheus metrics (/metrics).
 
-Workers have no web framework; this answers the two probe routes and 404 otherwise.
+Workers have no web framework; this answers those three routes and 404 otherwise.
 """
 
 from __future__ import annotations
@@ -36,8 +37,14 @@ class HealthServer:
                 b"",
             ):
                 pass
+            ctype = "application/json"
             if path == "/healthz":
                 status, body = "200 OK", b'{"status":"ok"}'
+            elif path == "/metrics":
+                from airoboros.metrics import exposition
+
+                status = "200 OK"
+                body, ctype = exposition()
             elif path == "/readyz":
                 ok = self.ready()
                 status = "200 OK" if ok else "503 Service Unavailable"
@@ -45,7 +52,7 @@ class HealthServer:
             else:
                 status, body = "404 Not Found", b'{"error":{"message":"not found"}}'
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )

@@ -2,6 +2,7 @@
 
 import asyncio
 
+from airoboros import telemetry
 from airoboros.cli import setup_logging
 from airoboros.dedupe.worker import run_worker
 from airoboros.settings import DedupeSettings
@@ -9,4 +10,5 @@ from airoboros.settings import DedupeSettings
 if __name__ == "__main__":
     settings = DedupeSettings()
     setup_logging(settings.log_level.upper() == "DEBUG")
+    telemetry.setup("airoboros-dedupe")
     asyncio.run(run_worker(settings))

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from airoboros import telemetry
 from airoboros.contracts import CandidatesProposed, CandidatesScreened, Message
 from airoboros.ports import Embedder, VectorStore
 from airoboros.store import SqlStore
@@ -118,6 +119,18 @@ class DedupeService:
         self.publish = publish
 
     async def on_proposed(self, msg: CandidatesProposed) -> None:
+        with telemetry.span(
+            f"dedupe {msg.instructor}",
+            attributes={
+                "airoboros.service": "dedupe",
+                "airoboros.job_id": msg.job_id,
+                "airoboros.instructor": msg.instructor,
+                "airoboros.candidates": len(msg.candidates),
+            },
+        ):
+            await self._on_proposed(msg)
+
+    async def _on_proposed(self, msg: CandidatesProposed) -> None:
         flags = await self.deduper.screen(
             msg.namespace or msg.job_id,
             [c.candidate_id for c in msg.candidates],

@@ -2,6 +2,7 @@
 
 import asyncio
 
+from airoboros import telemetry
 from airoboros.cli import setup_logging
 from airoboros.generator.worker import run_worker
 from airoboros.settings import GeneratorSettings
@@ -9,4 +10,5 @@ from airoboros.settings import GeneratorSettings
 if __name__ == "__main__":
     settings = GeneratorSettings()
     setup_logging(settings.log_level.upper() == "DEBUG")
+    telemetry.setup("airoboros-generator")
     asyncio.run(run_worker(settings))

@@ -11,6 +11,7 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from airoboros import telemetry
 from airoboros.config import Config
 from airoboros.contracts import (
     Artifact,
@@ -69,6 +70,17 @@ class GeneratorService:
             del self._instructors[key]
 
     async def on_generate(self, task: GenerateBatch) -> None:
+        with telemetry.span(
+            f"generate {task.instructor}",
+            attributes={
+                "airoboros.service": "generator",
+                "airoboros.job_id": task.job_id,
+                "airoboros.instructor": task.instructor,
+            },
+        ):
+            await self._on_generate(task)
+
+    async def _on_generate(self, task: GenerateBatch) -> None:
         """Step 1: propose candidates, then hand them to dedupe."""
         inst, config = await self.instructor(task.job_id, task.instructor)
         stats = BatchStats()
@@ -116,6 +128,18 @@ class GeneratorService:
         )
 
     async def on_screened(self, msg: CandidatesScreened) -> None:
+        with telemetry.span(
+            f"respond {msg.instructor}",
+            attributes={
+                "airoboros.service": "generator",
+                "airoboros.job_id": msg.job_id,
+                "airoboros.instructor": msg.instructor,
+                "airoboros.accepted": len(msg.accepted),
+            },
+        ):
+            await self._on_screened(msg)
+
+    async def _on_screened(self, msg: CandidatesScreened) -> None:
         """Step 2: respond to every accepted candidate, concurrently; report the batch."""
         inst, _ = await self.instructor(msg.job_id, msg.instructor)
         stats = msg.stats.model_copy()

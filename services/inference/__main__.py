@@ -3,6 +3,7 @@
 import os
 import sys
 
+from airoboros import telemetry
 from airoboros.cli import setup_logging
 from airoboros.errors import ConfigError
 from airoboros.inference.settings import InferenceSettings
@@ -17,6 +18,7 @@ if __name__ == "__main__":
 
     settings = InferenceSettings()
     setup_logging(settings.log_level.upper() == "DEBUG")
+    telemetry.setup("airoboros-inference")
     try:
         app = create_app(settings)
     except ConfigError as exc:

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from airoboros import metrics
 from airoboros.errors import ConfigError
 from airoboros.inference.adapters import check_name
 from airoboros.inference.backend import (
@@ -152,6 +153,7 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
         description="OpenAI-compatible generation with one base model and many LoRA experts.",
         lifespan=lifespan,
     )
+    metrics.instrument(app)
     app.state.service = service
     app.state.backend = backend
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from airoboros import metrics
 from airoboros.contracts import AdapterPublished
 from airoboros.errors import ConfigError
 from airoboros.inference.adapters import (
@@ -533,6 +534,7 @@ class LocalEngine:
         try:
             await self._run_model(lambda: self._load_slot(entry.resolved.folder, slot))
         except Exception as exc:
+            metrics.ADAPTER_LOADS.labels("rejected").inc()
             raise AdapterRejected(
                 f"adapter {entry.name!r} does not fit the base model {self._model_id!r}: "
                 f"{type(exc).__name__}: {exc}"
@@ -541,6 +543,8 @@ class LocalEngine:
         entry.last_used = time.monotonic()
         self._resident.append(entry)
         self.stats["loads"] += 1
+        metrics.ADAPTER_LOADS.labels("ok").inc()
+        metrics.ADAPTERS_RESIDENT.set(len(self._resident))
         log.info(
             "adapter %s loaded as %s in %.0f ms",
             entry.name,
@@ -558,6 +562,9 @@ class LocalEngine:
         entry.slot = None
         self._resident.remove(entry)
         self.stats["evictions"] += 1
+        if not entry.removed:  # made room, not a deletion
+            metrics.ADAPTER_EVICTIONS.inc()
+        metrics.ADAPTERS_RESIDENT.set(len(self._resident))
         await self._run_model(lambda: self._delete_slot(slot))
         log.info("adapter %s evicted (slot %s)", entry.name, slot)
 

@@ -4,6 +4,7 @@ import sys
 
 import uvicorn
 
+from airoboros import telemetry
 from airoboros.cli import setup_logging
 from airoboros.errors import ConfigError
 from airoboros.router.app import create_app
@@ -12,6 +13,7 @@ from airoboros.router.settings import RouterSettings
 if __name__ == "__main__":
     settings = RouterSettings()
     setup_logging(settings.log_level.upper() == "DEBUG")
+    telemetry.setup("airoboros-router")
     try:
         app = create_app(settings)
     except ConfigError as exc:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from airoboros import metrics
 from airoboros.ports import Embedder
 from airoboros.router.agent import AgentRouter
 from airoboros.router.backends import BackendPool, Stream
@@ -238,6 +239,7 @@ def create_app(
         description="OpenAI-compatible front door: routes each request to the best expert.",
         lifespan=lifespan,
     )
+    metrics.instrument(app)
     app.state.service = service
     app.state.router_state = state
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 
+from airoboros import telemetry
 from airoboros.router.errors import (
     BadGateway,
     RouterError,
@@ -347,7 +348,9 @@ class BackendPool:
         for b in self.order(model):
             b.outstanding += 1
             try:
-                resp = await self.session.post(f"{b.url}{path}", data=body, headers=self._headers())
+                # The trace goes on to the pod (W3C traceparent).
+                headers = telemetry.inject(self._headers())
+                resp = await self.session.post(f"{b.url}{path}", data=body, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # The request never left (no connection, or none free in time): safe to
                 # give it to another pod.

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from airoboros import metrics
 from airoboros.router.agent import AgentRouter
 from airoboros.router.backends import BackendPool, Reply, Stream
 from airoboros.router.errors import ModelNotFound, RouterError, Unavailable
@@ -268,6 +269,9 @@ class RouterService:
             decision = Decision(explicit, "explicit")
         else:
             decision = await self.decide(self.routing_text(req))
+        metrics.ROUTING.labels(decision.expert, decision.method).inc()
+        if explicit is None:
+            metrics.ROUTING_SECONDS.observe(decision.seconds)
         # Backends know the adapter by name in `model`; `expert` is ours alone.
         data["model"] = decision.expert
         data.pop("expert", None)

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from airoboros import metrics
 from airoboros.errors import AiroborosError, ConfigError, NotFoundError
 from airoboros.settings import TopicsSettings
 from airoboros.topics.cull import CullRequest, JobNotFinished
@@ -83,6 +84,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         description="Dataset generation jobs: post a config, follow it, fetch the rows.",
         lifespan=lifespan,
     )
+    metrics.instrument(app)
 
     def svc() -> Any:
         s = state["service"]

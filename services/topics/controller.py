@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from airoboros import telemetry
 from airoboros.config import Config
 from airoboros.contracts import Artifact, BatchCompleted, GenerateBatch, Item, JobEvent, Message
 from airoboros.store import InstructorStats, SqlStore, StoredItem
@@ -102,8 +103,11 @@ class JobController:
         classes: dict[str, type[Instructor]] | None = None,
         seed: int | None = None,
         on_artifacts: Callable[[list[Artifact]], Awaitable[None]] | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> None:
         self.job_id = job_id
+        #: the job's trace (the request that created it): its batches are dispatched in it
+        self.trace_context = trace_context or None
         self.config = config
         self.store = store
         self.publish = publish
@@ -288,7 +292,17 @@ class JobController:
             # Recorded before it is published: a crash in between leaves a task that
             # expires, never a batch the controller does not know about.
             await self.store.add_task(self.job_id, task.task_id, v.name)
-            await self.publish(task)
+            with telemetry.span(
+                f"dispatch {v.name}",
+                parent=self.trace_context,
+                attributes={
+                    "airoboros.service": "topics",
+                    "airoboros.job_id": self.job_id,
+                    "airoboros.instructor": v.name,
+                    "airoboros.task_id": task.task_id,
+                },
+            ):
+                await self.publish(task)
             self._in_flight[v.name] = self._in_flight.get(v.name, 0) + 1
 
     async def start(self) -> None:

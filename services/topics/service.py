@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+from airoboros import telemetry
 from airoboros.config import Config, parse_config
 from airoboros.contracts import (
     AdapterPublished,
@@ -82,7 +83,12 @@ class TopicsService:
         job_id = uuid.uuid4().hex
         # Keys are never stored with a job: workers use their own OPENAI_API_KEY.
         stored = cfg.model_dump(mode="json", exclude={"openai_api_key"})
-        await self.store.ensure_job(job_id, config=stored, targets=plan.targets)
+        await self.store.ensure_job(
+            job_id,
+            config=stored,
+            targets=plan.targets,
+            trace_context=telemetry.current_context(),
+        )
         await self._take(job_id)
         out = await self.status(job_id)
         out["skipped"] = plan.skipped
@@ -124,7 +130,12 @@ class TopicsService:
 
             async def on_finish(outcome: JobOutcome) -> None:
                 if outcome.status in ("done", "budget_exhausted"):
-                    await self.export(job_id)
+                    with telemetry.span(
+                        "export",
+                        parent=job.trace_context or None,
+                        attributes={"airoboros.service": "topics", "airoboros.job_id": job_id},
+                    ):
+                        await self.export(job_id)
 
             async def on_artifacts(cards: list[Artifact]) -> None:
                 # Cards are kept beside the job's exports, one JSON object each.
@@ -142,6 +153,7 @@ class TopicsService:
                 pickers=pickers,
                 on_finish=on_finish,
                 on_artifacts=on_artifacts,
+                trace_context=job.trace_context,
             )
             self.controllers[job_id] = ctl
             await ctl.start()
@@ -314,6 +326,18 @@ class TopicsService:
 
     # --- the pipeline's results -----------------------------------------------------------
     async def on_completed(self, msg: BatchCompleted) -> None:
+        with telemetry.span(
+            "store rows",
+            attributes={
+                "airoboros.service": "topics",
+                "airoboros.job_id": msg.job_id,
+                "airoboros.instructor": msg.instructor,
+                "airoboros.rows": len(msg.items),
+            },
+        ):
+            await self._on_completed(msg)
+
+    async def _on_completed(self, msg: BatchCompleted) -> None:
         ctl = self.controllers.get(msg.job_id)
         if ctl is not None and not ctl.finished:
             await ctl.on_completed(msg)

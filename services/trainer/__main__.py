@@ -3,6 +3,7 @@
 import asyncio
 import sys
 
+from airoboros import telemetry
 from airoboros.cli import setup_logging
 from airoboros.errors import ConfigError
 from airoboros.settings import TrainerSettings
@@ -11,6 +12,7 @@ from airoboros.trainer.worker import run_worker
 if __name__ == "__main__":
     settings = TrainerSettings()
     setup_logging(settings.log_level.upper() == "DEBUG")
+    telemetry.setup("airoboros-trainer")
     try:
         asyncio.run(run_worker(settings))
     except ConfigError as exc:

@@ -1,5 +1,5 @@
 """One-off training of one job's dataset: ``python -m airoboros.trainer.job`` (the
-Kubernetes Job in deploy/k8s/trainer-job.yaml). Same settings and same code as the
+Kubernetes Job in deploy/k8s/jobs/trainer-job.yaml). Same settings and same code as the
 worker; the job id comes from ``JOB_ID``. Exit codes: 0 trained, 1 some expert failed,
 2 bad settings."""
 
@@ -9,6 +9,7 @@ import asyncio
 import os
 import sys
 
+from airoboros import telemetry
 from airoboros.cli import setup_logging
 from airoboros.contracts import DatasetExported
 from airoboros.errors import ConfigError
@@ -42,6 +43,7 @@ async def run_once(settings: TrainerSettings, job_id: str) -> None:
 def main() -> int:
     settings = TrainerSettings()
     setup_logging(settings.log_level.upper() == "DEBUG")
+    telemetry.setup("airoboros-trainer")
     job_id = os.environ.get("JOB_ID", "")
     try:
         if not job_id:

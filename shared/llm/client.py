@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx2  # the transport of the openai SDK (a maintained fork of httpx)
 import openai
+from opentelemetry.trace import SpanKind
 
+from airoboros import metrics, telemetry
 from airoboros.errors import (
     AuthError,
     BadRequestError,
@@ -215,13 +217,38 @@ class LLMClient:
             try:
                 async with self.limiter.slot(estimate):
                     await self.meter.acheck()
-                    text, finish, usage, headers = await self._call(
-                        messages, model=model, params=params, max_tokens=max_tokens
-                    )
+                    with telemetry.span(
+                        f"chat {model}",
+                        kind=SpanKind.CLIENT,
+                        attributes={
+                            "gen_ai.system": "openai",
+                            "gen_ai.operation.name": "chat",
+                            "gen_ai.request.model": model,
+                            "airoboros.instructor": instructor,
+                            "airoboros.attempt": attempt,
+                        },
+                    ) as span:
+                        started = time.perf_counter()
+                        try:
+                            text, finish, usage, headers = await self._call(
+                                messages, model=model, params=params, max_tokens=max_tokens
+                            )
+                        except Exception as exc:
+                            code = classify(exc).code
+                            metrics.LLM_REQUESTS.labels(model, instructor, code).inc()
+                            raise
+                        finally:
+                            metrics.LLM_SECONDS.labels(model).observe(time.perf_counter() - started)
+                        span.set_attribute("gen_ai.usage.input_tokens", usage[0])
+                        span.set_attribute("gen_ai.usage.output_tokens", usage[1])
                 self.limiter.learn(headers)
                 prompt_t, completion_t = usage
                 self.limiter.settle_tokens(estimate, prompt_t + completion_t)
                 call = await self.meter.arecord(instructor, model, prompt_t, completion_t)
+                metrics.LLM_REQUESTS.labels(model, instructor, "ok").inc()
+                metrics.LLM_TOKENS.labels(model, instructor, "prompt").inc(prompt_t)
+                metrics.LLM_TOKENS.labels(model, instructor, "completion").inc(completion_t)
+                metrics.LLM_COST.labels(model, instructor).inc(call.cost)
                 return Completion(
                     text, finish, prompt_t, completion_t, call.cost, model, attempt, rate_limited
                 )
@@ -267,7 +294,11 @@ class LLMClient:
             extra["max_tokens"] = max_tokens
         if self.settings.api == "completions":
             raw = await self._client.completions.with_raw_response.create(
-                model=model, prompt=messages_to_prompt(messages), **params, **extra
+                model=model,
+                prompt=messages_to_prompt(messages),
+                extra_headers=telemetry.inject({}),
+                **params,
+                **extra,
             )
             resp: Any = raw.parse()
             choice = resp.choices[0] if resp.choices else None
@@ -276,6 +307,7 @@ class LLMClient:
             raw = await self._client.chat.completions.with_raw_response.create(
                 model=model,
                 messages=messages,  # type: ignore[arg-type]
+                extra_headers=telemetry.inject({}),
                 **params,
                 **extra,
             )

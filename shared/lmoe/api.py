@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     setup_logging(args.debug)
+    from airoboros import telemetry
+
+    telemetry.setup("airoboros-lmoe", default_on=False)
     try:
         asyncio.run(serve(args))
     except ConfigError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from airoboros import metrics
 from airoboros.contracts import Artifact, BatchStats, Item
 from airoboros.errors import NotFoundError, StoreError
 from airoboros.store.models import (
@@ -74,6 +75,8 @@ class JobRecord:
     cancel_requested: bool = False
     export_uri: str | None = None
     finished_at: datetime | None = None
+    #: W3C trace context of the request that created the job ({} when none)
+    trace_context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,13 +167,23 @@ class SqlStore:
 
     # --- jobs ---------------------------------------------------------------------------
     async def ensure_job(
-        self, job_id: str, *, config: dict[str, Any], targets: dict[str, int]
+        self,
+        job_id: str,
+        *,
+        config: dict[str, Any],
+        targets: dict[str, int],
+        trace_context: dict[str, str] | None = None,
     ) -> JobRecord:
         """Create the job if new; (re)set each instructor's target. Returns the job."""
         async with self._s() as s, s.begin():
             job = await s.get(Job, job_id)
             if job is None:
-                job = Job(id=job_id, status="running", config=json.dumps(config))
+                job = Job(
+                    id=job_id,
+                    status="running",
+                    config=json.dumps(config),
+                    trace_context=json.dumps(trace_context) if trace_context else None,
+                )
                 s.add(job)
                 await s.flush()
             else:
@@ -398,6 +411,14 @@ class SqlStore:
                     if await check.get(ProcessedMessage, message_id) is not None:
                         return None
                 raise
+        for outcome, n in (
+            ("accepted", len(rows)),
+            ("duplicate", stats.duplicates),
+            ("filtered", stats.filtered),
+            ("dropped", len(items) - len(rows)),
+        ):
+            if n:
+                metrics.ITEMS.labels(instructor, outcome).inc(n)
         return [StoredItem(r.id, _to_item(r)) for r in rows]
 
     async def _insert_artifact(self, s: AsyncSession, job_id: str, a: Artifact) -> bool:
@@ -770,6 +791,7 @@ def _job_record(job: Job) -> JobRecord:
         job.cancel_requested,
         job.export_uri,
         job.finished_at,
+        json.loads(job.trace_context) if job.trace_context else {},
     )
 
 

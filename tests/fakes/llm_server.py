@@ -304,6 +304,8 @@ class ScriptedLLM:
         self.prompts: list[str] = []
         #: (model, prompt) of every admitted request
         self.requests_log: list[tuple[str, str]] = []
+        #: the W3C traceparent header of each completion request ("" when none)
+        self.traceparents: list[str] = []
         #: monotonic arrival time of every completion request, and whether it was admitted
         self.arrivals: list[tuple[float, bool]] = []
         self._history: list[str] = []
@@ -528,6 +530,7 @@ class ScriptedLLM:
         messages: list[dict[str, Any]] | None = None,
     ) -> Any:
         self.stats["requests"] += 1
+        self.traceparents.append(request.headers.get("traceparent", ""))
         if (err := self._auth(request)) is not None:
             self.stats["401"] += 1
             return err

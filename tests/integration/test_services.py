@@ -333,3 +333,126 @@ def test_the_example_config_runs_as_services(stack, tmp_path):
     client = Minio(env["AIROBOROS_S3_ENDPOINT"], "testing", "testing", secure=False)
     cards = list(client.list_objects(env["AIROBOROS_S3_BUCKET"], f"jobs/{job_id}/characters/"))
     assert len(cards) == targets["character"]
+
+
+SMALL_JOB = {**JOB, "instructors": {"joke": {"count": 4}, "trivia": {"count": 3}}}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        key, value = line.rsplit(" ", 1)
+        base, _, rest = key.partition("{")
+        got = ",".join(sorted(p for p in rest.rstrip("}").split(",") if p))
+        if base == name and got == want:
+            return float(value)
+    return 0.0
+
+
+def test_one_job_is_one_trace_across_the_services_and_each_has_metrics(stack):
+    """POST /v1/jobs -> dispatch -> generate (LLM calls) -> dedupe -> store rows: one trace
+    over three processes, exported over OTLP; /metrics of each tells what it did."""
+    import httpx
+
+    from tests.fakes.otlp_collector import OtlpCollector
+
+    with OtlpCollector() as collector:
+        stack.env.update(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_BSP_SCHEDULE_DELAY": "200",
+            }
+        )
+        for name in ("dedupe", "generator", "topics"):
+            stack.start(name, f"airoboros.{name}", OTEL_SERVICE_NAME=f"airoboros-{name}")
+        job_id = post_job(stack, SMALL_JOB)
+        assert stack.wait_job(job_id)["status"] == "done", stack.logs()
+
+        scraped = {
+            name: httpx.get(f"http://127.0.0.1:{p.port}/metrics", timeout=5)
+            for name, p in stack.procs.items()
+        }
+        for r in scraped.values():
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        topics, generator, dedupe = (scraped[n].text for n in ("topics", "generator", "dedupe"))
+        # Rows are counted where they are committed, once each.
+        assert metric(topics, "airoboros_items_total", instructor="joke", outcome="accepted") == 4
+        assert metric(topics, "airoboros_items_total", instructor="trivia", outcome="accepted") == 3
+        # Every call the endpoint answered is counted, by model and instructor.
+        calls = sum(
+            metric(
+                generator, "airoboros_llm_requests_total", model="gpt-4", instructor=i, outcome="ok"
+            )
+            for i in ("joke", "trivia")
+        )
+        assert calls == len(stack.llm.traceparents) > 0
+        assert metric(generator, "airoboros_llm_tokens_total", model="gpt-4",
+                      instructor="joke", kind="completion") > 0  # fmt: skip
+        assert metric(dedupe, "airoboros_handler_seconds_count", topic="dedupe.screen",
+                      outcome="ok") >= 2  # fmt: skip
+        assert 'airoboros_queue_messages{queue="' in generator  # depth, polled from RabbitMQ
+        assert (
+            'airoboros_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="201"}'
+            in topics
+        )
+
+        stack.stop_all()  # each process flushes its spans on the way out
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            services = {s.service for s in collector.spans}
+            if {"airoboros-topics", "airoboros-generator", "airoboros-dedupe"} <= services:
+                break
+            time.sleep(0.2)
+        spans = collector.spans
+    assert collector.collected.bad_requests == 0
+
+    [post] = [s for s in spans if s.name == "POST /v1/jobs" and s.kind == 2]  # server span
+    trace = [s for s in spans if s.trace_id == post.trace_id]
+    by_id = {s.span_id: s for s in trace}
+    assert {s.service for s in trace} == {
+        "airoboros-topics",
+        "airoboros-generator",
+        "airoboros-dedupe",
+    }
+    names = {s.name for s in trace}
+    for want in (
+        "dispatch joke",
+        "generation.batch publish",
+        "generation.batch process",
+        "generate joke",
+        "chat gpt-4",
+        "dedupe.screen process",
+        "dedupe joke",
+        "respond joke",
+        "store rows",
+        "export",
+    ):
+        assert want in names, (want, sorted(names))
+
+    def reaches_post(s: Any) -> bool:
+        while s.parent_id:
+            if s.parent_id == post.span_id:
+                return True
+            parent = by_id.get(s.parent_id)
+            if parent is None:
+                return False
+            s = parent
+        return False
+
+    # Every span of the job's work hangs under the POST, across the broker hops.
+    for s in trace:
+        if s is not post:
+            assert reaches_post(s), s
+    # Every batch that stored rows did so in this trace, and so did every LLM call.
+    stored = [s for s in spans if s.name == "store rows" and s.attributes.get("airoboros.rows")]
+    assert stored and all(s.trace_id == post.trace_id for s in stored)
+    chats = [s for s in spans if s.name == "chat gpt-4"]
+    assert chats and all(s.trace_id == post.trace_id for s in chats)
+    assert chats[0].attributes["gen_ai.usage.output_tokens"] > 0
+    # The LLM endpoint was sent the trace too (its own spans would join it).
+    sent = [t for t in stack.llm.traceparents if t]
+    assert sent and all(t.split("-")[1] == post.trace_id for t in sent)
