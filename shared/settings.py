@@ -5,7 +5,7 @@ One pydantic-settings class per service on a shared base; README lists every var
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +15,13 @@ class ServiceSettings(BaseSettings):
     """What every deployed service reads."""
 
     model_config = SettingsConfigDict(env_prefix="AIROBOROS_", extra="ignore")
+
+    #: The settings a deployment must give this service (their defaults suit one laptop:
+    #: loopback addresses, no keys). docker-compose.yml and deploy/k8s set each of them for
+    #: the service; tests/unit/test_deploy_settings.py holds them to it.
+    deploy_required: ClassVar[tuple[str, ...]] = ()
+    #: the service's command in its image
+    module: ClassVar[str] = ""
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     #: exchange and queue name prefix (lets several deployments share one broker)
@@ -55,7 +62,14 @@ class ServiceSettings(BaseSettings):
         return {CandidatesProposed.topic: self.dedupe_partitions}
 
 
+# The broker topology must be the same in every service, and so must the object store.
+_BROKER = ("amqp_url", "amqp_prefix", "max_deliveries", "dedupe_partitions")
+_S3 = ("s3_endpoint", "s3_access_key", "s3_secret_key", "s3_bucket", "s3_secure")
+
+
 class TopicsSettings(ServiceSettings):
+    deploy_required = (*_BROKER, "database_url", "redis_url", *_S3, "api_keys", "port")
+    module = "airoboros.topics"
     port: int = 8080
     #: seconds between controller ticks (timeouts, top-ups) besides those on each result
     tick_interval: float = 2.0
@@ -64,12 +78,16 @@ class TopicsSettings(ServiceSettings):
 
 
 class GeneratorSettings(ServiceSettings):
+    deploy_required = (*_BROKER, "database_url", "redis_url", "openai_api_key", "port")
+    module = "airoboros.generator"
     port: int = 8081
     #: LLM calls in flight in this replica
     max_concurrency: int = 32
 
 
 class DedupeSettings(ServiceSettings):
+    deploy_required = (*_BROKER, "database_url", "weaviate_url", "port")
+    module = "airoboros.dedupe"
     port: int = 8082
     embedding_model: str | None = None
     embedding_device: str = "cpu"
@@ -77,14 +95,31 @@ class DedupeSettings(ServiceSettings):
 
 
 class TrainerSettings(ServiceSettings):
+    deploy_required = (*_BROKER, "database_url", *_S3, "base_model", "work_dir", "port")
+    module = "airoboros.trainer"
     port: int = 8083
     #: local path of the base model (a mounted volume in a deployment)
     base_model: str = ""
     #: experts to train, comma-separated; empty: every expert of the map
     experts: str = ""
-    #: YAML of TrainConfig keys (lora_r, epochs, learning_rate, ...); empty: the defaults
+    #: path of a YAML file of TrainConfig keys (lora_r, epochs, learning_rate, ...); empty:
+    #: the defaults
     train_config: str = ""
-    #: YAML category -> expert map; empty: the six default experts
+    #: path of a YAML file mapping category -> expert; empty: the six default experts
     expert_map: str = ""
     #: scratch space for segments, checkpoints and packages
     work_dir: str = "/tmp/airoboros-trainer"
+
+
+def env_name(settings: type[ServiceSettings], field: str) -> str:
+    """The environment variable that sets ``field`` of ``settings``: its alias when it has
+    one (``OPENAI_API_KEY``), else ``AIROBOROS_<FIELD>``."""
+    info = settings.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        if isinstance(first, str):
+            return first
+    if isinstance(alias, str):
+        return alias
+    return f"AIROBOROS_{field.upper()}"

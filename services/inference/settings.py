@@ -13,6 +13,22 @@ def _split(value: str) -> list[str]:
 
 
 class InferenceSettings(ServiceSettings):
+    deploy_required = (
+        "base_model",
+        "device",
+        "amqp_url",
+        "amqp_prefix",
+        "max_deliveries",
+        "dedupe_partitions",
+        "subscribe_adapters",
+        "s3_endpoint",
+        "s3_access_key",
+        "s3_secret_key",
+        "s3_bucket",
+        "s3_secure",
+        "port",
+    )
+    module = "airoboros.inference"
     port: int = 8084
     #: "local": this process holds the base model and the adapters (transformers + peft);
     #: "tgi": a text-generation-inference server does the generation (``tgi_url``)

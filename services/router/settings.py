@@ -15,6 +15,22 @@ RoutingRule = Literal["centroid", "mean", "vote", "hybrid"]
 
 
 class RouterSettings(ServiceSettings):
+    deploy_required = (
+        "backends",
+        "lmoe",
+        "amqp_url",
+        "amqp_prefix",
+        "max_deliveries",
+        "dedupe_partitions",
+        "s3_endpoint",
+        "s3_access_key",
+        "s3_secret_key",
+        "s3_bucket",
+        "s3_secure",
+        "api_keys",
+        "port",
+    )
+    module = "airoboros.router"
     port: int = 8085
 
     # --- where requests go ---------------------------------------------------------------

@@ -1,23 +1,23 @@
-"""docker-compose.yml, the service Dockerfiles and .env.example agree with each other and
-with ``airoboros.settings``.
+"""docker-compose.yml, .env.example and deploy/otel-collector.yaml agree with each other and
+with the settings classes.
 
 The compose file is rendered by the real ``docker-compose config`` (Debian's 1.29, which
-.ci/run installs), once with no .env and once with .env.example copied to .env; what it
-renders is then checked against the settings classes: every variable a service is given is
-one of its settings, the connection settings are all given and point at services it waits
-for, and the ports are the ones the service listens on. No daemon and no image build are
-needed.
+.ci/run installs): with no .env, with .env.example copied to .env, and with each profile
+(gpu, cpu). What it renders is then checked against the settings classes: every variable a
+service is given is one of its settings, the settings a deployment must give
+(``deploy_required``) are all given, connections point at services it waits for, the ports
+are the ones the service listens on; and against the profiles: which services each brings
+up, that nothing waits for a service of another profile, and who gets a GPU. No daemon and
+no image build are needed. The Dockerfiles have their own tests (tests/unit/test_dockerfiles.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,40 +27,66 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from airoboros.inference.settings import InferenceSettings
+from airoboros.router.settings import RouterSettings
 from airoboros.settings import (
     DedupeSettings,
     GeneratorSettings,
     ServiceSettings,
     TopicsSettings,
+    TrainerSettings,
+    env_name,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-DOCKERIGNORE = ROOT / ".dockerignore"
+COLLECTOR_CONFIG = ROOT / "deploy" / "otel-collector.yaml"
 
+CLASSES: tuple[type[ServiceSettings], ...] = (
+    TopicsSettings,
+    GeneratorSettings,
+    DedupeSettings,
+    TrainerSettings,
+    InferenceSettings,
+    RouterSettings,
+)
+#: compose service -> the settings it reads (the GPU and CPU variants read the same ones)
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "topics": TopicsSettings,
     "generator": GeneratorSettings,
     "dedupe": DedupeSettings,
+    "trainer": TrainerSettings,
+    "trainer-cpu": TrainerSettings,
+    "inference": InferenceSettings,
+    "inference-cpu": InferenceSettings,
+    "router": RouterSettings,
 }
 #: containers that run once and exit 0; the others run until stopped
 ONE_SHOTS = ("migrate", "minio-init")
 #: the infrastructure, each with a healthcheck and a named volume for its data
 INFRA = ("rabbitmq", "postgres", "redis", "minio", "weaviate")
-
-_CONNECTIONS = ("amqp_url", "database_url", "redis_url")
-_S3 = ("s3_endpoint", "s3_access_key", "s3_secret_key", "s3_bucket")
-_LLM = ("openai_api_key", "openai_base_url")
-#: settings each service must be given: without them it would fall back to 127.0.0.1
-REQUIRED: dict[str, tuple[str, ...]] = {
-    # topics calls the LLM too: it generates the topics of a job.
-    "topics": (*_CONNECTIONS, *_S3, "api_keys", *_LLM),
-    "generator": (*_CONNECTIONS, *_LLM),
-    # Without a Weaviate URL each replica would dedupe against its own in-process index.
-    "dedupe": (*_CONNECTIONS, "weaviate_url"),
+#: images with no shell or HTTP client for a health check: waited for as started
+NO_PROBE = ("otel-collector",)
+#: what each way of starting brings up
+DEFAULT = {*INFRA, *ONE_SHOTS, "topics", "generator", "dedupe", "otel-collector", "jaeger"}
+PROFILES: dict[str, set[str]] = {
+    "": DEFAULT,
+    "gpu": DEFAULT | {"trainer", "inference", "router"},
+    "cpu": DEFAULT | {"trainer-cpu", "inference-cpu", "router"},
 }
-#: settings that fix the broker topology and shared state: every service must agree
+GPU_SERVICES = ("trainer", "inference")
+#: services published on the host: the job API, the OpenAI endpoint, the traces UI
+PUBLISHED = {"topics": 8080, "router": 8085, "jaeger": 16686}
+
+_LLM = ("openai_api_key", "openai_base_url")
+#: settings a service must be given beyond its class's deploy_required
+EXTRA_REQUIRED: dict[type[ServiceSettings], tuple[str, ...]] = {
+    # topics calls the LLM too: it generates the topics of a job.
+    TopicsSettings: _LLM,
+    GeneratorSettings: _LLM,
+}
+#: settings that fix the broker topology and shared state: every service given one agrees
 SHARED = (
     "AIROBOROS_AMQP_URL",
     "AIROBOROS_AMQP_PREFIX",
@@ -69,7 +95,15 @@ SHARED = (
     "AIROBOROS_REDIS_PREFIX",
     "AIROBOROS_DEDUPE_PARTITIONS",
     "AIROBOROS_MAX_DELIVERIES",
+    "AIROBOROS_S3_ENDPOINT",
+    "AIROBOROS_S3_BUCKET",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_TRACES_EXPORTER",
 )
+#: variables a service may be given that are no setting: OpenTelemetry's own, and the
+#: NVIDIA container runtime's
+_FOREIGN = re.compile(r"^(OTEL_|NVIDIA_)")
 
 # ``$$`` is compose's escape for a literal ``$`` (a variable of the container's shell).
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -159,6 +193,17 @@ def container_ports(service: dict[str, Any]) -> set[int]:
     return ports
 
 
+def published_ports(service: dict[str, Any]) -> set[int]:
+    """Container ports published on the host."""
+    out: set[int] = set()
+    for p in service.get("ports", []):
+        if isinstance(p, dict):
+            out.add(int(p["target"]))
+        else:
+            out.add(int(str(p).split("/")[0].rsplit(":", 1)[-1]))
+    return out
+
+
 def service_env(rendered: dict[str, Any], name: str) -> dict[str, str]:
     env = rendered["services"][name].get("environment", {})
     if isinstance(env, list):
@@ -166,18 +211,59 @@ def service_env(rendered: dict[str, Any], name: str) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in env.items()}
 
 
+def active(rendered: dict[str, Any], profile: str) -> set[str]:
+    """The services ``docker compose [--profile <profile>] up`` starts (docker-compose 1.x
+    ``config`` prints every service whatever the profile, so this reads ``profiles``)."""
+    return {
+        name
+        for name, service in rendered["services"].items()
+        if not service.get("profiles") or profile in service["profiles"]
+    }
+
+
+def hostnames(rendered: dict[str, Any], name: str) -> set[str]:
+    """The names a service answers to on the compose network: its own and its aliases."""
+    names = {name}
+    networks = rendered["services"][name].get("networks") or {}
+    if isinstance(networks, dict):
+        for spec in networks.values():
+            names.update((spec or {}).get("aliases", []))
+    return names
+
+
+def mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Container path -> (source, read-only) of a service's volumes."""
+    out: dict[str, tuple[str, bool]] = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, dict):
+            out[v["target"]] = (str(v.get("source", "")), bool(v.get("read_only")))
+        else:
+            parts = str(v).split(":")
+            out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+    return out
+
+
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    deploy = service.get("deploy") or {}
+    devices: list[dict[str, Any]] = (
+        deploy.get("resources", {}).get("reservations", {}).get("devices", [])
+    )
+    return devices
+
+
 @cache
 def docker_compose() -> str | None:
     return shutil.which("docker-compose")
 
 
-def render(directory: Path, dotenv: str | None) -> dict[str, Any]:
-    """``docker-compose config`` of a copy of docker-compose.yml in ``directory``, with
-    ``dotenv`` as its .env (none when None), isolated from this shell's variables."""
+def render(directory: Path, dotenv: str | None, *args: str) -> dict[str, Any]:
+    """``docker-compose [args] config`` of a copy of docker-compose.yml in ``directory``,
+    with ``dotenv`` as its .env (none when None), isolated from this shell's variables."""
     binary = docker_compose()
     if binary is None:
         pytest.skip("the docker-compose binary is not on PATH (.ci/run installs it)")
     shutil.copy(COMPOSE, directory / "docker-compose.yml")
+    (directory / ".env").unlink(missing_ok=True)
     if dotenv is not None:
         (directory / ".env").write_text(dotenv)
     ours = compose_variables()
@@ -187,7 +273,7 @@ def render(directory: Path, dotenv: str | None) -> dict[str, Any]:
         if k not in ours and not k.startswith(("COMPOSE_", "DOCKER_"))
     }
     proc = subprocess.run(
-        [binary, "-f", "docker-compose.yml", "config"],
+        [binary, "-f", "docker-compose.yml", *args, "config"],
         cwd=directory,
         env=env,
         capture_output=True,
@@ -195,7 +281,7 @@ def render(directory: Path, dotenv: str | None) -> dict[str, Any]:
         timeout=120,
         check=False,
     )
-    assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
+    assert proc.returncode == 0, f"docker-compose {' '.join(args)} config failed:\n{proc.stderr}"
     # A variable without a default renders as an empty string with only a warning.
     assert "is not set" not in proc.stderr, proc.stderr
     rendered: dict[str, Any] = yaml.safe_load(proc.stdout)
@@ -212,36 +298,151 @@ def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No settings variable of this shell leaks into the settings under test."""
-    for cls in SETTINGS.values():
+    for cls in CLASSES:
         for name in env_names(cls):
             monkeypatch.delenv(name, raising=False)
     return monkeypatch
+
+
+def load_settings(
+    rendered: dict[str, Any], svc: str, clean_env: pytest.MonkeyPatch
+) -> ServiceSettings:
+    for name, value in service_env(rendered, svc).items():
+        clean_env.setenv(name, value)
+    return SETTINGS[svc]()
 
 
 # --------------------------------------------------------------- (a) compose renders
 
 
 def test_compose_config_passes_with_and_without_env(tmp_path: Path) -> None:
-    (tmp_path / "bare").mkdir()
-    (tmp_path / "example").mkdir()
-    bare = render(tmp_path / "bare", None)
-    example = render(tmp_path / "example", ENV_EXAMPLE.read_text())
-    assert set(bare["services"]) >= {*SETTINGS, *ONE_SHOTS, *INFRA}
+    # The same folder for both: relative mounts render as absolute paths under it.
+    bare = render(tmp_path, None)
+    example = render(tmp_path, ENV_EXAMPLE.read_text())
+    assert set(bare["services"]) == set().union(*PROFILES.values())
     # .env.example documents the defaults: copying it changes nothing.
     for name in bare["services"]:
         assert service_env(bare, name) == service_env(example, name), name
         assert bare["services"][name].get("ports") == example["services"][name].get("ports")
+        assert bare["services"][name].get("volumes") == example["services"][name].get("volumes")
+        assert bare["services"][name].get("deploy") == example["services"][name].get("deploy")
 
 
-# ---------------------------------------------------- (b) services against the settings
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_config_passes_for_each_profile(tmp_path: Path, profile: str) -> None:
+    rendered = render(tmp_path, None, "--profile", profile)
+    assert active(rendered, profile) == PROFILES[profile]
+
+
+def test_every_airoboros_service_is_known(rendered: Any) -> None:
+    """A service that runs ``python -m airoboros.<x>`` is checked below against its settings:
+    none may escape that by a name this file does not know."""
+    modules = {cls.module for cls in CLASSES}
+    for name, service in rendered["services"].items():
+        argv = as_argv(service.get("command", []))
+        if len(argv) >= 3 and argv[-2] == "-m" and argv[-1] in modules:
+            assert name in SETTINGS, f"{name} runs {argv[-1]} but is not in SETTINGS"
+    assert set(SETTINGS) <= set(rendered["services"])
+
+
+# ------------------------------------------------------------------------ (b) profiles
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_each_profile_waits_only_for_its_own_services(rendered: Any, profile: str) -> None:
+    """Compose refuses to start a service that waits for one of an inactive profile."""
+    up = active(rendered, profile)
+    assert up == PROFILES[profile]
+    for name in up:
+        outside = sorted(all_dependencies(rendered, name) - up)
+        assert not outside, f"--profile {profile!r}: {name} waits for {outside}"
+
+
+def test_only_the_gpu_profile_reserves_gpus(rendered: Any) -> None:
+    for name, service in rendered["services"].items():
+        devices = gpu_devices(service)
+        if name in GPU_SERVICES:
+            assert service["profiles"] == ["gpu"], name
+            assert len(devices) == 1, name
+            assert devices[0]["driver"] == "nvidia"
+            assert devices[0]["capabilities"] == ["gpu"]
+            assert devices[0].get("device_ids") or devices[0].get("count"), name
+        else:
+            assert not devices, f"{name} reserves a GPU"
+
+
+@pytest.mark.parametrize("svc", ["trainer", "inference"])
+def test_cpu_variant_is_the_gpu_service_without_the_gpu(rendered: Any, svc: str) -> None:
+    gpu, cpu = rendered["services"][svc], rendered["services"][f"{svc}-cpu"]
+    assert cpu["profiles"] == ["cpu"]
+    for key in ("image", "build", "command", "volumes", "expose", "depends_on", "healthcheck"):
+        assert cpu.get(key) == gpu.get(key), key
+    gpu_env, cpu_env = service_env(rendered, svc), service_env(rendered, f"{svc}-cpu")
+    # The NVIDIA runtime must not hand it a GPU even where it is the default runtime.
+    assert cpu_env.pop("NVIDIA_VISIBLE_DEVICES") == "void"
+    if svc == "inference":
+        assert cpu_env.pop("AIROBOROS_DEVICE") == "cpu"
+        assert gpu_env.pop("AIROBOROS_DEVICE").startswith("cuda")
+    assert cpu_env == gpu_env
+
+
+@pytest.mark.parametrize("svc", ["trainer", "trainer-cpu", "inference", "inference-cpu"])
+def test_base_model_is_a_read_only_mount(
+    rendered: Any, svc: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(rendered, svc, clean_env)
+    base_model = settings.base_model  # type: ignore[attr-defined]
+    source, read_only = mounts(rendered["services"][svc])[base_model]
+    assert source and read_only, f"{svc}: {base_model} is not mounted read-only"
+
+
+def test_trainer_work_dir_is_on_a_named_volume(
+    rendered: Any, clean_env: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(rendered, "trainer", clean_env)
+    work_dir = Path(settings.work_dir)  # type: ignore[attr-defined]
+    named = set(rendered.get("volumes", {}))
+    volumes = mounts(rendered["services"]["trainer"])
+    holding = [
+        target
+        for target, (source, read_only) in volumes.items()
+        if source in named and not read_only and work_dir.is_relative_to(target)
+    ]
+    assert holding, f"{work_dir} is on no writable named volume"
+    # The images create /var/lib/airoboros owned by the service's user, so a new volume
+    # mounted there starts writable (tests/unit/test_dockerfiles.py).
+    assert holding == ["/var/lib/airoboros"]
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_router_reaches_an_inference_in_each_profile(
+    rendered: Any, profile: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(rendered, "router", clean_env)
+    backends = settings.backend_list()  # type: ignore[attr-defined]
+    assert backends
+    up = active(rendered, profile)
+    for url in backends:
+        parts = urlsplit(url)
+        answering = [name for name in up if parts.hostname in hostnames(rendered, name)]
+        assert answering, f"--profile {profile}: nothing answers to {url}"
+        for name in answering:
+            assert SETTINGS.get(name) is InferenceSettings, name
+            assert parts.port == InferenceSettings.model_fields["port"].default
+
+
+# ------------------------------------------------------ (c) services against the settings
 
 
 @pytest.mark.parametrize("svc", sorted(SETTINGS))
 def test_service_runs_its_module_from_its_image(rendered: Any, svc: str) -> None:
     service = rendered["services"][svc]
+    module = SETTINGS[svc].module
     argv = as_argv(service.get("command", []))
-    assert argv[-2:] == ["-m", f"airoboros.{svc}"], argv
-    assert service["build"]["dockerfile"] == f"services/{svc}/Dockerfile"
+    assert argv[-2:] == ["-m", module], argv
+    folder = module.removeprefix("airoboros.")
+    assert service["build"]["dockerfile"] == f"services/{folder}/Dockerfile"
+    assert service["image"] == f"airoboros/{folder}:local"
     assert (ROOT / service["build"]["dockerfile"]).is_file()
 
 
@@ -250,23 +451,32 @@ def test_ports_are_the_ones_the_service_listens_on(
     rendered: Any, svc: str, clean_env: pytest.MonkeyPatch
 ) -> None:
     cls = SETTINGS[svc]
+    default = cls.model_fields["port"].default
     env = service_env(rendered, svc)
-    for name, value in env.items():
-        clean_env.setenv(name, value)
-    port = cls().port
-    assert port == int(env.get("AIROBOROS_PORT", cls.model_fields["port"].default))
+    # Given, and equal to the class's default: the image's EXPOSE and HEALTHCHECK use it.
+    assert env.get("AIROBOROS_PORT") == str(default)
+    port = load_settings(rendered, svc, clean_env).port
+    assert port == default
     service = rendered["services"][svc]
     checked = re.findall(r"127\.0\.0\.1:(\d+)/healthz", healthcheck_text(service))
     assert checked == [str(port)], healthcheck_text(service)
     assert container_ports(service) == {port}
-    if svc == "topics":
-        assert service.get("ports"), "the topics API is published on the host"
+
+
+def test_only_the_front_doors_are_published(rendered: Any) -> None:
+    published = {
+        name: published_ports(service)
+        for name, service in rendered["services"].items()
+        if service.get("ports")
+    }
+    assert published == {name: {port} for name, port in PUBLISHED.items()}
 
 
 @pytest.mark.parametrize("svc", sorted(SETTINGS))
 def test_every_variable_given_is_a_setting(rendered: Any, svc: str) -> None:
     known = env_names(SETTINGS[svc])
-    unknown = sorted(set(service_env(rendered, svc)) - set(known))
+    given = {name for name in service_env(rendered, svc) if not _FOREIGN.match(name)}
+    unknown = sorted(given - set(known))
     assert not unknown, f"{svc} is given variables that {SETTINGS[svc].__name__} ignores"
 
 
@@ -276,26 +486,27 @@ def test_required_settings_are_given_and_parse(
 ) -> None:
     cls = SETTINGS[svc]
     env = service_env(rendered, svc)
-    given = {field for name, field in env_names(cls).items() if name in env}
-    missing = sorted(set(REQUIRED[svc]) - given)
-    assert not missing, f"{svc} lacks {missing}"
-    for name, value in env.items():
-        clean_env.setenv(name, value)
-    settings = cls()  # every value parses (booleans, numbers)
-    if svc == "topics":
-        keys = [k for k in settings.api_keys.split(",") if k.strip()]
-        assert keys, "the topics API refuses to start without an API key"
+    required = (*cls.deploy_required, *EXTRA_REQUIRED.get(cls, ()))
+    assert "port" in cls.deploy_required
+    missing = sorted(f for f in required if env_name(cls, f) not in env)
+    assert not missing, f"{svc} lacks {[env_name(cls, f) for f in missing]}"
+    settings = load_settings(rendered, svc, clean_env)  # every value parses
+    if "api_keys" in cls.deploy_required:
+        assert settings.api_key_list(), f"{svc} would accept requests without a key"
 
 
 @pytest.mark.parametrize("svc", sorted(SETTINGS))
 def test_connections_point_at_services_it_waits_for(
     rendered: Any, svc: str, clean_env: pytest.MonkeyPatch
 ) -> None:
-    for name, value in service_env(rendered, svc).items():
-        clean_env.setenv(name, value)
-    s = SETTINGS[svc]()
-    urls = [s.amqp_url, s.database_url, s.redis_url]
-    if "AIROBOROS_S3_ENDPOINT" in service_env(rendered, svc):
+    env = service_env(rendered, svc)
+    s = load_settings(rendered, svc, clean_env)
+    urls = [s.amqp_url]
+    if "AIROBOROS_DATABASE_URL" in env:
+        urls.append(s.database_url)
+    if "AIROBOROS_REDIS_URL" in env:
+        urls.append(s.redis_url)
+    if "AIROBOROS_S3_ENDPOINT" in env:
         urls.append(f"//{s.s3_endpoint}")
     if s.weaviate_url:
         urls.append(s.weaviate_url)
@@ -307,8 +518,23 @@ def test_connections_point_at_services_it_waits_for(
 
 
 @pytest.mark.parametrize("svc", sorted(SETTINGS))
-def test_service_waits_for_the_migration(rendered: Any, svc: str) -> None:
-    assert dependencies(rendered, svc).get("migrate") == "service_completed_successfully"
+def test_service_using_the_database_waits_for_the_migration(rendered: Any, svc: str) -> None:
+    uses_database = "AIROBOROS_DATABASE_URL" in service_env(rendered, svc)
+    assert uses_database == ("database_url" in SETTINGS[svc].deploy_required)
+    if uses_database:
+        assert dependencies(rendered, svc).get("migrate") == "service_completed_successfully"
+
+
+@pytest.mark.parametrize("svc", sorted(SETTINGS))
+def test_service_sends_traces_to_the_collector(rendered: Any, svc: str) -> None:
+    env = service_env(rendered, svc)
+    folder = SETTINGS[svc].module.removeprefix("airoboros.")
+    assert env["OTEL_SERVICE_NAME"] == f"airoboros-{folder}"
+    assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert (endpoint.scheme, endpoint.hostname, endpoint.port) == ("http", "otel-collector", 4318)
+    assert dependencies(rendered, svc).get("otel-collector") == "service_started"
 
 
 def test_migrate_runs_once_on_the_services_database(rendered: Any) -> None:
@@ -320,12 +546,18 @@ def test_migrate_runs_once_on_the_services_database(rendered: Any) -> None:
     url = service_env(rendered, "migrate")["AIROBOROS_DATABASE_URL"]
     assert url.startswith("postgresql://")
     for svc in SETTINGS:
-        assert service_env(rendered, svc)["AIROBOROS_DATABASE_URL"] == url, svc
+        env = service_env(rendered, svc)
+        if "AIROBOROS_DATABASE_URL" in env:
+            assert env["AIROBOROS_DATABASE_URL"] == url, svc
 
 
 def test_services_agree_on_shared_settings(rendered: Any) -> None:
     for name in SHARED:
-        values = {svc: service_env(rendered, svc).get(name) for svc in SETTINGS}
+        values = {
+            svc: service_env(rendered, svc)[name]
+            for svc in SETTINGS
+            if name in service_env(rendered, svc)
+        }
         assert len(set(values.values())) == 1, f"{name} differs: {values}"
 
 
@@ -335,15 +567,36 @@ def test_dependency_conditions(rendered: Any) -> None:
         for dep, condition in dependencies(rendered, name).items():
             if dep in ONE_SHOTS:
                 assert condition == "service_completed_successfully", (name, dep)
+            elif dep in NO_PROBE:
+                assert condition == "service_started", (name, dep)
             else:
                 assert condition == "service_healthy", (name, dep)
                 test = services[dep].get("healthcheck", {}).get("test")
                 assert test and test != ["NONE"], f"{dep} has no healthcheck"
 
 
+def test_every_long_running_service_checks_its_health(rendered: Any) -> None:
+    for name, service in rendered["services"].items():
+        if name in ONE_SHOTS or name in NO_PROBE:
+            continue
+        test = service.get("healthcheck", {}).get("test")
+        assert test and test != ["NONE"], f"{name} has no healthcheck"
+        assert service.get("restart") == "unless-stopped", name
+
+
 def test_one_shots_are_not_restarted(rendered: Any) -> None:
     for name in ONE_SHOTS:
         assert rendered["services"][name].get("restart", "no") == "no", name
+
+
+def test_images_are_pinned(rendered: Any) -> None:
+    for name, service in rendered["services"].items():
+        image = service["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest", f"{name}: {image}"
+        if "build" in service:
+            assert tag == "local", f"{name}: a built image is tagged :local, not {image}"
 
 
 def test_infrastructure_checks_health_and_keeps_data_in_named_volumes(rendered: Any) -> None:
@@ -353,12 +606,13 @@ def test_infrastructure_checks_health_and_keeps_data_in_named_volumes(rendered: 
         "postgres": "pg_isready",
         "redis": "redis-cli ping",
         "weaviate": "/v1/.well-known/ready",
+        "jaeger": "127.0.0.1:14269/",
     }
     for name, probe in expected.items():
         assert probe in healthcheck_text(services[name]), name
     named = set(rendered.get("volumes", {}))
     for name in INFRA:
-        sources = {str(v).split(":")[0] for v in services[name].get("volumes", [])}
+        sources = {source for source, _ in mounts(services[name]).values()}
         assert sources & named, f"{name} keeps its data in no named volume"
     weaviate = service_env(rendered, "weaviate")
     assert weaviate["DEFAULT_VECTORIZER_MODULE"] == "none"
@@ -392,101 +646,74 @@ def test_infrastructure_credentials_match_the_urls(rendered: Any) -> None:
     assert "mc mb" in " ".join(as_argv(init.get("entrypoint", [])) + as_argv(init["command"]))
 
 
-# --------------------------------------------------------------------- (c) Dockerfiles
+# ------------------------------------------------------------ (d) the traces' way out
 
 
-def dockerfile_instructions(svc: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of services/<svc>/Dockerfile, continuations joined."""
-    text = (ROOT / "services" / svc / "Dockerfile").read_text()
-    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
-    joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    out: list[tuple[str, str]] = []
-    for line in joined.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            out.append((word.upper(), " ".join(rest.split())))
-    return out
+def collector_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(COLLECTOR_CONFIG.read_text())
+    return config
 
 
-def final_stage(svc: str) -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions(svc)
-    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
-    return instructions[last_from:]
+def test_collector_runs_the_config_in_deploy(rendered: Any) -> None:
+    collector = rendered["services"]["otel-collector"]
+    assert collector["image"].startswith("otel/opentelemetry-collector-contrib:")
+    config_arg = next(a for a in as_argv(collector["command"]) if a.startswith("--config"))
+    path = config_arg.split("=", 1)[1]
+    source, read_only = mounts(collector)[path]
+    assert read_only
+    assert Path(source).name == COLLECTOR_CONFIG.name
+    assert Path(source).parent.name == "deploy"
+    assert dependencies(rendered, "otel-collector") == {"jaeger": "service_healthy"}
 
 
-def pip_installs(svc: str) -> list[str]:
-    return [
-        rest
-        for word, rest in dockerfile_instructions(svc)
-        if word == "RUN" and re.search(r"\bpip install\b", rest)
-    ]
+def test_collector_pipelines_use_only_defined_components() -> None:
+    config = collector_config()
+    service = config["service"]
+    for extension in service.get("extensions", []):
+        assert extension in config["extensions"], extension
+    for pipeline, spec in service["pipelines"].items():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in spec.get(kind, []):
+                assert component in config.get(kind, {}), f"{pipeline}: {component}"
+    assert set(service["pipelines"]) >= {"traces", "metrics"}
 
 
-def torch_pin() -> str:
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    extra: list[str] = pyproject["project"]["optional-dependencies"]["dedupe"]
-    return next(req for req in extra if req.startswith("torch=="))
+def test_collector_takes_otlp_and_sends_traces_to_jaeger(rendered: Any) -> None:
+    config = collector_config()
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["http"]["endpoint"] == "0.0.0.0:4318"
+    assert protocols["grpc"]["endpoint"] == "0.0.0.0:4317"
+    collector = rendered["services"]["otel-collector"]
+    assert {4317, 4318} <= container_ports(collector)
+    traces = config["service"]["pipelines"]["traces"]
+    assert "otlp" in traces["receivers"]
+    (exporter,) = traces["exporters"]
+    assert exporter.split("/")[0] == "otlp_grpc"
+    host, port = config["exporters"][exporter]["endpoint"].rsplit(":", 1)
+    assert (host, port) == ("jaeger", "4317")
+    jaeger = service_env(rendered, "jaeger")
+    assert jaeger["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert rendered["services"]["jaeger"]["image"].startswith("jaegertracing/all-in-one:")
 
 
-@pytest.mark.parametrize("svc", sorted(SETTINGS))
-def test_dockerfile_installs_only_its_own_extra(svc: str) -> None:
-    installs = pip_installs(svc)
-    extras = [e for line in installs for e in re.findall(r"\.\[([^\]]*)\]", line)]
-    assert extras == [svc], installs
-    assert not any(re.search(r"(^|\s)(-e|--editable)\s", line) for line in installs)
-    torch_lines = [line for line in installs if "torch" in line]
-    if svc == "dedupe":
-        # The CPU build of torch, at pyproject's pin, before the extra that needs it.
-        assert len(torch_lines) == 1, torch_lines
-        assert torch_pin() in torch_lines[0].split()
-        assert "--index-url https://download.pytorch.org/whl/cpu" in torch_lines[0]
-        assert installs.index(torch_lines[0]) < next(
-            i for i, line in enumerate(installs) if ".[dedupe]" in line
-        )
-    else:
-        assert not torch_lines, torch_lines
+def test_collector_scrapes_every_service_on_its_port(rendered: Any) -> None:
+    config = collector_config()
+    (job,) = config["receivers"]["prometheus"]["config"]["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    scraped: dict[str, int] = {}
+    for sd in job["dns_sd_configs"]:
+        assert sd["type"] == "A"
+        for name in sd["names"]:
+            scraped[name] = int(sd["port"])
+    for svc, cls in SETTINGS.items():
+        port = cls.model_fields["port"].default
+        names = hostnames(rendered, svc)
+        assert any(scraped.get(n) == port for n in names), f"{svc} is not scraped on {port}"
+    for name in scraped:
+        assert any(name in hostnames(rendered, svc) for svc in SETTINGS), name
 
 
-@pytest.mark.parametrize("svc", sorted(SETTINGS))
-def test_dockerfile_runs_as_non_root(svc: str) -> None:
-    users = [rest for word, rest in final_stage(svc) if word == "USER"]
-    assert users, f"services/{svc}/Dockerfile sets no USER in its final stage"
-    assert users[-1].split(":")[0] not in {"root", "0"}
-
-
-@pytest.mark.parametrize("svc", sorted(SETTINGS))
-def test_dockerfile_serves_its_port(svc: str) -> None:
-    port = str(SETTINGS[svc].model_fields["port"].default)
-    instructions = dockerfile_instructions(svc)
-    assert all(rest.startswith("python:3.11-slim") for w, rest in instructions if w == "FROM")
-    stage = final_stage(svc)
-    assert [rest for word, rest in stage if word == "EXPOSE"] == [port]
-    healthchecks = [rest for word, rest in stage if word == "HEALTHCHECK"]
-    assert len(healthchecks) == 1
-    assert (
-        f"127.0.0.1:%s/healthz' % os.environ.get('AIROBOROS_PORT', '{port}')" in (healthchecks[0])
-    )
-    assert "curl" not in healthchecks[0] and "wget" not in healthchecks[0]
-    cmds = [json.loads(rest) for word, rest in stage if word == "CMD"]
-    assert cmds == [["python", "-m", f"airoboros.{svc}"]]
-    copies = " ".join(rest for word, rest in instructions if word == "COPY")
-    for path in ("pyproject.toml", "README.md", "shared", "services"):
-        assert re.search(rf"(^|\s){re.escape(path)}(\s|$)", copies), path
-
-
-def test_dockerignore_keeps_the_context_small_but_complete() -> None:
-    patterns = {
-        ln.strip().strip("/")
-        for ln in DOCKERIGNORE.read_text().splitlines()
-        if ln.strip() and not ln.startswith("#")
-    }
-    for needed in (".venv", ".git", "tests", "bench", "build", ".mypy_cache", ".pytest_cache"):
-        assert needed in patterns, needed
-    for copied in ("pyproject.toml", "README.md", "shared", "services"):
-        assert copied not in patterns, copied
-
-
-# -------------------------------------------------------------------- (d) .env.example
+# -------------------------------------------------------------------- (e) .env.example
 
 
 def test_every_compose_variable_is_in_env_example() -> None:
@@ -503,8 +730,16 @@ def test_env_example_documents_each_variable() -> None:
             assert i > 0 and lines[i - 1].startswith("#"), f"no comment above {line!r}"
 
 
+def test_env_example_sets_the_compose_defaults() -> None:
+    """Each ``${VAR:-default}`` in docker-compose.yml has the value .env.example sets."""
+    example = env_example()
+    for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", COMPOSE.read_text()):
+        name, default = m.group(1), m.group(2)
+        assert example.get(name) == default, f"{name}: compose {default!r}, .env.example"
+
+
 def test_env_example_names_only_real_settings() -> None:
-    known = {name for cls in SETTINGS.values() for name in env_names(cls)}
+    known = {name for cls in CLASSES for name in env_names(cls)}
     for name in env_example():
         if name.startswith(("AIROBOROS_", "OPENAI_")):
             assert name in known, f"{name} is no setting of any service"
