@@ -21,10 +21,11 @@ Without the SDK (a CLI-only install) nothing is recorded and nothing fails.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, TypeVar, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -33,6 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 log = logging.getLogger(__name__)
 
 _provider: Any = None
+H = TypeVar("H", bound=Callable[[Any, Any], Awaitable[None]])
 _tracer = trace.get_tracer("airoboros")
 
 
@@ -196,6 +198,28 @@ def consuming(
         },
     ) as s:
         yield s
+
+
+def handles(action: str, service: str) -> Callable[[H], H]:
+    """Decorates a handler method that takes one job message: it runs in a span named
+    ``<action> <instructor>``, with the service, job and instructor as attributes."""
+
+    def wrap(fn: H) -> H:
+        @functools.wraps(fn)
+        async def run(self: Any, msg: Any) -> None:
+            with span(
+                f"{action} {msg.instructor}",
+                attributes={
+                    "airoboros.service": service,
+                    "airoboros.job_id": msg.job_id,
+                    "airoboros.instructor": msg.instructor,
+                },
+            ):
+                await fn(self, msg)
+
+        return cast(H, run)
+
+    return wrap
 
 
 def fail(s: trace.Span, exc: BaseException) -> None:

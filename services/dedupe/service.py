@@ -118,19 +118,8 @@ class DedupeService:
         self.deduper = deduper
         self.publish = publish
 
+    @telemetry.handles("dedupe", "dedupe")
     async def on_proposed(self, msg: CandidatesProposed) -> None:
-        with telemetry.span(
-            f"dedupe {msg.instructor}",
-            attributes={
-                "airoboros.service": "dedupe",
-                "airoboros.job_id": msg.job_id,
-                "airoboros.instructor": msg.instructor,
-                "airoboros.candidates": len(msg.candidates),
-            },
-        ):
-            await self._on_proposed(msg)
-
-    async def _on_proposed(self, msg: CandidatesProposed) -> None:
         flags = await self.deduper.screen(
             msg.namespace or msg.job_id,
             [c.candidate_id for c in msg.candidates],

@@ -69,18 +69,8 @@ class GeneratorService:
         for key in [k for k in self._instructors if k[0] == job_id]:
             del self._instructors[key]
 
+    @telemetry.handles("generate", "generator")
     async def on_generate(self, task: GenerateBatch) -> None:
-        with telemetry.span(
-            f"generate {task.instructor}",
-            attributes={
-                "airoboros.service": "generator",
-                "airoboros.job_id": task.job_id,
-                "airoboros.instructor": task.instructor,
-            },
-        ):
-            await self._on_generate(task)
-
-    async def _on_generate(self, task: GenerateBatch) -> None:
         """Step 1: propose candidates, then hand them to dedupe."""
         inst, config = await self.instructor(task.job_id, task.instructor)
         stats = BatchStats()
@@ -127,19 +117,8 @@ class GeneratorService:
             )
         )
 
+    @telemetry.handles("respond", "generator")
     async def on_screened(self, msg: CandidatesScreened) -> None:
-        with telemetry.span(
-            f"respond {msg.instructor}",
-            attributes={
-                "airoboros.service": "generator",
-                "airoboros.job_id": msg.job_id,
-                "airoboros.instructor": msg.instructor,
-                "airoboros.accepted": len(msg.accepted),
-            },
-        ):
-            await self._on_screened(msg)
-
-    async def _on_screened(self, msg: CandidatesScreened) -> None:
         """Step 2: respond to every accepted candidate, concurrently; report the batch."""
         inst, _ = await self.instructor(msg.job_id, msg.instructor)
         stats = msg.stats.model_copy()

@@ -47,14 +47,6 @@ class _App:
         receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
         send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
     ) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         body = b""
         while True:
             msg = await receive()
@@ -109,7 +101,7 @@ class _App:
 class OtlpCollector(AppServer):
     def __init__(self) -> None:
         self.collected = _App()
-        super().__init__(self.collected)
+        super().__init__(self.collected, lifespan="off")
 
     @property
     def spans(self) -> list[Span]:

@@ -28,39 +28,26 @@ import yaml
 from pydantic import AliasChoices
 
 from airoboros.inference.settings import InferenceSettings
-from airoboros.router.settings import RouterSettings
 from airoboros.settings import (
-    DedupeSettings,
     GeneratorSettings,
     ServiceSettings,
     TopicsSettings,
     TrainerSettings,
     env_name,
 )
+from tests.deployables import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 COLLECTOR_CONFIG = ROOT / "deploy" / "otel-collector.yaml"
 
-CLASSES: tuple[type[ServiceSettings], ...] = (
-    TopicsSettings,
-    GeneratorSettings,
-    DedupeSettings,
-    TrainerSettings,
-    InferenceSettings,
-    RouterSettings,
-)
+CLASSES: tuple[type[ServiceSettings], ...] = tuple(SERVICES.values())
 #: compose service -> the settings it reads (the GPU and CPU variants read the same ones)
 SETTINGS: dict[str, type[ServiceSettings]] = {
-    "topics": TopicsSettings,
-    "generator": GeneratorSettings,
-    "dedupe": DedupeSettings,
-    "trainer": TrainerSettings,
+    **SERVICES,
     "trainer-cpu": TrainerSettings,
-    "inference": InferenceSettings,
     "inference-cpu": InferenceSettings,
-    "router": RouterSettings,
 }
 #: containers that run once and exit 0; the others run until stopped
 ONE_SHOTS = ("migrate", "minio-init")

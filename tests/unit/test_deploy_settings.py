@@ -20,25 +20,11 @@ import yaml
 
 from airoboros.inference.settings import InferenceSettings
 from airoboros.router.settings import RouterSettings
-from airoboros.settings import (
-    DedupeSettings,
-    GeneratorSettings,
-    ServiceSettings,
-    TopicsSettings,
-    TrainerSettings,
-    env_name,
-)
+from airoboros.settings import ServiceSettings, TopicsSettings, env_name
+from tests.deployables import BY_MODULE, SERVICES
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES: list[type[ServiceSettings]] = [
-    TopicsSettings,
-    GeneratorSettings,
-    DedupeSettings,
-    TrainerSettings,
-    RouterSettings,
-    InferenceSettings,
-]
-BY_MODULE = {c.module: c for c in CLASSES}
+CLASSES: list[type[ServiceSettings]] = list(SERVICES.values())
 KUSTOMIZATIONS = ["deploy/k8s", "deploy/k8s/overlays/dev", "deploy/k8s/overlays/gpu"]
 
 

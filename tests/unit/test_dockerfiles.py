@@ -18,28 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from airoboros.inference.settings import InferenceSettings
-from airoboros.router.settings import RouterSettings
-from airoboros.settings import (
-    DedupeSettings,
-    GeneratorSettings,
-    ServiceSettings,
-    TopicsSettings,
-    TrainerSettings,
-)
+from airoboros.settings import ServiceSettings
+from tests.deployables import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 #: services/<folder> -> the settings its process reads
-SETTINGS: dict[str, type[ServiceSettings]] = {
-    "topics": TopicsSettings,
-    "generator": GeneratorSettings,
-    "dedupe": DedupeSettings,
-    "trainer": TrainerSettings,
-    "inference": InferenceSettings,
-    "router": RouterSettings,
-}
+SETTINGS: dict[str, type[ServiceSettings]] = SERVICES
 SLIM = "python:3.11-slim"
 #: the GPU services: a CUDA base; the others are slim
 GPU = ("trainer", "inference")

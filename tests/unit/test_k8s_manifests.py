@@ -18,16 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from airoboros.inference.settings import InferenceSettings
-from airoboros.router.settings import RouterSettings
-from airoboros.settings import (
-    DedupeSettings,
-    GeneratorSettings,
-    ServiceSettings,
-    TopicsSettings,
-    TrainerSettings,
-    env_name,
-)
+from airoboros.settings import ServiceSettings, TrainerSettings, env_name
+from tests.deployables import BY_MODULE
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy/k8s"
@@ -44,17 +36,7 @@ TARGETS = {
 OVERLAYS = ("top", "dev", "gpu")
 TEMPLATES = sorted((K8S / "jobs").glob("*.yaml"))
 
-SETTINGS: dict[str, type[ServiceSettings]] = {
-    cls.module: cls
-    for cls in (
-        TopicsSettings,
-        GeneratorSettings,
-        DedupeSettings,
-        TrainerSettings,
-        RouterSettings,
-        InferenceSettings,
-    )
-}
+SETTINGS: dict[str, type[ServiceSettings]] = BY_MODULE
 # Deployments that sit behind a Service and a PodDisruptionBudget.
 SERVED = {"topics", "generator", "dedupe", "router", "inference"}
 # Their model loads take long: a startup probe holds the liveness probe off.
