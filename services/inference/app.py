@@ -10,7 +10,6 @@ sit behind the router).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -42,6 +41,7 @@ from airoboros.inference.schemas import (
 )
 from airoboros.inference.service import InferenceService, error_body
 from airoboros.inference.settings import InferenceSettings
+from airoboros.web import bearer_token, read_body
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -85,21 +85,6 @@ def make_backend(settings: InferenceSettings) -> Backend:
             ]
         )
     return LocalEngine(settings)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 beyond ``limit`` bytes (before reading it all
-    when Content-Length says so)."""
-    too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
 
 
 def parse(model: type[M], body: bytes) -> M:
@@ -180,16 +165,14 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
     def authorize(request: Request) -> None:
         if not keys:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        ok = False
-        for k in keys:  # constant time per key, and every key is compared
-            ok |= hmac.compare_digest(token.strip().encode(), k)
-        if scheme.lower() != "bearer" or not ok:
+        if bearer_token(request.headers.get("authorization", ""), keys) is None:
             raise _Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
 
     async def body_of(request: Request, model: type[M]) -> M:
         authorize(request)
-        return parse(model, await read_body(request, settings.max_body_bytes))
+        limit = settings.max_body_bytes
+        too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
+        return parse(model, await read_body(request, limit, too_large))
 
     def respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
         if isinstance(result, dict):

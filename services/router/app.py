@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +35,7 @@ from airoboros.router.package import Reader
 from airoboros.router.routing import Router
 from airoboros.router.service import Kind, RouterService
 from airoboros.router.settings import RouterSettings
+from airoboros.web import bearer_token, read_body
 
 log = logging.getLogger(__name__)
 RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -264,31 +264,12 @@ def create_app(
         """The caller's identity for the rate limit: its key, or its address."""
         if not keys:
             return request.client.host if request.client else "?"
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
-        ok = False
-        for k in keys:  # constant time per key, and every key is compared
-            ok |= hmac.compare_digest(given, k)
-        if scheme.lower() != "bearer" or not ok:
+        token = bearer_token(request.headers.get("authorization", ""), keys)
+        if token is None:
             raise Unauthorized(
                 "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'"
             )
-        return token.strip()
-
-    async def read_body(request: Request) -> bytes:
-        limit = settings.max_body_bytes
-        length = request.headers.get("content-length", "")
-        too_large = TooLarge(f"the request body is larger than {limit} bytes")
-        if length.isdigit() and int(length) > limit:
-            raise too_large
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return token
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -328,7 +309,10 @@ def create_app(
                 f"per key; retry in {wait:.1f}s",
                 headers={"retry-after": str(max(1, round(wait + 0.5)))},
             )
-        prepared = await service.prepare(kind, await read_body(request))
+        limit = settings.max_body_bytes
+        too_large = TooLarge(f"the request body is larger than {limit} bytes")
+        body = await read_body(request, limit, too_large)
+        prepared = await service.prepare(kind, body)
         if prepared.stream:
             stream = await service.stream(prepared)
             return ProxyStreamingResponse(

@@ -7,7 +7,6 @@ AIROBOROS_API_KEYS. Errors use one shape: {"error": {"message", "type", "code", 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from airoboros import metrics
 from airoboros.errors import AiroborosError, ConfigError, NotFoundError
 from airoboros.settings import TopicsSettings
 from airoboros.topics.cull import CullRequest, JobNotFinished
+from airoboros.web import bearer_token
 
 log = logging.getLogger(__name__)
 MAX_BODY = 2 * 1024 * 1024
@@ -93,13 +93,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         return s
 
     async def auth(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        ok = False
-        for k in keys:  # constant time per key, and every key is compared
-            ok |= hmac.compare_digest(given, k)
-        if scheme.lower() != "bearer" or not ok:
+        if bearer_token(request.headers.get("authorization", ""), keys) is None:
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
 
     @app.exception_handler(HTTPException)
