@@ -69,7 +69,7 @@ class InMemoryBus:
         if not subs:
             log.warning("no subscriber for %s; message dropped", message.topic)
         headers = dict(message.headers)
-        with telemetry.publishing(message.topic, headers, message.message_id):
+        with telemetry.publishing(message, headers):
             for sub in subs:
                 # Each subscriber gets its own copy, as with a fan-out exchange.
                 copy = message.model_copy(deep=True, update={"headers": dict(headers)})
@@ -86,13 +86,7 @@ class InMemoryBus:
         while True:
             message, delivery = await q.get()
             try:
-                with telemetry.consuming(
-                    message.topic,
-                    message.headers,
-                    message.message_id,
-                    job_id=getattr(message, "job_id", None),
-                    delivery=delivery,
-                ):
+                with telemetry.consuming(message, message.headers, delivery):
                     await sub.handler(message)
             except asyncio.CancelledError:
                 raise

@@ -267,7 +267,7 @@ class AmqpBus:
         headers: dict[str, Any] = dict(message.headers)
         headers["x-schema-version"] = message.schema_version
         # The W3C trace context of a producer span goes in the AMQP headers.
-        with telemetry.publishing(message.topic, headers, message.message_id):
+        with telemetry.publishing(message, headers):
             amqp_message = aio_pika.Message(
                 body=message.model_dump_json().encode("utf-8"),
                 content_type="application/json",
@@ -637,19 +637,13 @@ class AmqpBus:
         metrics.MESSAGE_LAG.labels(topic).observe(
             max(0.0, (datetime.now(UTC) - message.created_at).total_seconds())
         )
+        delivery = _delivery_count(incoming) + 1
         start = time.perf_counter()
         try:
-            with telemetry.consuming(
-                topic,
-                incoming.headers,
-                message.message_id,
-                job_id=getattr(message, "job_id", None),
-                delivery=_delivery_count(incoming) + 1,
-            ):
+            with telemetry.consuming(message, incoming.headers, delivery):
                 await sub.handler(message)
         except Exception as exc:
             metrics.HANDLER_SECONDS.labels(topic, "error").observe(time.perf_counter() - start)
-            delivery = _delivery_count(incoming) + 1
             if delivery >= self.max_deliveries:
                 log.error(
                     "handler for %s failed on %s (delivery %d of %d): %r; dead-lettering it",

@@ -19,6 +19,8 @@ class HealthServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        # Port 0 asks for any free port: say which one it got.
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
         if self._server is not None:

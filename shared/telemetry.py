@@ -29,7 +29,9 @@ from typing import Any, TypeVar, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
+
+from airoboros.contracts import Message
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +102,6 @@ def setup(service: str, *, default_on: bool = True, exporter: Any = None) -> boo
     return True
 
 
-def shutdown() -> None:
-    """Flush and stop the exporters (at the end of a process)."""
-    if _provider is not None:
-        _provider.shutdown()
-
-
 def _instrument_httpx() -> None:
     try:
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
@@ -124,10 +120,6 @@ def instrument_app(app: Any) -> None:
 
 
 # --- spans --------------------------------------------------------------------------------
-
-
-def tracer() -> trace.Tracer:
-    return _tracer
 
 
 def inject(headers: dict[str, Any]) -> dict[str, Any]:
@@ -165,17 +157,24 @@ def span(
         yield s
 
 
+def _message_attributes(message: Message) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "messaging.system": "rabbitmq",
+        "messaging.destination.name": message.topic,
+        "messaging.message.id": message.message_id,
+    }
+    job_id = getattr(message, "job_id", None)
+    if job_id is not None:
+        attrs["airoboros.job_id"] = job_id
+    return attrs
+
+
 @contextlib.contextmanager
-def publishing(topic: str, headers: dict[str, Any], message_id: str) -> Iterator[None]:
-    """A producer span around a publish; its context goes into ``headers``."""
+def publishing(message: Message, headers: dict[str, Any]) -> Iterator[None]:
+    """A producer span around the publication of ``message``; its context goes into
+    ``headers`` (the ones that travel with the message)."""
     with _tracer.start_as_current_span(
-        f"{topic} publish",
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "messaging.system": "rabbitmq",
-            "messaging.destination.name": topic,
-            "messaging.message.id": message_id,
-        },
+        f"{message.topic} publish", kind=SpanKind.PRODUCER, attributes=_message_attributes(message)
     ):
         inject(headers)
         yield
@@ -183,19 +182,15 @@ def publishing(topic: str, headers: dict[str, Any], message_id: str) -> Iterator
 
 @contextlib.contextmanager
 def consuming(
-    topic: str, headers: Mapping[str, Any] | None, message_id: str, **attributes: Any
+    message: Message, headers: Mapping[str, Any] | None, delivery: int
 ) -> Iterator[trace.Span]:
-    """A consumer span continuing the publisher's context from ``headers``."""
+    """A consumer span for the ``delivery``-th handling of ``message``, continuing the
+    publisher's context from ``headers``."""
     with _tracer.start_as_current_span(
-        f"{topic} process",
+        f"{message.topic} process",
         context=_extract(headers),
         kind=SpanKind.CONSUMER,
-        attributes={
-            "messaging.system": "rabbitmq",
-            "messaging.destination.name": topic,
-            "messaging.message.id": message_id,
-            **{f"airoboros.{k}": v for k, v in attributes.items() if v is not None},
-        },
+        attributes={**_message_attributes(message), "airoboros.delivery": delivery},
     ) as s:
         yield s
 
@@ -220,11 +215,6 @@ def handles(action: str, service: str) -> Callable[[H], H]:
         return cast(H, run)
 
     return wrap
-
-
-def fail(s: trace.Span, exc: BaseException) -> None:
-    s.record_exception(exc)
-    s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
 def log_ids() -> tuple[str, str] | None:

@@ -91,16 +91,15 @@ def _health_server_routes() -> set[str]:
 
     async def probe() -> set[str]:
         server = HealthServer("127.0.0.1", 0, lambda: True)
-        server.port = 0
-        srv = await asyncio.start_server(server._handle, "127.0.0.1", 0)
-        port = srv.sockets[0].getsockname()[1]
+        await server.start()
         found = set()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            for path in ("/healthz", "/readyz", "/metrics"):
-                if (await c.get(path)).status_code == 200:
-                    found.add(path)
-        srv.close()
-        await srv.wait_closed()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as c:
+                for path in ("/healthz", "/readyz", "/metrics"):
+                    if (await c.get(path)).status_code == 200:
+                        found.add(path)
+        finally:
+            await server.close()
         return found
 
     return asyncio.run(probe())
