@@ -79,6 +79,29 @@ async def merge(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
             t.cancel()
 
 
+def stream_chunk(
+    kind: str,
+    rid: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    include_usage: bool,
+) -> dict[str, Any]:
+    """One streamed event of a chat or text completion (``object`` is ``kind``); with
+    ``include_usage``, ``usage`` is null until the last event, as OpenAI sends it."""
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "system_fingerprint": None,
+    }
+    if include_usage:
+        body["usage"] = None
+    return body
+
+
 class InferenceService:
     def __init__(self, backend: Backend, settings: InferenceSettings) -> None:
         self.backend = backend
@@ -381,17 +404,9 @@ class InferenceService:
         include_usage: bool,
     ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": choices,
-                "system_fingerprint": None,
-            }
-            if include_usage:
-                body["usage"] = None
-            return body
+            return stream_chunk(
+                "chat.completion.chunk", rid, created, model, choices, include_usage
+            )
 
         def choice(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
@@ -427,17 +442,7 @@ class InferenceService:
         echoes: list[str],
     ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": choices,
-                "system_fingerprint": None,
-            }
-            if include_usage:
-                body["usage"] = None
-            return body
+            return stream_chunk("text_completion", rid, created, model, choices, include_usage)
 
         def choice(i: int, text: str, finish: str | None = None) -> dict[str, Any]:
             return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
