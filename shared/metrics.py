@@ -140,8 +140,6 @@ class MetricsMiddleware:
 
 
 def instrument(app: Any) -> None:
-    """Metrics and traces for a FastAPI app: ``/metrics``, request durations, spans."""
-    from airoboros import telemetry
-
+    """``/metrics`` and request durations for a FastAPI app (its spans are FastAPI's own:
+    ``airoboros.telemetry.fastapi``)."""
     app.add_middleware(MetricsMiddleware)
-    telemetry.instrument_app(app)

@@ -1,8 +1,9 @@
 """Tracing with OpenTelemetry: one trace from ``POST /v1/jobs`` to the last stored row.
 
 How the context travels:
-- HTTP: FastAPI apps are instrumented (server spans, W3C ``traceparent`` read from the
-  request); the router's backend client, the LLM client and httpx (TGI) send it on.
+- HTTP: FastAPI traces each request itself (a server span continuing the caller's W3C
+  ``traceparent``; ``fastapi()`` below); the router's backend client, the LLM client and
+  httpx (TGI) send it on.
 - The bus: ``publish`` opens a producer span and writes its context into the message's
   headers (AMQP headers on RabbitMQ); a consumer continues from them in a consumer span,
   so a handler's work, and whatever it publishes, belongs to the trace of the message.
@@ -24,14 +25,17 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from airoboros.contracts import Message
+
+if TYPE_CHECKING:
+    from fastapi.telemetry import TelemetryConfig
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +114,21 @@ def _instrument_httpx() -> None:
     HTTPXClientInstrumentor().instrument()
 
 
-def instrument_app(app: Any) -> None:
-    """Server spans for a FastAPI app (probes and /metrics left out)."""
-    try:
-        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-    except ImportError:
-        return
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in _UNTRACED
+
+
+def fastapi() -> TelemetryConfig:
+    """``FastAPI(telemetry=telemetry.fastapi())``: FastAPI traces its requests itself (a
+    server span that continues the caller's ``traceparent``, named by route template)
+    through the global provider that ``setup`` installs; the probes and /metrics are left
+    out."""
+    from fastapi.telemetry import TelemetryConfig
+
+    return TelemetryConfig(exclude=_untraced)
 
 
 # --- spans --------------------------------------------------------------------------------

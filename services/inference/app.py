@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from airoboros import metrics
+from airoboros import metrics, telemetry
 from airoboros.errors import ConfigError
 from airoboros.inference.adapters import check_name
 from airoboros.inference.backend import (
@@ -137,6 +137,7 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
         version="1",
         description="OpenAI-compatible generation with one base model and many LoRA experts.",
         lifespan=lifespan,
+        telemetry=telemetry.fastapi(),
     )
     metrics.instrument(app)
     app.state.service = service

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from airoboros import metrics
+from airoboros import metrics, telemetry
 from airoboros.ports import Embedder
 from airoboros.router.agent import AgentRouter
 from airoboros.router.backends import BackendPool, Stream
@@ -238,6 +238,7 @@ def create_app(
         version="1",
         description="OpenAI-compatible front door: routes each request to the best expert.",
         lifespan=lifespan,
+        telemetry=telemetry.fastapi(),
     )
     metrics.instrument(app)
     app.state.service = service

@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from airoboros import metrics
+from airoboros import metrics, telemetry
 from airoboros.errors import AiroborosError, ConfigError, NotFoundError
 from airoboros.settings import TopicsSettings
 from airoboros.topics.cull import CullRequest, JobNotFinished
@@ -83,6 +83,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         version="1",
         description="Dataset generation jobs: post a config, follow it, fetch the rows.",
         lifespan=lifespan,
+        telemetry=telemetry.fastapi(),
     )
     metrics.instrument(app)
 

@@ -110,7 +110,7 @@ def test_exporters_follow_the_standard_variables(monkeypatch) -> None:
     assert wanted(default_on=True) == []
 
 
-async def test_api_metrics_label_routes_by_template_not_by_id() -> None:
+async def test_api_metrics_label_routes_by_template_not_by_id(spans) -> None:
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -132,6 +132,33 @@ async def test_api_metrics_label_routes_by_template_not_by_id() -> None:
     assert float(line.split()[-1]) >= 3
     assert "abc1" not in r.text
     assert 'route="unmatched",status="404"' in r.text
+
+
+async def test_a_request_is_a_server_span_continuing_the_callers_trace(spans) -> None:
+    from fastapi import FastAPI
+    from opentelemetry.trace import SpanKind
+
+    app = FastAPI(telemetry=telemetry.fastapi())  # as the three APIs are made
+    metrics.instrument(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    spans.clear()
+    caller = "0af7651916cd43dd8448eb211c80319c"
+    header = f"00-{caller}-b7ad6b7169203331-01"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.post("/v1/chat/completions", headers={"traceparent": header})
+        assert r.status_code == 200
+        assert (await c.get("/healthz")).status_code == 404  # a probe path: no span
+    [server] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert server.name == "POST /v1/chat/completions"
+    assert format(server.context.trace_id, "032x") == caller
+    assert server.parent is not None and format(server.parent.span_id, "016x") == "b7ad6b7169203331"
+    assert server.attributes is not None
+    assert server.attributes["http.response.status_code"] == 200
 
 
 async def test_workers_serve_metrics_beside_their_probes(unused_tcp_port: int) -> None:
