@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= example-config.yaml
 
-.PHONY: setup run test lint types unit bench clean
+.PHONY: setup run test prereqs lint types unit bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,11 @@ types: setup
 	for s in services/*/; do ln -s ../../../$$s build/typecheck/airoboros/$$(basename $$s); done
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p airoboros
 
-unit: setup
+# Installs what it can (docker-compose), and says in one line what else is missing.
+prereqs:
+	@.ci/prereqs
+
+unit: setup prereqs
 	$(BIN)/python -m pytest -q
 
 test: lint types unit
@@ -39,6 +43,7 @@ test: lint types unit
 bench: setup
 	$(BIN)/python bench/dedupe_bench.py
 	$(BIN)/python bench/generation_bench.py
+	$(BIN)/python bench/faults_bench.py
 	$(BIN)/python bench/bus_bench.py
 	$(BIN)/python bench/replicas_bench.py
 	$(BIN)/python bench/trainer_bench.py

@@ -82,14 +82,13 @@ async def run(args: argparse.Namespace) -> None:
     minutes = (t1 - t0) / 60
     achieved = admitted / minutes
     total_tokens = result.usage.total_tokens
-    wasted = ctl.wasted_tokens  # type: ignore[attr-defined]
+    wasted = sum(v.wasted_tokens for v in result.states.values())
+    batch_tokens = sum(v.tokens for v in result.states.values())
     print(
         f"latency {args.latency}s, limit {args.rpm:.0f} req/min, window {t1 - t0:.1f}s, torch threads {args.threads}"
     )
     print(f"requests sent {len(window)}, admitted {admitted}, answered 429: {refused}")
-    print(
-        f"rows stored {result.rows}, tokens paid {total_tokens:,}, in batches {ctl.batch_tokens:,}"
-    )  # type: ignore[attr-defined]
+    print(f"rows stored {result.rows}, tokens paid {total_tokens:,}, in batches {batch_tokens:,}")
     fraction = achieved / args.rpm
     share_429 = refused / max(1, len(window))
     waste = wasted / max(1, total_tokens)

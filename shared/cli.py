@@ -1,7 +1,8 @@
 """The ``airoboros`` command.
 
 Exit codes: 0 done; 1 the job failed; 2 bad config or usage; 3 the LLM endpoint is
-unreachable or refuses the key; 4 the budget ran out (rows kept); 130 interrupted.
+unreachable or refuses the key; 4 the budget ran out (rows kept); 5 incomplete: a category
+could not progress (rows kept, the next run resumes it); 130 interrupted.
 Every failure is one line on stderr, never a traceback (``--debug`` shows them).
 """
 
@@ -25,7 +26,8 @@ from airoboros.errors import (
     MissingCredentials,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ENDPOINT, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ENDPOINT, EXIT_BUDGET = 0, 1, 2, 3, 4
+EXIT_INCOMPLETE, EXIT_INTERRUPTED = 5, 130
 
 
 class JsonFormatter(logging.Formatter):
@@ -116,24 +118,36 @@ def cmd_generate_instructions(args: argparse.Namespace) -> int:
         result = asyncio.run(gen.run())
     finally:
         progress.close()
-    print(
-        f"{result.status}: {result.rows} rows in {plan.output_path} · "
-        f"{result.usage.requests} requests · {result.usage.total_tokens:,} tokens · "
-        f"${result.usage.cost:.4f}",
-        file=sys.stderr,
-    )
-    for name, st in result.states.items():
-        s: Any = st
-        print(
-            f"  {name:<26} {s.accepted}/{s.target} accepted, {s.duplicates} duplicates, "
-            f"{s.filtered} filtered, {s.failures} failures",
-            file=sys.stderr,
-        )
+    print("\n".join(summary_lines(result)), file=sys.stderr)
     if result.status == "done":
         return EXIT_OK
     if result.status == "budget_exhausted":
         return _fail(f"stopped: {result.detail}; every row produced is kept", EXIT_BUDGET)
+    if result.status == "incomplete":
+        return _fail(
+            f"incomplete: {result.detail}; every row is kept, and rerunning the same config "
+            "tries the unfinished categories again",
+            EXIT_INCOMPLETE,
+        )
     return _fail(f"job {result.status}: {result.detail}", EXIT_FAILED)
+
+
+def summary_lines(result: Any) -> list[str]:
+    """The end-of-run summary: totals, then one line per instructor."""
+    wasted = sum(st.wasted_tokens for st in result.states.values())
+    lines = [
+        f"{result.status}: {result.rows} rows in {result.plan.output_path} · "
+        f"{result.usage.requests} requests ({result.retries} retried) · "
+        f"{result.usage.total_tokens:,} tokens ({wasted:,.0f} bought no kept row) · "
+        f"${result.usage.cost:.4f}"
+    ]
+    for name, s in result.states.items():
+        lines.append(
+            f"  {name:<26} {s.accepted}/{s.target} accepted, {s.duplicates} duplicates, "
+            f"{s.filtered} filtered, {s.refused} refused, {s.unparseable} unparseable, "
+            f"{s.truncated} truncated, {s.failures} failures"
+        )
+    return lines
 
 
 def cmd_generate_topics(args: argparse.Namespace) -> int:

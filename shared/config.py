@@ -144,6 +144,12 @@ class Config(BaseModel):
     max_retry_time: float = Field(default=300.0, gt=0)
     #: Max tokens per completion request (the original left this to the server).
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    #: A category stops (the job ends "incomplete", rows kept) after this many batches in
+    #: a row without a single usable item: every answer refused, unparseable, filtered,
+    #: or its calls failed. While items keep coming it never stops.
+    max_failed_batches: int = Field(default=20, ge=1)
+    #: ... or after this many batches in a row whose every usable item was a duplicate.
+    max_duplicate_batches: int = Field(default=100, ge=1)
     #: SQL store URL; default: a SQLite file beside output_path.
     database_url: str | None = None
     #: Object store URL; default: a local folder beside output_path.

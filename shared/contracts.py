@@ -4,7 +4,8 @@ Commands are imperative (``GenerateBatch``), events past tense (``BatchCompleted
 The flow (see docs/architecture.md):
 
     topics --GenerateBatch--> generator --CandidatesProposed--> dedupe
-    dedupe --CandidatesScreened--> generator --BatchCompleted--> topics
+    dedupe --CandidatesScreened--> topics (reserves room in the count)
+    topics --RespondToCandidates--> generator --BatchCompleted--> topics
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class Candidate(BaseModel):
     skip_prompt_formatting: bool = False
     #: instructor-private state carried to the response step (e.g. PLAINFORMAT)
     meta: dict[str, Any] = Field(default_factory=dict)
+    #: the most rows (or artifacts) toward ``count`` that its response step can make: the
+    #: controller reserves that much room in the count before the step is paid for
+    counts: int = Field(default=1, ge=0)
 
     def text_for_dedupe(self) -> str:
         return self.dedupe_text if self.dedupe_text is not None else self.instruction
@@ -102,17 +106,39 @@ class Artifact(BaseModel):
 
 
 class BatchStats(BaseModel):
+    """What happened to one batch's items on the way (each item lost is counted once, by
+    its cause), and what its calls cost."""
+
     model_config = ConfigDict(extra="forbid")
 
+    #: items asked for (the batch size sent)
+    asked: int = 0
+    #: usable candidates after per-item filtering (what dedupe screens)
     proposed: int = 0
     duplicates: int = 0
+    #: items dropped by response_filters or the instructor's own checks
     filtered: int = 0
+    #: items (or single answers) that were refusals
+    refused: int = 0
+    #: replies in which no item could be parsed
+    unparseable: int = 0
+    #: replies cut off by the token limit (their complete items are kept)
+    truncated: int = 0
+    #: calls that failed after their retries
     failures: int = 0
+    #: accepted candidates not answered because the count had no room for them
+    withheld: int = 0
+    #: retried attempts of this batch's calls (429, 5xx, timeouts)
+    retries: int = 0
     #: usage of this batch's calls, persisted with its rows
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+
+    #: the start of the last answer, kept so that a category that cannot progress can
+    #: say what the endpoint sent
+    excerpt: str | None = None
 
     @property
     def tokens(self) -> int:
@@ -158,14 +184,28 @@ class CandidatesProposed(Message):
 
 
 class CandidatesScreened(Message):
-    """Event: dedupe accepted these candidates (and reserved them in the index)."""
+    """Event: dedupe accepted these candidates (and reserved them in the index). The
+    controller reserves room in the count for them and passes on those that fit."""
 
-    topic: ClassVar[str] = "generation.respond"
+    topic: ClassVar[str] = "dedupe.screened"
     kind: Literal["candidates_screened"] = "candidates_screened"
     job_id: str
     task_id: str
     instructor: str
     accepted: list[Candidate]
+    stats: BatchStats
+
+
+class RespondToCandidates(Message):
+    """Command: make the responses (step 2) of these candidates, for which room in the
+    count is reserved; no more than that is paid for."""
+
+    topic: ClassVar[str] = "generation.respond"
+    kind: Literal["respond_to_candidates"] = "respond_to_candidates"
+    job_id: str
+    task_id: str
+    instructor: str
+    candidates: list[Candidate]
     stats: BatchStats
 
 
@@ -187,12 +227,13 @@ class BatchCompleted(Message):
 
 
 class JobEvent(Message):
-    """Event: a job changed state (started, progress, done, budget_exhausted, failed)."""
+    """Event: a job changed state (running, done, incomplete: a category could not
+    progress, budget_exhausted, failed, cancelled)."""
 
     topic: ClassVar[str] = "jobs.events"
     kind: Literal["job_event"] = "job_event"
     job_id: str
-    status: Literal["running", "done", "budget_exhausted", "failed", "cancelled"]
+    status: Literal["running", "done", "incomplete", "budget_exhausted", "failed", "cancelled"]
     detail: str | None = None
 
 

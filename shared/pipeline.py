@@ -27,6 +27,7 @@ from airoboros.contracts import (
     GenerateBatch,
     Item,
     JobEvent,
+    RespondToCandidates,
 )
 from airoboros.errors import ConfigError, MissingCredentials
 from airoboros.llm import LLMClient, LLMSettings, RateLimiter, UsageMeter
@@ -35,6 +36,7 @@ from airoboros.ports import Embedder
 from airoboros.store import SqlStore
 
 if TYPE_CHECKING:
+    from airoboros.dedupe.service import Deduper
     from airoboros.topics.sink import JsonlSink
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,8 @@ class RunResult:
     usage: Usage
     rows: int
     requests_per_minute: float
+    #: retried attempts of this run's calls (429, 5xx, timeouts)
+    retries: int = 0
 
 
 class Generation:
@@ -206,14 +210,12 @@ class Generation:
         self.llm: LLMClient | None = None
 
     async def run(self) -> RunResult:
-        from airoboros.dedupe.service import Deduper, DedupeService
-        from airoboros.embeddings import SentenceTransformerEmbedder
+        from airoboros.dedupe.service import DedupeService
         from airoboros.generator.registry import implemented_instructors
         from airoboros.generator.service import GeneratorService, JobRuntime
         from airoboros.topics.controller import JobController
         from airoboros.topics.sink import JsonlSink
         from airoboros.topics.topics import TopicPicker, instructor_topics, resolve_topics
-        from airoboros.vectors import FaissVectorStore
 
         cfg, plan = self.config, self.plan
         check_credentials(cfg)
@@ -222,15 +224,16 @@ class Generation:
         await store.connect()
         llm = self.llm = make_llm(cfg)
         bus = InMemoryBus()
+        deduper_ready: asyncio.Future[Deduper] | None = None
         try:
             sink = JsonlSink(plan.output_path)
             await self._prepare_output(store, sink)
             await store.ensure_job(
                 plan.job_id, config=cfg.model_dump(mode="json"), targets=plan.targets
             )
-            if (await store.get_job(plan.job_id)).status != "running":
-                # A rerun (append, a raised count, or after a budget stop) starts it again.
-                await store.set_job_status(plan.job_id, "running")
+            # A rerun (after a stop, a kill, a budget stop, with append or a raised count)
+            # starts again from the stored counts; no verdict of an earlier run is kept.
+            await store.resume_job(plan.job_id)
             await self._import_or_reconcile(store, sink)
             stats = await store.stats(plan.job_id)
             for name, s in stats.items():
@@ -238,6 +241,9 @@ class Generation:
                     name, Usage(s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
                 )
 
+            # The embedding model loads while the first calls go out (topics, step 1):
+            # nothing needs it before the first batch reaches dedupe.
+            deduper_ready = asyncio.ensure_future(self._deduper(store))
             warning = await llm.preflight(cfg.model)
             if warning:
                 plan.warnings.append(warning)
@@ -251,26 +257,6 @@ class Generation:
                 topics = await resolve_topics(cfg, llm) if needs_topics else []
             finally:
                 await record_unbatched_usage(store, plan.job_id, llm.meter)
-
-            embedder: Embedder
-            if self._embedder is not None:
-                embedder = self._embedder
-            else:
-                embedder = await asyncio.to_thread(
-                    SentenceTransformerEmbedder,
-                    cfg.embedding_model,
-                    cfg.embedding_device,
-                    dtype=cfg.embedding_dtype,
-                )
-            deduper = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
-            if await store.count_vectors(plan.job_id) == 0:
-                # Rows without vectors (adopted from an existing output): embed them once.
-                ids, texts = [], []
-                async for row in store.iter_items(plan.job_id):
-                    ids.append(f"row:{row.seq}")
-                    texts.append(dedupe_text(row.item))
-                if texts:
-                    await deduper.restore(plan.job_id, ids, texts)
 
             # Batches in flight when an earlier run of this job died died with it.
             await store.expire_tasks(plan.job_id, datetime.now(UTC))
@@ -305,20 +291,21 @@ class Generation:
                 return runtime
 
             generator = GeneratorService(runtime_for, bus.publish, seed=rng.randrange(2**31))
-            dedupe = DedupeService(deduper, bus.publish)
+            dedupe = DedupeService(deduper_ready, bus.publish)
             # Concurrency per consumer: LLM-bound steps wide, dedupe narrow (CPU-bound).
             bus.subscribe(GenerateBatch, generator.on_generate, concurrency=cfg.max_concurrency)
             bus.subscribe(
-                CandidatesScreened, generator.on_screened, concurrency=cfg.max_concurrency
+                RespondToCandidates, generator.on_respond, concurrency=cfg.max_concurrency
             )
             bus.subscribe(CandidatesProposed, dedupe.on_proposed, concurrency=2)
+            bus.subscribe(CandidatesScreened, controller.on_screened, concurrency=1)
             bus.subscribe(BatchCompleted, controller.on_completed, concurrency=1)
             bus.subscribe(JobEvent, _log_event)
             await bus.start()
             await controller.start()
             progress_task = asyncio.create_task(self._progress_loop())
             try:
-                outcome = await controller.wait()
+                outcome = await self._wait(controller, deduper_ready)
             finally:
                 progress_task.cancel()
                 await asyncio.gather(progress_task, return_exceptions=True)
@@ -336,11 +323,54 @@ class Generation:
                 llm.meter.total,
                 rows,
                 controller.requests_per_minute(),
+                llm.stats.retries,
             )
         finally:
             await bus.close()
             await llm.close()
             await store.close()
+            if deduper_ready is not None and not deduper_ready.done():
+                deduper_ready.cancel()
+                await asyncio.gather(deduper_ready, return_exceptions=True)
+
+    @staticmethod
+    async def _wait(controller: Any, deduper: asyncio.Future[Deduper]) -> Any:
+        """The job's outcome; if dedupe cannot start (a bad embedding_model), its error."""
+        waiter = asyncio.ensure_future(controller.wait())
+        await asyncio.wait({waiter, deduper}, return_when=asyncio.FIRST_COMPLETED)
+        if deduper.done() and not deduper.cancelled() and deduper.exception() is not None:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+            raise deduper.exception()  # type: ignore[misc]
+        return await waiter
+
+    async def _deduper(self, store: SqlStore) -> Deduper:
+        """The job's dedupe: the embedding model, and the index of the rows it has."""
+        from airoboros.dedupe.service import Deduper
+        from airoboros.embeddings import SentenceTransformerEmbedder
+        from airoboros.vectors import FaissVectorStore
+
+        cfg = self.config
+        embedder: Embedder
+        if self._embedder is not None:
+            embedder = self._embedder
+        else:
+            embedder = await asyncio.to_thread(
+                SentenceTransformerEmbedder,
+                cfg.embedding_model,
+                cfg.embedding_device,
+                dtype=cfg.embedding_dtype,
+            )
+        deduper = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
+        if await store.count_vectors(self.plan.job_id) == 0:
+            # Rows without vectors (adopted from an existing output): embed them once.
+            ids, texts = [], []
+            async for row in store.iter_items(self.plan.job_id):
+                ids.append(f"row:{row.seq}")
+                texts.append(dedupe_text(row.item))
+            if texts:
+                await deduper.restore(self.plan.job_id, ids, texts)
+        return deduper
 
     async def _card_folder(self, store: SqlStore) -> Callable[[list[Artifact]], Awaitable[None]]:
         """Cards live in the character ``output_dir`` as the original kept them (one

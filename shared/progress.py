@@ -21,6 +21,12 @@ def _rows(gen: Generation) -> list[dict[str, Any]]:
     out = []
     for st in ctl.snapshot():
         u = meter.by_instructor.get(st.name)
+        if st.stalled:
+            state = "stopped"
+        elif st.skipped:
+            state = "skipped"
+        else:
+            state = "done" if st.done else "running"
         out.append(
             {
                 "name": st.name,
@@ -28,13 +34,29 @@ def _rows(gen: Generation) -> list[dict[str, Any]]:
                 "target": st.target,
                 "duplicates": st.duplicates,
                 "filtered": st.filtered,
+                "refused": st.refused,
+                "unparseable": st.unparseable,
+                "truncated": st.truncated,
                 "failures": st.failures,
+                "retries": st.retries,
                 "tokens": u.total_tokens if u else 0,
                 "cost": u.cost if u else 0.0,
-                "state": "stalled" if st.stalled else ("done" if st.done else "running"),
+                "state": state,
             }
         )
     return out
+
+
+_COUNTS = (
+    "accepted",
+    "duplicates",
+    "filtered",
+    "refused",
+    "unparseable",
+    "truncated",
+    "failures",
+    "retries",
+)
 
 
 class PlainProgress:
@@ -52,14 +74,15 @@ class PlainProgress:
         self._last = now
         ctl: Any = gen.controller
         for r in _rows(gen):
-            key = (r["accepted"], r["duplicates"], r["filtered"], r["failures"])
+            key = (*(r[k] for k in _COUNTS), r["state"])
             if self._seen.get(r["name"]) == key:
                 continue
             self._seen[r["name"]] = key
             log.info(
-                "%s: %d/%d accepted, %d duplicates, %d filtered, %d failures, %d tokens, $%.4f",
-                r["name"], r["accepted"], r["target"], r["duplicates"], r["filtered"],
-                r["failures"], r["tokens"], r["cost"],
+                "%s: %d/%d accepted, %d duplicates, %d filtered, %d refused, %d unparseable, "
+                "%d truncated, %d failures, %d retries, %d tokens, $%.4f (%s)",
+                r["name"], r["accepted"], r["target"], *(r[k] for k in _COUNTS[1:]),
+                r["tokens"], r["cost"], r["state"],
             )  # fmt: skip
         if ctl is not None:
             log.info("requests/min: %.1f", ctl.requests_per_minute())
@@ -89,7 +112,11 @@ class LiveProgress:
             "accepted/target",
             "dup",
             "filtered",
+            "refused",
+            "unparsed",
+            "cut off",
             "fail",
+            "retries",
             "tokens",
             "cost",
             "",
@@ -99,9 +126,7 @@ class LiveProgress:
             table.add_row(
                 r["name"],
                 f"{r['accepted']}/{r['target']}",
-                str(r["duplicates"]),
-                str(r["filtered"]),
-                str(r["failures"]),
+                *(str(r[k]) for k in _COUNTS[1:]),
                 f"{r['tokens']:,}",
                 f"${r['cost']:.4f}",
                 r["state"],

@@ -112,15 +112,26 @@ class Deduper:
 
 
 class DedupeService:
-    """The queue-facing use case: screen a proposed batch, pass on the survivors."""
+    """The queue-facing use case: screen a proposed batch, pass on the survivors.
+    ``deduper`` may still be loading (a future): the first screen waits for it."""
 
-    def __init__(self, deduper: Deduper, publish: Callable[[Message], Awaitable[None]]) -> None:
-        self.deduper = deduper
+    def __init__(
+        self,
+        deduper: Deduper | asyncio.Future[Deduper],
+        publish: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        self._deduper = deduper
         self.publish = publish
+
+    async def deduper(self) -> Deduper:
+        if not isinstance(self._deduper, Deduper):
+            self._deduper = await self._deduper
+        return self._deduper
 
     @telemetry.handles("dedupe", "dedupe")
     async def on_proposed(self, msg: CandidatesProposed) -> None:
-        flags = await self.deduper.screen(
+        deduper = await self.deduper()
+        flags = await deduper.screen(
             msg.namespace or msg.job_id,
             [c.candidate_id for c in msg.candidates],
             [c.text_for_dedupe() for c in msg.candidates],

@@ -22,6 +22,7 @@ from airoboros.contracts import (
     GenerateBatch,
     Item,
     Message,
+    RespondToCandidates,
 )
 from airoboros.embeddings import l2_threshold_to_cosine
 from airoboros.errors import BudgetExhausted, LLMError
@@ -73,12 +74,12 @@ class GeneratorService:
     async def on_generate(self, task: GenerateBatch) -> None:
         """Step 1: propose candidates, then hand them to dedupe."""
         inst, config = await self.instructor(task.job_id, task.instructor)
-        stats = BatchStats()
+        stats = BatchStats(asked=task.batch_size)
         current_batch.set(stats)
         try:
             candidates = await inst.propose(task, stats)
         except Filtered as f:
-            stats.filtered += 1
+            f.count(stats)
             log.debug("%s: batch filtered (%s)", task.instructor, f.reason)
             candidates = []
         except (BudgetExhausted, LLMError) as exc:
@@ -118,20 +119,21 @@ class GeneratorService:
         )
 
     @telemetry.handles("respond", "generator")
-    async def on_screened(self, msg: CandidatesScreened) -> None:
-        """Step 2: respond to every accepted candidate, concurrently; report the batch."""
+    async def on_respond(self, msg: RespondToCandidates) -> None:
+        """Step 2: respond to every candidate the count has room for, concurrently;
+        report the batch."""
         inst, _ = await self.instructor(msg.job_id, msg.instructor)
         stats = msg.stats.model_copy()
         current_batch.set(stats)
         results = await asyncio.gather(
-            *(inst.respond(c, stats) for c in msg.accepted), return_exceptions=True
+            *(inst.respond(c, stats) for c in msg.candidates), return_exceptions=True
         )
         items: list[Item] = []
         artifacts: list[Artifact] = []
         error: BaseException | None = None
         for r in results:
             if isinstance(r, Filtered):
-                stats.filtered += 1
+                r.count(stats)
             elif isinstance(r, BudgetExhausted):
                 error = r
             elif isinstance(r, BaseException):
@@ -152,7 +154,7 @@ class GeneratorService:
 
     async def _report(
         self,
-        origin: GenerateBatch | CandidatesScreened,
+        origin: GenerateBatch | RespondToCandidates,
         stats: BatchStats,
         *,
         items: list[Item] | None = None,

@@ -1,6 +1,6 @@
 """The generator worker: ``python -m airoboros.generator``.
 
-Consumes GenerateBatch (step 1) and CandidatesScreened (step 2) from RabbitMQ, for any
+Consumes GenerateBatch (step 1) and RespondToCandidates (step 2) from RabbitMQ, for any
 number of jobs; each job's config comes from the SQL store. Rate limits and budgets are
 shared with every other replica through Redis.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from airoboros.contracts import CandidatesScreened, GenerateBatch
+from airoboros.contracts import GenerateBatch, RespondToCandidates
 from airoboros.generator.service import GeneratorService, JobRuntime
 from airoboros.llm.shared_limits import RedisRateLimiter, RedisUsageMeter, limiter_scope
 from airoboros.pipeline import make_llm, prices_for
@@ -55,6 +55,8 @@ async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = N
                     max_cost=cfg.max_cost,
                     prices=prices_for(cfg),
                 )
+                # A reservation outlives a replica that died mid-call by one call at most.
+                meter.reservation_ttl = cfg.request_timeout + 60.0
                 stats = await store.stats(job_id)
                 await meter.seed(
                     sum(s.prompt_tokens + s.completion_tokens for s in stats.values()),
@@ -69,13 +71,13 @@ async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = N
         if await status.running(msg.job_id):
             await service.on_generate(msg)
 
-    async def on_screened(msg: CandidatesScreened) -> None:
+    async def on_respond(msg: RespondToCandidates) -> None:
         if await status.running(msg.job_id):
-            await service.on_screened(msg)
+            await service.on_respond(msg)
 
     bus.subscribe(GenerateBatch, on_generate, concurrency=settings.max_concurrency, group=GROUP)
     bus.subscribe(
-        CandidatesScreened, on_screened, concurrency=settings.max_concurrency, group=GROUP
+        RespondToCandidates, on_respond, concurrency=settings.max_concurrency, group=GROUP
     )
     try:
         await serve(

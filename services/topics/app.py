@@ -22,6 +22,7 @@ from airoboros import metrics, telemetry
 from airoboros.errors import AiroborosError, ConfigError, NotFoundError
 from airoboros.settings import TopicsSettings
 from airoboros.topics.cull import CullRequest, JobNotFinished
+from airoboros.topics.service import JobConflict
 from airoboros.web import bearer_token
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,10 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         bus = make_bus(settings)
         objects = make_objects(settings)
         svc = TopicsService(settings, store, bus, objects)
-        from airoboros.contracts import BatchCompleted
+        from airoboros.contracts import BatchCompleted, CandidatesScreened
 
         bus.subscribe(BatchCompleted, svc.on_completed, concurrency=4, group=GROUP)
+        bus.subscribe(CandidatesScreened, svc.on_screened, concurrency=4, group=GROUP)
         stop = asyncio.Event()
         await bus.start()
         for message_type, group in PIPELINE_QUEUES:
@@ -112,7 +114,8 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         return error(422, str(exc), exc.code, problems=exc.problems)
 
     @app.exception_handler(JobNotFinished)
-    async def conflict(_: Request, exc: JobNotFinished) -> JSONResponse:
+    @app.exception_handler(JobConflict)
+    async def conflict(_: Request, exc: AiroborosError) -> JSONResponse:
         return error(409, str(exc), exc.code)
 
     @app.exception_handler(NotFoundError)
@@ -168,6 +171,11 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
     async def cancel_job(job_id: str) -> Any:
         return await svc().cancel(job_id)
+
+    @app.post("/v1/jobs/{job_id}/resume", dependencies=guarded)
+    async def resume_job(job_id: str) -> Any:
+        """Run a stopped (incomplete, failed or cancelled) job again from its counts."""
+        return await svc().resume(job_id)
 
     @app.get("/v1/jobs/{job_id}/items", dependencies=guarded)
     async def items(

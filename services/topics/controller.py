@@ -1,10 +1,12 @@
-"""The job controller: keeps a bounded number of batches in flight per instructor, applies
-finished batches (rows, counters, usage) in one transaction each, stops every instructor
-at exactly its count, and ends the job.
+"""The job controller: keeps a bounded number of batches in flight per instructor, sized to
+what each category still needs, reserves room in the count before any response step is
+paid for, applies finished batches (rows, counters, usage) in one transaction each, stops
+every instructor at exactly its count, and ends the job.
 
-All of its state is in the SQL store (tasks in flight, counters, the cancel flag), so a
-restarted controller, or another topics replica holding the job's lease, carries on where
-the last one stopped. The same class drives embedded runs and deployed services.
+The counting rules are airoboros.counting; their state is in the SQL store (counters,
+streaks, tasks in flight with their reservations, the cancel flag), so a restarted
+controller, or another topics replica holding the job's lease, carries on where the last
+one stopped. The same class drives embedded runs and deployed services.
 """
 
 from __future__ import annotations
@@ -21,20 +23,24 @@ from typing import TYPE_CHECKING, Any
 
 from airoboros import telemetry
 from airoboros.config import Config
-from airoboros.contracts import Artifact, BatchCompleted, GenerateBatch, Item, JobEvent, Message
-from airoboros.store import InstructorStats, SqlStore, StoredItem
+from airoboros.contracts import (
+    Artifact,
+    BatchCompleted,
+    CandidatesScreened,
+    GenerateBatch,
+    Item,
+    JobEvent,
+    Message,
+    RespondToCandidates,
+)
+from airoboros.counting import FATAL_ERRORS, CategoryCounts, StopPolicy, job_outcome
+from airoboros.store import Flight, SqlStore, StoredItem
 from airoboros.topics.topics import TopicPicker
 
 if TYPE_CHECKING:
     from airoboros.generator.instructors.base import Instructor
 
 log = logging.getLogger(__name__)
-
-#: Errors after which no call of the job can succeed (a single bad request can be the
-#: prompt's fault, so it only counts as a failure).
-FATAL_ERRORS = {"auth_error", "model_not_found"}
-#: Consecutive batches without a single new row before an instructor is given up.
-MAX_BARREN_BATCHES = 25
 
 
 @dataclass
@@ -48,10 +54,18 @@ class InstructorView:
     filtered: int
     failures: int
     in_flight: int
+    #: why the instructor cannot progress (it is given up for this run), or None
     stalled: str | None
     phase: str = "main"
     #: why the instructor has nothing to do (editor without writing rows); not a failure
     skipped: str | None = None
+    refused: int = 0
+    unparseable: int = 0
+    truncated: int = 0
+    retries: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+    wasted_tokens: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -77,14 +91,51 @@ class StoreSources:
 
 @dataclass
 class JobOutcome:
-    status: str  # done | budget_exhausted | failed | cancelled
+    status: str  # done | incomplete | budget_exhausted | failed | cancelled
     detail: str | None = None
 
 
-def expected_yield(st: InstructorStats, batch_size: int) -> float:
-    if st.batches == 0:
-        return float(batch_size)
-    return max(0.5, st.rows_from_batches / st.batches)
+def stop_policy(config: Config) -> StopPolicy:
+    return StopPolicy(
+        max_failed_batches=config.max_failed_batches,
+        max_duplicate_batches=config.max_duplicate_batches,
+    )
+
+
+async def grant_and_forward(
+    store: SqlStore,
+    publish: Callable[[Message], Awaitable[None]],
+    msg: CandidatesScreened,
+) -> BatchCompleted | None:
+    """Reserve room in the count for a screened batch and send the candidates that fit
+    to their response step. Returns the batch's completion instead when none fit (nothing
+    is left to pay for), for the caller to apply."""
+    flags = await store.grant(
+        msg.job_id, msg.task_id, msg.instructor, [c.counts for c in msg.accepted]
+    )
+    granted = [c for c, ok in zip(msg.accepted, flags, strict=True) if ok]
+    stats = msg.stats.model_copy(
+        update={"withheld": msg.stats.withheld + len(msg.accepted) - len(granted)}
+    )
+    if not granted:
+        return BatchCompleted(
+            job_id=msg.job_id,
+            task_id=msg.task_id,
+            instructor=msg.instructor,
+            stats=stats,
+            headers=msg.headers,
+        )
+    await publish(
+        RespondToCandidates(
+            job_id=msg.job_id,
+            task_id=msg.task_id,
+            instructor=msg.instructor,
+            candidates=granted,
+            stats=stats,
+            headers=msg.headers,
+        )
+    )
+    return None
 
 
 class JobController:
@@ -109,6 +160,7 @@ class JobController:
         #: the job's trace (the request that created it): its batches are dispatched in it
         self.trace_context = trace_context or None
         self.config = config
+        self.policy = stop_policy(config)
         self.store = store
         self.publish = publish
         self.active = active
@@ -125,25 +177,30 @@ class JobController:
         self.sources = StoreSources(store, job_id)
         self.on_artifacts = on_artifacts
         self._rng = random.Random(seed)
-        self._skipped: dict[str, str] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._finished = asyncio.Event()
         self.outcome: JobOutcome | None = None
         self._budget_hit: str | None = None
-        self._last_error: dict[str, str] = {}
         self._lock = asyncio.Lock()
-        self._stats: dict[str, InstructorStats] = {}
-        self._in_flight: dict[str, int] = {}
+        self._stats: dict[str, CategoryCounts] = {}
+        self._flights: dict[str, Flight] = {}
+        #: when each category's last batch completed: a category whose replies keep
+        #: failing sends its next probe a pause after that (a pacing hint, not job state:
+        #: after a restart it probes at once, which is harmless)
+        self._last_done: dict[str, float] = {}
         self.started = time.monotonic()
-        #: tokens paid by batches, and the part of them that produced no stored row
-        self.batch_tokens = 0
-        self.wasted_tokens = 0.0
 
     @property
     def finished(self) -> bool:
         return self._finished.is_set()
 
     # --- results ------------------------------------------------------------------------
+    async def on_screened(self, msg: CandidatesScreened) -> None:
+        """Reserve room in the count for a screened batch; pass on what fits."""
+        done = await grant_and_forward(self.store, self.publish, msg)
+        if done is not None:
+            await self.on_completed(done)
+
     async def on_completed(self, msg: BatchCompleted) -> None:
         """Apply a finished batch (idempotent by message id), then top up or finish."""
         stored = await self.store.apply_batch(
@@ -154,6 +211,8 @@ class JobController:
             items=msg.items,
             stats=msg.stats,
             artifacts=msg.artifacts,
+            error=msg.error,
+            error_message=msg.error_message,
         )
         if stored is not None and msg.artifacts and self.on_artifacts is not None:
             try:
@@ -162,24 +221,18 @@ class JobController:
             except Exception:
                 log.exception("job %s: could not save artifacts", self.job_id)
         async with self._lock:
-            if stored is not None:
-                if self.on_rows is not None and stored:
-                    self.on_rows(stored)
-                # Each candidate lost (duplicate, filtered, failed) or row dropped past the
-                # count is an equal share of the batch's tokens that bought nothing.
-                units = max(
-                    1,
-                    len(msg.items) + msg.stats.duplicates + msg.stats.filtered + msg.stats.failures,
-                )
-                self.batch_tokens += msg.stats.tokens
-                self.wasted_tokens += msg.stats.tokens * (1 - len(stored) / units)
+            self._last_done[msg.instructor] = time.monotonic()
+            if stored is not None and self.on_rows is not None and stored:
+                self.on_rows(stored)
             if msg.error == "budget_exhausted":
                 self._budget_hit = msg.error_message or "budget exhausted"
             elif msg.error in FATAL_ERRORS:
                 await self._finish(JobOutcome("failed", f"{msg.instructor}: {msg.error_message}"))
                 return
-            elif msg.error and msg.error_message:
-                self._last_error[msg.instructor] = msg.error_message
+            if msg.error and msg.error_message:
+                log.info(
+                    "job %s: %s batch failed: %s", self.job_id, msg.instructor, msg.error_message
+                )
         await self.tick()
 
     # --- the control loop ---------------------------------------------------------------
@@ -199,8 +252,8 @@ class JobController:
                     self.job_id, datetime.now(UTC) - timedelta(seconds=self.task_timeout)
                 )
             self._stats = await self.store.stats(self.job_id)
-            self._in_flight = await self.store.in_flight(self.job_id)
-            in_flight_total = sum(self._in_flight.get(n, 0) for n in self.active)
+            self._flights = await self.store.flights(self.job_id)
+            in_flight_total = sum(self._flight(n).batches for n in self.active)
             if job.cancel_requested:
                 await self._finish(JobOutcome("cancelled", job.detail or "cancelled by request"))
                 return
@@ -210,27 +263,36 @@ class JobController:
                 if in_flight_total == 0:
                     await self._finish(JobOutcome("budget_exhausted", budget))
                 return
-            views = self.snapshot()
-            if all(v.done for v in views):
-                stalled = [f"{v.name}: {v.stalled}" for v in views if v.stalled]
-                skipped = [f"{v.name} skipped: {v.skipped}" for v in views if v.skipped]
-                if stalled:
-                    await self._finish(JobOutcome("failed", "; ".join(stalled + skipped)))
-                else:
-                    await self._finish(JobOutcome("done", "; ".join(skipped) or None))
+            ended = job_outcome([self._counts(n) for n in self.active], self.policy)
+            if ended is not None:
+                await self._finish(JobOutcome(*ended))
                 return
             # Phases run in order: only the first phase with work left is dispatched.
-            current = self.current_phase(views)
-            skipped_before = len(self._skipped)
-            for v in views:
-                if not v.done and v.phase == current:
-                    await self._dispatch(v)
-            if len(self._skipped) > skipped_before:
+            current = self.current_phase(self.snapshot())
+            skipped = False
+            for name in self.active:
+                c = self._counts(name)
+                if self.phase_of(name) == current and not c.settled(self.policy):
+                    skipped |= await self._dispatch(name, c)
+            if skipped:
                 # An instructor with nothing to do ends its phase (or the job) now: no
                 # batch will complete to trigger the next look.
-                retick = asyncio.create_task(self.tick())
-                self._background.add(retick)
-                retick.add_done_callback(self._background.discard)
+                self._schedule_tick(0.0)
+
+    def _counts(self, name: str) -> CategoryCounts:
+        return self._stats.get(name) or CategoryCounts(name)
+
+    def _flight(self, name: str) -> Flight:
+        return self._flights.get(name) or Flight()
+
+    def _schedule_tick(self, delay: float) -> None:
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await self.tick()
+
+        task = asyncio.create_task(later())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def phase_of(self, name: str) -> str:
         cls = self.classes.get(name)
@@ -255,55 +317,67 @@ class JobController:
             return f"cost budget of ${cfg.max_cost:.2f} reached (${cost:.4f} spent)"
         return None
 
-    def _cap(self, name: str, st: InstructorStats) -> int:
-        # Enough batches to keep the call budget busy, and no more than the rows still
-        # needed (so little is paid for past the count).
+    async def _dispatch(self, name: str, c: CategoryCounts) -> bool:
+        """Send the batches ``name`` needs now; True when it turned out to have nothing
+        to work from (skipped)."""
         batch_size = self.config.batch_size_for(name)
-        by_calls = max(1, math.ceil(self.config.max_concurrency / max(1, batch_size)))
-        need = max(0, st.target - st.accepted)
-        by_need = max(1, math.ceil(need / expected_yield(st, batch_size)))
-        return min(by_calls, by_need)
-
-    async def _dispatch(self, v: InstructorView) -> None:
-        st = self._stats[v.name]
-        batch_size = self.config.batch_size_for(v.name)
-        picker = self.pickers.get(v.name)
-        missing = self._cap(v.name, st) - v.in_flight
-        cls = self.classes.get(v.name)
-        for _ in range(max(0, missing)):
+        flight = self._flight(name)
+        # Enough batches to keep the call budget busy; one at a time while whole replies
+        # keep failing, after a pause that grows with the failures.
+        slots = max(1, math.ceil(self.config.max_concurrency / max(1, batch_size)))
+        if c.probing(self.policy):
+            wait = self._last_done.get(name, 0.0) + c.backoff(self.policy) - time.monotonic()
+            if wait > 0:
+                if flight.batches == 0:
+                    self._schedule_tick(wait)
+                return False
+            slots = 1
+        sizes = c.plan(
+            batch_size,
+            slots=slots - flight.batches,
+            pending_items=flight.pending_items,
+            policy=self.policy,
+        )
+        picker = self.pickers.get(name)
+        cls = self.classes.get(name)
+        for size in sizes:
             inputs: list[dict[str, Any]] | None = []
             if cls is not None:
-                inputs = await cls.batch_inputs(
-                    self.config, v.name, self.sources, batch_size, self._rng
-                )
+                inputs = await cls.batch_inputs(self.config, name, self.sources, size, self._rng)
             if inputs is None:
-                if v.in_flight == 0 and cls is not None:
-                    self._skipped[v.name] = f"it needs {cls.needs}, and there are none"
-                    log.warning("job %s: %s skipped: no %s", self.job_id, v.name, cls.needs)
-                return
+                if flight.batches == 0 and cls is not None:
+                    reason = f"it needs {cls.needs}, and there are none"
+                    await self.store.set_skipped(self.job_id, name, reason)
+                    log.warning("job %s: %s skipped: no %s", self.job_id, name, cls.needs)
+                    return True
+                return False
             task = GenerateBatch(
                 job_id=self.job_id,
-                instructor=v.name,
-                batch_size=batch_size,
-                topics=picker.take(batch_size) if picker else [],
-                remaining=st.target - st.accepted,
+                instructor=name,
+                batch_size=size,
+                topics=picker.take(size) if picker else [],
+                remaining=c.room,
                 inputs=inputs,
             )
             # Recorded before it is published: a crash in between leaves a task that
             # expires, never a batch the controller does not know about.
-            await self.store.add_task(self.job_id, task.task_id, v.name)
+            await self.store.add_task(self.job_id, task.task_id, name, asked=size)
             with telemetry.span(
-                f"dispatch {v.name}",
+                f"dispatch {name}",
                 parent=self.trace_context,
                 attributes={
                     "airoboros.service": "topics",
                     "airoboros.job_id": self.job_id,
-                    "airoboros.instructor": v.name,
+                    "airoboros.instructor": name,
                     "airoboros.task_id": task.task_id,
                 },
             ):
                 await self.publish(task)
-            self._in_flight[v.name] = self._in_flight.get(v.name, 0) + 1
+            flight.batches += 1
+            flight.unscreened += 1
+            flight.pending_items += size
+            self._flights[name] = flight
+        return False
 
     async def start(self) -> None:
         await self.publish(JobEvent(job_id=self.job_id, status="running"))
@@ -321,6 +395,8 @@ class JobController:
                 outcome = JobOutcome("failed", f"{outcome.status}, but finishing failed: {exc}")
         self.outcome = outcome
         await self.store.set_job_status(self.job_id, outcome.status, outcome.detail)
+        if outcome.status == "incomplete":
+            log.warning("job %s incomplete: %s", self.job_id, outcome.detail)
         await self.publish(
             JobEvent(job_id=self.job_id, status=outcome.status, detail=outcome.detail)
         )
@@ -344,12 +420,7 @@ class JobController:
     def snapshot(self) -> list[InstructorView]:
         views = []
         for name in self.active:
-            st = self._stats.get(name) or InstructorStats(name)
-            stalled = None
-            if st.barren >= MAX_BARREN_BATCHES and st.accepted < st.target:
-                stalled = f"no new rows in {st.barren} batches in a row"
-                if name in self._last_error:
-                    stalled += f" (last error: {self._last_error[name]})"
+            st = self._counts(name)
             views.append(
                 InstructorView(
                     name,
@@ -358,10 +429,17 @@ class JobController:
                     st.duplicates,
                     st.filtered,
                     st.failures,
-                    self._in_flight.get(name, 0),
-                    stalled,
+                    self._flight(name).batches,
+                    st.stop_reason(self.policy),
                     self.phase_of(name),
-                    self._skipped.get(name),
+                    st.skipped,
+                    refused=st.refused,
+                    unparseable=st.unparseable,
+                    truncated=st.truncated,
+                    retries=st.retries,
+                    tokens=st.tokens,
+                    cost=st.cost,
+                    wasted_tokens=st.wasted_tokens,
                 )
             )
         return views

@@ -28,25 +28,35 @@ from airoboros.contracts import (
     CandidatesScreened,
     DatasetExported,
     GenerateBatch,
+    RespondToCandidates,
 )
-from airoboros.errors import ConfigError
+from airoboros.errors import AiroborosError, ConfigError
 from airoboros.generator.instructors.characters import card_file_name, card_json
 from airoboros.pipeline import make_llm, make_plan
 from airoboros.ports import ObjectStore
 from airoboros.settings import TopicsSettings
 from airoboros.store import SqlStore
-from airoboros.topics.controller import JobController, JobOutcome
+from airoboros.topics.controller import JobController, JobOutcome, grant_and_forward, stop_policy
 from airoboros.topics.topics import TopicPicker, generate_topics, unique
 from airoboros.worker import job_config
 
 log = logging.getLogger(__name__)
 GROUP = "topics"
+
+
+class JobConflict(AiroborosError):
+    """The job is not in a state that allows this (409)."""
+
+    code = "conflict"
+
+
 #: The queues of the pipeline, declared by topics so no message waits for a consumer
 #: that has not started yet: (message type, consumer group).
 PIPELINE_QUEUES: list[tuple[type[Any], str]] = [
     (GenerateBatch, "generator"),
-    (CandidatesScreened, "generator"),
+    (RespondToCandidates, "generator"),
     (CandidatesProposed, "dedupe"),
+    (CandidatesScreened, GROUP),
     (BatchCompleted, GROUP),
     # Kept for the trainer, which may start later than the job ends.
     (DatasetExported, "trainer"),
@@ -129,7 +139,7 @@ class TopicsService:
                 )
 
             async def on_finish(outcome: JobOutcome) -> None:
-                if outcome.status in ("done", "budget_exhausted"):
+                if outcome.status in ("done", "incomplete", "budget_exhausted"):
                     with telemetry.span(
                         "export",
                         parent=job.trace_context or None,
@@ -202,6 +212,10 @@ class TopicsService:
         job = await self.store.get_job(job_id)
         stats = await self.store.stats(job_id)
         in_flight = await self.store.in_flight(job_id)
+        try:
+            policy = stop_policy(Config.model_validate(job.config))
+        except ValueError:
+            policy = stop_policy(Config())
         instructors = {}
         for name, s in stats.items():
             if name == "topics":
@@ -211,12 +225,21 @@ class TopicsService:
                 "target": s.target,
                 "duplicates": s.duplicates,
                 "filtered": s.filtered,
+                "refused": s.refused,
+                "unparseable": s.unparseable,
+                "truncated": s.truncated,
                 "failures": s.failures,
                 "dropped": s.dropped,
+                "withheld": s.withheld,
+                "retries": s.retries,
                 "in_flight": in_flight.get(name, 0),
+                "reserved": s.reserved,
                 "prompt_tokens": s.prompt_tokens,
                 "completion_tokens": s.completion_tokens,
                 "cost": round(s.cost, 6),
+                "wasted_tokens": round(s.wasted_tokens),
+                "stopped": s.stop_reason(policy),
+                "skipped": s.skipped,
             }
         return {
             "id": job.id,
@@ -259,6 +282,30 @@ class TopicsService:
         ctl = self.controllers.get(job_id)
         if ctl is not None:
             await ctl.tick()
+        return await self.status(job_id)
+
+    async def resume(self, job_id: str) -> dict[str, Any]:
+        """Run a stopped job again: every category short of its count is tried again
+        from the stored counts (no earlier stop is kept as a verdict)."""
+        job = await self.store.get_job(job_id)
+        from airoboros.topics.cull import is_cull_job
+
+        if is_cull_job(job.config):
+            raise JobConflict("a cull job cannot be resumed; post the cull again")
+        if job.status == "done":
+            raise JobConflict(f"job {job_id} is done: every category reached its count")
+        if job.status == "budget_exhausted":
+            raise JobConflict(
+                f"job {job_id} spent its budget ({job.detail}); post a new job with a larger "
+                "max_tokens or max_cost"
+            )
+        await self.store.resume_job(job_id)
+        ctl = self.controllers.pop(job_id, None)
+        if ctl is not None and ctl.finished:
+            await self.store.release_lease(job_id, self.owner)
+        elif ctl is not None:
+            self.controllers[job_id] = ctl  # still running: its next tick sees the reset
+        await self._take(job_id)
         return await self.status(job_id)
 
     async def items(
@@ -351,7 +398,21 @@ class TopicsService:
             instructor=msg.instructor,
             items=msg.items,
             stats=msg.stats,
+            artifacts=msg.artifacts,
+            error=msg.error,
+            error_message=msg.error_message,
         )
+
+    async def on_screened(self, msg: CandidatesScreened) -> None:
+        """Reserve room in the count for a screened batch (the store serialises this with
+        every other replica) and send on what fits."""
+        ctl = self.controllers.get(msg.job_id)
+        if ctl is not None and not ctl.finished:
+            await ctl.on_screened(msg)
+            return
+        done = await grant_and_forward(self.store, self.bus.publish, msg)
+        if done is not None:
+            await self._on_completed(done)
 
     async def on_dead_letter(self, queue: str, body: bytes, headers: dict[str, Any]) -> None:
         try:

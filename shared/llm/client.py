@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from airoboros import metrics, telemetry
 from airoboros.errors import (
     AuthError,
     BadRequestError,
+    BudgetExhausted,
     ConnectError,
     ContextLengthError,
     LLMError,
@@ -73,6 +76,51 @@ class ClientStats:
     attempts: int = 0
     rate_limited: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def retries(self) -> int:
+        return self.attempts - self.calls
+
+
+#: Completion tokens reserved for a call with no max_tokens before any answer was seen;
+#: after that, 1.5x the largest completion seen (at least COMPLETION_FLOOR).
+FIRST_COMPLETION_GUESS = 1024
+COMPLETION_FLOOR = 256
+#: The shortest answer a call is capped at to fit the rest of a budget; below it the
+#: budget counts as spent.
+MIN_COMPLETION = 128
+
+
+class WorstCase:
+    """Upper estimates of one call's usage, for the budget's reservations: prompt tokens
+    from the largest tokens-per-character ratio seen (half a token per character, a
+    generous bound for English and code, before the first answer), completion tokens from
+    the call's max_tokens, else 1.5x the largest completion seen so far (at least
+    ``COMPLETION_FLOOR``; ``FIRST_COMPLETION_GUESS`` before the first answer)."""
+
+    def __init__(self) -> None:
+        self.tokens_per_char = 0.5
+        self._seen_ratio = 0.0
+        self.largest_completion = 0
+
+    def prompt(self, messages: list[dict[str, str]]) -> int:
+        chars = sum(len(m["content"]) for m in messages)
+        # A few tokens per message of chat formatting, as OpenAI's tokenizers add.
+        return math.ceil(chars * self.tokens_per_char) + 4 * len(messages) + 8
+
+    def completion(self, max_tokens: int | None) -> int:
+        if max_tokens is not None:
+            return max_tokens
+        if not self.largest_completion:
+            return FIRST_COMPLETION_GUESS
+        return max(COMPLETION_FLOOR, math.ceil(1.5 * self.largest_completion))
+
+    def learn(self, messages: list[dict[str, str]], prompt_tokens: int, completion: int) -> None:
+        chars = sum(len(m["content"]) for m in messages)
+        if chars >= 32 and prompt_tokens > 0:
+            self._seen_ratio = max(self._seen_ratio, prompt_tokens / chars)
+            self.tokens_per_char = self._seen_ratio * 1.15
+        self.largest_completion = max(self.largest_completion, completion)
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -153,6 +201,7 @@ class LLMClient:
         self.limiter = limiter
         self.meter = meter
         self.stats = ClientStats()
+        self.worst = WorstCase()
         self._client = openai.AsyncOpenAI(
             api_key=settings.api_key or "not-needed",
             base_url=settings.base_url,
@@ -214,9 +263,23 @@ class LLMClient:
             attempt += 1
             self.stats.attempts += 1
             estimate = self._estimate(messages, max_tokens)
+            call_id = uuid.uuid4().hex
+            reserved = False
             try:
                 async with self.limiter.slot(estimate):
                     await self.meter.acheck()
+                    # The budget is a cap: the call's worst case is held before it is sent,
+                    # and a call that fits only with a shorter answer is capped at it.
+                    worst_c = self.worst.completion(max_tokens)
+                    held = await self.meter.areserve(
+                        call_id,
+                        model,
+                        self.worst.prompt(messages),
+                        worst_c,
+                        min_completion=MIN_COMPLETION,
+                    )
+                    reserved = True
+                    cap = held if held < worst_c else max_tokens
                     with telemetry.span(
                         f"chat {model}",
                         kind=SpanKind.CLIENT,
@@ -231,7 +294,7 @@ class LLMClient:
                         started = time.perf_counter()
                         try:
                             text, finish, usage, headers = await self._call(
-                                messages, model=model, params=params, max_tokens=max_tokens
+                                messages, model=model, params=params, max_tokens=cap
                             )
                         except Exception as exc:
                             code = classify(exc).code
@@ -244,7 +307,9 @@ class LLMClient:
                 self.limiter.learn(headers)
                 prompt_t, completion_t = usage
                 self.limiter.settle_tokens(estimate, prompt_t + completion_t)
-                call = await self.meter.arecord(instructor, model, prompt_t, completion_t)
+                self.worst.learn(messages, prompt_t, completion_t)
+                call = await self.meter.asettle(call_id, instructor, model, prompt_t, completion_t)
+                reserved = False
                 metrics.LLM_REQUESTS.labels(model, instructor, "ok").inc()
                 metrics.LLM_TOKENS.labels(model, instructor, "prompt").inc(prompt_t)
                 metrics.LLM_TOKENS.labels(model, instructor, "completion").inc(completion_t)
@@ -252,7 +317,15 @@ class LLMClient:
                 return Completion(
                     text, finish, prompt_t, completion_t, call.cost, model, attempt, rate_limited
                 )
+            except asyncio.CancelledError:
+                if reserved:  # give the reservation back even when the call is abandoned
+                    await self.meter.arelease(call_id)
+                raise
             except Exception as exc:
+                if reserved:
+                    await self.meter.arelease(call_id)
+                if isinstance(exc, BudgetExhausted):
+                    raise
                 err = classify(exc)
                 self.stats.errors[err.code] = self.stats.errors.get(err.code, 0) + 1
                 if isinstance(err, RateLimitError):
@@ -278,7 +351,15 @@ class LLMClient:
                         f"{err} (retry budget of {self.settings.max_retry_time:.0f}s spent)",
                         status=err.status,
                     ) from None
-                log.debug("%s: %s; retry %d in %.2fs", instructor, err.code, attempt, delay)
+                log.info(
+                    "%s: call %s (%s); retry %d of %d in %.1f s",
+                    instructor,
+                    "rate limited" if isinstance(err, RateLimitError) else "failed",
+                    f"status {err.status}" if err.status else err.code,
+                    attempt,
+                    self.settings.max_retries,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     async def _call(

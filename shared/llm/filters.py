@@ -33,3 +33,19 @@ class ResponseFilter:
             if p.search(text):
                 return f"filter:{p.pattern}"
         return None
+
+    def item_reason(self, texts: Sequence[str], *, apply_filters: bool = True) -> str | None:
+        """Why one item of a many-item answer (its instruction, answer, ...) must be
+        dropped, or None: a refusal or a filter match drops that item only."""
+        if texts and not any(t.strip() for t in texts):
+            return "empty"
+        if not apply_filters:
+            return None
+        for text in texts:
+            if REFUSAL_OPENINGS.match(text):
+                return "refusal"
+        for p in self.patterns:
+            for text in texts:
+                if p.search(text):
+                    return f"filter:{p.pattern}"
+        return None

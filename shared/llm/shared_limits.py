@@ -115,6 +115,60 @@ def limiter_scope(prefix: str, base_url: str | None, api_key: str | None) -> str
     return f"{prefix}:limit:{digest}"
 
 
+# Reserve a call's worst case against a job's budget, across replicas: the rule of
+# UsageMeter.areserve, atomically. The hash at KEYS[2] holds the reservations in flight
+# ("tokens cost expires_at" by call id); expired ones (a replica died mid-call) are
+# dropped. Returns the completion tokens held, -2 when the call must wait for calls in
+# flight to settle, -1 when it cannot fit at all.
+_RESERVE = """
+local usage = KEYS[1]
+local held = KEYS[2]
+local id = ARGV[1]
+local ptoks = tonumber(ARGV[2])
+local ctoks = tonumber(ARGV[3])
+local least = tonumber(ARGV[4])
+local max_t = tonumber(ARGV[5])
+local max_c = tonumber(ARGV[6])
+local pp = tonumber(ARGV[7])
+local cp = tonumber(ARGV[8])
+local ttl = tonumber(ARGV[9])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ut = tonumber(redis.call('HGET', usage, 'tokens') or '0')
+local uc = tonumber(redis.call('HGET', usage, 'cost') or '0')
+local n = 0
+local all = redis.call('HGETALL', held)
+for i = 1, #all, 2 do
+  local rt, rc, exp = string.match(all[i + 1], '(%S+) (%S+) (%S+)')
+  if tonumber(exp) < now then
+    redis.call('HDEL', held, all[i])
+  else
+    ut = ut + tonumber(rt)
+    uc = uc + tonumber(rc)
+    n = n + 1
+  end
+end
+local room = ctoks
+if max_t >= 0 then room = math.min(room, max_t - ut - ptoks) end
+if max_c >= 0 then
+  local left = max_c - uc - ptoks * pp
+  if cp > 0 then
+    room = math.min(room, math.floor(left / cp + 1e-6))
+  elseif left < 0 then
+    room = -1
+  end
+end
+if room >= ctoks or (room >= least and n == 0) then
+  local cost = ptoks * pp + room * cp
+  redis.call('HSET', held, id, tostring(ptoks + room) .. ' ' .. tostring(cost) .. ' ' .. tostring(now + ttl))
+  redis.call('EXPIRE', held, 604800)
+  return room
+end
+if n == 0 then return -1 end
+return -2
+"""
+
+
 class RedisUsageMeter(UsageMeter):
     """UsageMeter whose job totals (for the budget) are shared through Redis."""
 
@@ -130,6 +184,9 @@ class RedisUsageMeter(UsageMeter):
         super().__init__(max_tokens=max_tokens, max_cost=max_cost, prices=prices)
         self.redis = redis
         self.key = key
+        self._reserve = redis.register_script(_RESERVE)
+        #: seconds a reservation outlives its replica (a call cannot take longer)
+        self.reservation_ttl = 3600.0
 
     async def seed(self, tokens: int, cost: float) -> None:
         """Start the shared totals from the store's, unless another replica did."""
@@ -153,6 +210,56 @@ class RedisUsageMeter(UsageMeter):
             raise BudgetExhausted(
                 f"cost budget of ${self.max_cost:.2f} reached (${total.cost:.4f} spent)"
             )
+
+    async def areserve(
+        self,
+        call_id: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        min_completion: int,
+    ) -> int:
+        if not self.limited:
+            return completion_tokens
+        least = min(min_completion, completion_tokens)
+        pp, cp = self.per_token(model)
+        while True:
+            got = int(
+                await self._reserve(
+                    keys=[self.key, f"{self.key}:held"],
+                    args=[
+                        call_id,
+                        prompt_tokens,
+                        completion_tokens,
+                        least,
+                        -1 if self.max_tokens is None else self.max_tokens,
+                        -1 if self.max_cost is None else self.max_cost,
+                        repr(pp),
+                        repr(cp),
+                        self.reservation_ttl,
+                    ],
+                )
+            )
+            if got >= 0:
+                return got
+            if got == -1:
+                total = await self.shared_total()
+                need = prompt_tokens + least
+                if self.max_tokens is not None and total.prompt_tokens + need > self.max_tokens:
+                    raise BudgetExhausted(
+                        f"token budget of {self.max_tokens} reached ({total.prompt_tokens} "
+                        f"used; the next call needs at least {need})"
+                    )
+                raise BudgetExhausted(
+                    f"cost budget of ${self.max_cost:.2f} reached (${total.cost:.4f} spent; "
+                    f"the next call costs at least ${self.price(model, prompt_tokens, least):.4f})"
+                )
+            await asyncio.sleep(0.2)  # calls in flight elsewhere may settle lower
+
+    async def arelease(self, call_id: str) -> None:
+        if self.limited:
+            await self.redis.hdel(f"{self.key}:held", call_id)
 
     async def arecord(
         self, instructor: str, model: str, prompt_tokens: int, completion_tokens: int

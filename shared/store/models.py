@@ -67,8 +67,18 @@ class InstructorProgress(Base):
     batches: Mapped[int] = mapped_column(Integer, default=0)
     rows_from_batches: Mapped[int] = mapped_column(Integer, default=0)
     dropped: Mapped[int] = mapped_column(Integer, default=0)
-    #: consecutive batches that added no row
-    barren: Mapped[int] = mapped_column(Integer, default=0)
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+    unparseable: Mapped[int] = mapped_column(Integer, default=0)
+    truncated: Mapped[int] = mapped_column(Integer, default=0)
+    withheld: Mapped[int] = mapped_column(Integer, default=0)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    asked: Mapped[int] = mapped_column(Integer, default=0)
+    #: consecutive batches without a usable item / with duplicates only (reset on resume)
+    fail_streak: Mapped[int] = mapped_column(Integer, default=0)
+    dup_streak: Mapped[int] = mapped_column(Integer, default=0)
+    wasted_tokens: Mapped[float] = mapped_column(Float, default=0.0)
+    last_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    skipped: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Row(Base):
@@ -102,6 +112,10 @@ class Task(Base):
     )
     instructor: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="in_flight")  # in_flight|done|expired
+    #: items the batch asks for
+    asked: Mapped[int] = mapped_column(Integer, default=0)
+    #: room in the count held for its response step; None until it is screened
+    reserved: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
 
 from airoboros import metrics
 from airoboros.contracts import Artifact, BatchStats, Item
+from airoboros.counting import BatchOutcome, CategoryCounts
 from airoboros.errors import NotFoundError, StoreError
 from airoboros.store.models import (
     AdapterRecord,
@@ -79,22 +80,21 @@ class JobRecord:
     trace_context: dict[str, str] = field(default_factory=dict)
 
 
+#: The counters of one instructor of a job (the name the store's callers know them by).
+InstructorStats = CategoryCounts
+
+
 @dataclass
-class InstructorStats:
-    instructor: str
-    target: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    filtered: int = 0
-    failures: int = 0
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
+class Flight:
+    """An instructor's batches in flight."""
+
+    #: batches in flight
     batches: int = 0
-    rows_from_batches: int = 0
-    dropped: int = 0
-    barren: int = 0
+    #: of which not screened yet, and the items those ask for
+    unscreened: int = 0
+    pending_items: int = 0
+    #: room in the count held by the screened ones
+    reserved: int = 0
 
 
 @dataclass
@@ -238,32 +238,31 @@ class SqlStore:
             await s.execute(delete(Job).where(Job.id == job_id))
 
     # --- progress -----------------------------------------------------------------------
-    async def stats(self, job_id: str) -> dict[str, InstructorStats]:
+    async def stats(self, job_id: str) -> dict[str, CategoryCounts]:
+        """Each instructor's counters, with the room its batches in flight reserve."""
         async with self._s() as s:
             rows = (
                 await s.execute(
                     select(InstructorProgress).where(InstructorProgress.job_id == job_id)
                 )
             ).scalars()
-            return {
-                r.instructor: InstructorStats(
-                    r.instructor,
-                    r.target,
-                    r.accepted,
-                    r.duplicates,
-                    r.filtered,
-                    r.failures,
-                    r.requests,
-                    r.prompt_tokens,
-                    r.completion_tokens,
-                    r.cost,
-                    r.batches,
-                    r.rows_from_batches,
-                    r.dropped,
-                    r.barren,
-                )
-                for r in rows
-            }
+            out = {r.instructor: _counts(r) for r in rows}
+            for name, held in (await self._reserved(s, job_id)).items():
+                if name in out:
+                    out[name].reserved = held
+            return out
+
+    async def _reserved(
+        self, s: AsyncSession, job_id: str, *, instructor: str | None = None
+    ) -> dict[str, int]:
+        q = (
+            select(Task.instructor, func.coalesce(func.sum(Task.reserved), 0))
+            .where(Task.job_id == job_id, Task.status == "in_flight")
+            .group_by(Task.instructor)
+        )
+        if instructor is not None:
+            q = q.where(Task.instructor == instructor)
+        return {name: int(n or 0) for name, n in (await s.execute(q)).all()}
 
     async def add_stats(self, job_id: str, instructor: str, **deltas: float) -> None:
         """Add to an instructor's counters (duplicates, filtered, failures, tokens, cost)."""
@@ -322,10 +321,12 @@ class SqlStore:
     async def _insert_items(
         self, s: AsyncSession, job_id: str, items: Sequence[tuple[str, Item]], *, cap: bool
     ) -> list[Row]:
-        by_cat: dict[str, InstructorProgress] = {}
+        progs: dict[str, InstructorProgress] = {}
+        counts: dict[str, CategoryCounts] = {}
         for _, it in items:
-            if it.category not in by_cat:
-                by_cat[it.category] = await self._progress(s, job_id, it.category)
+            if it.category not in progs:
+                progs[it.category] = await self._progress(s, job_id, it.category)
+                counts[it.category] = _counts(progs[it.category])
         source_ids = [sid for sid, _ in items]
         seen = set(
             (
@@ -334,18 +335,22 @@ class SqlStore:
                 )
             ).scalars()
         )
-        new_rows: list[Row] = []
-        # An uncounted row (the later turns of an rp chat) goes where its counted row went.
-        keep_group = True
-        for sid, it in items:
-            prog = by_cat[it.category]
-            if it.counted:
-                keep_group = not (cap and prog.accepted >= prog.target)
-            if sid in seen or not keep_group:
-                continue
+        # A source id stored before, or earlier in this call, is never inserted again.
+        stored: list[bool] = []
+        for sid, _ in items:
+            stored.append(sid in seen)
             seen.add(sid)
-            if it.counted:
-                prog.accepted += 1
+        # The counting rule (airoboros.counting) decides, per category, in order.
+        keep: dict[int, bool] = {}
+        for cat, c in counts.items():
+            idx = [i for i, (_, it) in enumerate(items) if it.category == cat]
+            flags = c.admit([(items[i][1].counted, stored[i]) for i in idx], cap=cap)
+            keep.update(zip(idx, flags, strict=True))
+            progs[cat].accepted = c.accepted
+        new_rows: list[Row] = []
+        for i, (sid, it) in enumerate(items):
+            if not keep[i]:
+                continue
             row = Row(
                 job_id=job_id,
                 category=it.category,
@@ -374,10 +379,13 @@ class SqlStore:
         items: Sequence[Item],
         stats: BatchStats,
         artifacts: Sequence[Artifact] = (),
+        error: str | None = None,
+        error_message: str | None = None,
     ) -> list[StoredItem] | None:
         """Commit one finished batch in one transaction: its rows (capped at the target,
-        idempotent by source id), its counters and usage, and its task's completion.
-        Returns the rows inserted, or None if this message was applied before."""
+        idempotent by source id), its counters, streaks and usage (airoboros.counting),
+        and its task's completion, which frees the room it held in the count. Returns the
+        rows inserted, or None if this message was applied before."""
         async with self._s() as s:
             try:
                 async with s.begin():
@@ -389,17 +397,20 @@ class SqlStore:
                     )
                     prog = await self._progress(s, job_id, instructor)
                     made = await self._insert_artifacts(s, job_id, prog, artifacts)
-                    prog.duplicates += stats.duplicates + len(artifacts) - made
-                    prog.filtered += stats.filtered
-                    prog.failures += stats.failures
-                    prog.requests += stats.requests
-                    prog.prompt_tokens += stats.prompt_tokens
-                    prog.completion_tokens += stats.completion_tokens
-                    prog.cost += stats.cost
-                    prog.batches += 1
-                    prog.rows_from_batches += len(items)
-                    prog.dropped += len(items) - len(rows)
-                    prog.barren = 0 if rows or made else prog.barren + 1
+                    counts = _counts(prog)
+                    kept = sum(1 for r in rows if r.counted) + made
+                    counts.apply(
+                        BatchOutcome(
+                            stats.model_copy(
+                                update={"duplicates": stats.duplicates + len(artifacts) - made}
+                            ),
+                            produced=sum(1 for it in items if it.counted) + len(artifacts),
+                            kept=kept,
+                            error=error,
+                            error_message=error_message,
+                        )
+                    )
+                    _write(prog, counts)
                     await s.execute(
                         update(Task)
                         .where(Task.task_id == task_id, Task.status == "in_flight")
@@ -415,6 +426,10 @@ class SqlStore:
             ("accepted", len(rows)),
             ("duplicate", stats.duplicates),
             ("filtered", stats.filtered),
+            ("refused", stats.refused),
+            ("unparseable", stats.unparseable),
+            ("truncated", stats.truncated),
+            ("withheld", stats.withheld),
             ("dropped", len(items) - len(rows)),
         ):
             if n:
@@ -458,7 +473,7 @@ class SqlStore:
         counts toward it. Returns how many were added."""
         made = 0
         for a in artifacts:
-            if prog.accepted < prog.target and await self._insert_artifact(s, job_id, a):
+            if _counts(prog).admit_artifact() and await self._insert_artifact(s, job_id, a):
                 prog.accepted += 1
                 made += 1
         return made
@@ -593,18 +608,79 @@ class SqlStore:
         return (await s.execute(q)).scalar_one_or_none()
 
     # --- tasks --------------------------------------------------------------------------
-    async def add_task(self, job_id: str, task_id: str, instructor: str) -> None:
+    async def add_task(self, job_id: str, task_id: str, instructor: str, asked: int = 0) -> None:
         async with self._s() as s, s.begin():
-            s.add(Task(task_id=task_id, job_id=job_id, instructor=instructor))
+            s.add(Task(task_id=task_id, job_id=job_id, instructor=instructor, asked=asked))
 
     async def in_flight(self, job_id: str) -> dict[str, int]:
+        return {name: f.batches for name, f in (await self.flights(job_id)).items()}
+
+    async def flights(self, job_id: str) -> dict[str, Flight]:
+        """Per instructor, its batches in flight: how many, how many not screened yet
+        (and the items they ask for), and the room the screened ones hold."""
         async with self._s() as s:
             rows = await s.execute(
-                select(Task.instructor, func.count())
-                .where(Task.job_id == job_id, Task.status == "in_flight")
-                .group_by(Task.instructor)
+                select(Task.instructor, Task.asked, Task.reserved).where(
+                    Task.job_id == job_id, Task.status == "in_flight"
+                )
             )
-            return {name: int(n) for name, n in rows.all()}
+            out: dict[str, Flight] = {}
+            for name, asked, reserved in rows.all():
+                f = out.setdefault(name, Flight())
+                f.batches += 1
+                if reserved is None:
+                    f.unscreened += 1
+                    f.pending_items += int(asked or 0)
+                else:
+                    f.reserved += int(reserved)
+            return out
+
+    async def grant(
+        self, job_id: str, task_id: str, instructor: str, counts: Sequence[int]
+    ) -> list[bool]:
+        """Reserve room in the instructor's count for a screened batch's candidates
+        (``counts[i]`` rows each), first come while it lasts, atomically with every other
+        writer of that count; the task holds the room until it completes or expires.
+        A task that is no longer in flight gets none. Returns one flag per candidate."""
+        async with self._s() as s, s.begin():
+            prog = await self._progress(s, job_id, instructor)  # locks the count
+            task = await s.get(Task, task_id)
+            if task is None or task.status != "in_flight":
+                return [False] * len(counts)
+            held = (await self._reserved(s, job_id, instructor=instructor)).get(instructor, 0)
+            c = _counts(prog)
+            # A redelivery recomputes its own grant: its earlier reservation is not "held".
+            c.reserved = held - (task.reserved or 0)
+            flags = c.grant(counts)
+            task.reserved = sum(n for n, ok in zip(counts, flags, strict=True) if ok)
+            return flags
+
+    async def set_skipped(self, job_id: str, instructor: str, reason: str) -> None:
+        """Mark an instructor as having nothing to do in this run (not a failure)."""
+        async with self._s() as s, s.begin():
+            prog = await self._progress(s, job_id, instructor)
+            prog.skipped = reason
+
+    async def resume_job(self, job_id: str) -> JobRecord:
+        """Start a stopped (or rerun) job again from its stored counts: running, no
+        cancel, and no verdict of an earlier run kept (streaks and skips reset)."""
+        async with self._s() as s, s.begin():
+            job = await s.get(Job, job_id)
+            if job is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            job.status, job.detail, job.finished_at = "running", None, None
+            job.cancel_requested = False
+            job.updated_at = datetime.now(UTC)
+            progs = (
+                await s.execute(
+                    select(InstructorProgress).where(InstructorProgress.job_id == job_id)
+                )
+            ).scalars()
+            for prog in progs:
+                c = _counts(prog)
+                c.resume()
+                _write(prog, c)
+        return await self.get_job(job_id)
 
     async def expire_tasks(self, job_id: str, older_than: datetime) -> int:
         """Give up on tasks in flight since before ``older_than`` (their message was lost);
@@ -776,8 +852,27 @@ _COUNTERS = (
     "batches",
     "rows_from_batches",
     "dropped",
-    "barren",
+    "refused",
+    "unparseable",
+    "truncated",
+    "withheld",
+    "retries",
+    "asked",
+    "fail_streak",
+    "dup_streak",
+    "wasted_tokens",
 )
+#: CategoryCounts fields stored as columns of instructor_stats (``reserved`` is derived)
+_STORED = (*_COUNTERS, "last_failure", "skipped")
+
+
+def _counts(prog: InstructorProgress) -> CategoryCounts:
+    return CategoryCounts(prog.instructor, **{f: getattr(prog, f) for f in _STORED})
+
+
+def _write(prog: InstructorProgress, c: CategoryCounts) -> None:
+    for f in _STORED:
+        setattr(prog, f, getattr(c, f))
 
 
 def _job_record(job: Job) -> JobRecord:

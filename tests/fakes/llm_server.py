@@ -272,11 +272,16 @@ def _plugins() -> list[Answerer]:
 _PLUGINS: list[Answerer] | None = None
 
 
+REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
+
+
 @dataclass
 class Script:
     """What the server does. Rates are per request, drawn from a seeded RNG."""
 
     latency: float = 0.0
+    #: extra latency drawn uniformly from [0, latency_jitter] per request
+    latency_jitter: float = 0.0
     rpm_limit: float | None = None
     #: seconds of requests the limiter lets through at once (a burst)
     rpm_burst_seconds: float = 1.0
@@ -286,6 +291,12 @@ class Script:
     malformed_rate: float = 0.0
     truncate_rate: float = 0.0
     refusal_rate: float = 0.0
+    #: refusals per answer: each answer of a many-pair reply, or a whole single answer,
+    #: becomes a refusal at this rate (what a model that refuses some requests does)
+    answer_refusal_rate: float = 0.0
+    #: requests answered 429 at random (beyond any rpm_limit), with this Retry-After
+    rate_429: float = 0.0
+    retry_after: float = 0.2
     duplicate_rate: float = 0.0
     #: forced outcomes for the first requests, in order: ok|500|429|timeout|malformed|truncate|refusal
     force: list[str] = field(default_factory=list)
@@ -309,6 +320,7 @@ class ScriptedLLM:
         #: monotonic arrival time of every completion request, and whether it was admitted
         self.arrivals: list[tuple[float, bool]] = []
         self._history: list[str] = []
+        self._pairs = self._topics = False
         self._force = list(self.script.force)
         self._bucket = 0.0
         self._stamp = time.monotonic()
@@ -337,6 +349,7 @@ class ScriptedLLM:
             return self._force.pop(0)
         s, r = self.script, self.rng.random
         for name, rate in (
+            ("429", s.rate_429),
             ("500", s.error_500_rate),
             ("timeout", s.timeout_rate),
             ("malformed", s.malformed_rate),
@@ -357,7 +370,23 @@ class ScriptedLLM:
         self._history.append(text)
         return text
 
+    def _refuses(self) -> bool:
+        rate = self.script.answer_refusal_rate
+        if rate and self.rng.random() < rate:
+            self.stats["answers_refused"] += 1
+            return True
+        return False
+
     def answer(self, prompt: str, messages: list[dict[str, Any]] | None = None) -> str:
+        """The text for one request (see ``_answer``), with ``answer_refusal_rate``'s
+        refusals: per pair in a reply of many pairs, else for the whole answer."""
+        self._pairs = self._topics = False
+        text = self._answer(prompt, messages)
+        if not self._pairs and not self._topics and self._refuses():
+            return REFUSAL_TEXT
+        return text
+
+    def _answer(self, prompt: str, messages: list[dict[str, Any]] | None = None) -> str:
         """The text for one request. Answerer plugins (``tests/fakes/answer_*.py``, each
         with ``answer(llm, prompt, messages) -> str | None``) are asked first, in name
         order; the built-in shapes below answer the rest."""
@@ -417,10 +446,13 @@ class ScriptedLLM:
                     "csv_analytics:\n  description: aggregate rows\n  parameters:\n"
                     "    action: count|filter\n"
                 )
-                out.append(
-                    f"PROMPT: {req}\n{funcs}ANSWER: "
+                answer = (
                     f'{{"function": "search", "parameters": {{"query": "{w["noun"]} {w["place"]}"}}}}'
                 )
+                if self._refuses():
+                    answer = REFUSAL_TEXT
+                out.append(f"PROMPT: {req}\n{funcs}ANSWER: {answer}")
+            self._pairs = True
             return "\n".join(out)
         if "QUESTION:" in prompt and "ANSWER:" in prompt:
             out = []
@@ -441,7 +473,8 @@ class ScriptedLLM:
                         )
                     )
                     idx = ord(letter) - 65
-                    out.append(f"QUESTION: {q}\n" + "\n".join(lines) + f"\nANSWER: {lines[idx]}")
+                    answer = REFUSAL_TEXT if self._refuses() else lines[idx]
+                    out.append(f"QUESTION: {q}\n" + "\n".join(lines) + f"\nANSWER: {answer}")
                 elif "trivia" in prompt.lower():
                     w = _pick(rng)
                     q = self._unique(
@@ -450,16 +483,22 @@ class ScriptedLLM:
                             f"{w['verb']} the {w['noun2']}?"
                         )
                     )
-                    out.append(f"QUESTION: {q}\nANSWER: {w['place']}")
+                    answer = REFUSAL_TEXT if self._refuses() else w["place"]
+                    out.append(f"QUESTION: {q}\nANSWER: {answer}")
                 else:
                     q = self._unique(lambda: sentence(rng))
-                    out.append(f"QUESTION: {q}\nANSWER: {paragraph(rng, 2)}")
+                    answer = REFUSAL_TEXT if self._refuses() else paragraph(rng, 2)
+                    out.append(f"QUESTION: {q}\nANSWER: {answer}")
+            self._pairs = True
             return "\n\n".join(out)
         if "numbered list" in prompt.lower() and "topic" in prompt.lower():
             m = re.search(r"list of (\d+)", prompt)
             k = int(m.group(1)) if m else 20
+            # Topic lists never get duplicate_rate's repeats nor refusals: the tool dedupes
+            # topics by name anyway, and the faults are meant for the dataset items.
+            self._topics = True
             return "Here are some topics:\n" + "\n".join(
-                f"{i + 1}. {self._unique(lambda: f'{rng.choice(ADJS)} {rng.choice(NOUNS)}s of {rng.choice(PLACES)}')}"
+                f"{i + 1}. {rng.choice(ADJS)} {rng.choice(NOUNS)}s of {rng.choice(PLACES)}"
                 for i in range(k)
             )
         if "no markdown code fences" in prompt:
@@ -577,14 +616,17 @@ class ScriptedLLM:
                 status_code=400,
             )
         outcome = self._outcome()
-        if self.script.latency:
-            await asyncio.sleep(self.script.latency)
+        latency = self.script.latency
+        if self.script.latency_jitter:
+            latency += self.rng.uniform(0, self.script.latency_jitter)
+        if latency:
+            await asyncio.sleep(latency)
         self.stats[outcome] += 1
         if outcome == "429":
             return JSONResponse(
                 {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}},
                 status_code=429,
-                headers={"retry-after": "0.2"},
+                headers={"retry-after": f"{self.script.retry_after:g}"},
             )
         if outcome == "500":
             return JSONResponse(

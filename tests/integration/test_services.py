@@ -128,6 +128,63 @@ def test_job_completes_with_exact_counts_and_lands_in_s3(stack):
     assert status["tokens"]["prompt"] > 0
 
 
+def test_faulty_endpoint_gives_exact_counts_as_services(stack):
+    # The faulty profile of the embedded tests (tests/e2e/test_faults.py), on the services.
+    script = stack.llm.script  # type: ignore[attr-defined]
+    script.rate_429, script.retry_after, script.error_500_rate = 0.10, 1.0, 0.05
+    script.answer_refusal_rate, script.duplicate_rate = 0.10, 0.10
+    start_all(stack)
+    job = {
+        **JOB,
+        "max_concurrency": 16,
+        "instructors": {
+            "general": {"count": 10},
+            "trivia": {"count": 12, "batch_size": 20},
+            "riddle": {"count": 8},
+            "joke": {"count": 8},
+            "wordgame": {"count": 8},
+        },
+    }
+    job_id = post_job(stack, job)
+    status = stack.wait_job(job_id)
+    assert status["status"] == "done", stack.logs()
+    rows = export_rows(stack, job_id)
+    assert Counter(r["category"] for r in rows) == {
+        k: v["count"] for k, v in job["instructors"].items()  # type: ignore[attr-defined]
+    }
+    assert not [r for r in rows if r["response"].startswith("I'm sorry")]
+    keys = Counter((r.get("system"), r["instruction"]) for r in rows)
+    assert max(keys.values()) == 1
+    assert stack.llm.stats["answers_refused"] > 0 and stack.llm.stats["429"] > 0  # type: ignore[attr-defined]
+    assert sum(v["refused"] for v in status["instructors"].values()) > 0
+    assert sum(v["retries"] for v in status["instructors"].values()) > 0
+
+
+def test_a_stopped_job_is_resumed_through_the_api(stack):
+    stack.llm.script.answer_refusal_rate = 1.0  # type: ignore[attr-defined]
+    start_all(stack, generators=1)
+    job = {**JOB, "max_failed_batches": 3, "instructors": {"joke": {"count": 6}}}
+    job_id = post_job(stack, job)
+    status = stack.wait_job(job_id)
+    assert status["status"] == "incomplete", stack.logs()
+    assert status["detail"].startswith("joke: no usable item in")
+    assert "all refused" in status["instructors"]["joke"]["stopped"]
+    assert status["instructors"]["joke"]["refused"] > 0
+    with stack.client() as c:
+        # Healthy again: resume retries the category from its stored counts.
+        stack.llm.script.answer_refusal_rate = 0.0  # type: ignore[attr-defined]
+        r = c.post(f"/v1/jobs/{job_id}/resume")
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "running"
+        assert r.json()["instructors"]["joke"]["stopped"] is None
+        status = stack.wait_job(job_id)
+        assert status["status"] == "done", stack.logs()
+        assert Counter(r["category"] for r in export_rows(stack, job_id)) == {"joke": 6}
+        again = c.post(f"/v1/jobs/{job_id}/resume")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+        assert c.post("/v1/jobs/nope/resume").status_code == 404
+
+
 def test_sigkill_of_a_generator_loses_and_repeats_nothing(stack):
     start_all(stack)
     job_id = post_job(stack)

@@ -349,9 +349,11 @@ class Canned(Documents):
 
     reply = ""
 
-    async def ask(self, prompt: str, **kwargs: Any) -> str:
+    async def _complete(
+        self, prompt: str, system: str | None, history: Any, params: Any
+    ) -> tuple[str, str | None]:
         self.prompts.append(prompt)
-        return self.reply
+        return self.reply, "stop"
 
 
 async def test_propose_keeps_grounded_answers_and_rejects_the_rest(tmp_path: Path) -> None:
@@ -398,7 +400,9 @@ async def test_propose_keeps_grounded_answers_and_rejects_the_rest(tmp_path: Pat
 
     inst.reply = "Nothing in the expected layout."
     stats = BatchStats()
-    assert await inst.propose(task, stats) == [] and stats.filtered == 1
+    # A reply with no item in it is unparseable, counted apart from filtered items.
+    assert await inst.propose(task, stats) == []
+    assert (stats.unparseable, stats.filtered) == (1, 0)
 
 
 # --- configuration --------------------------------------------------------------------

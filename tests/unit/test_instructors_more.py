@@ -203,8 +203,9 @@ async def test_a_refused_response_is_dropped_only_where_the_filter_applies(name,
 async def test_a_refused_inline_answer_is_filtered(llm_server, made):
     srv = llm_server(force=["refusal"])
     inst = made("misconception", srv.base_url)
-    with pytest.raises(Filtered):
-        await inst.propose(batch("misconception"), BatchStats())
+    stats = BatchStats()
+    assert await inst.propose(batch("misconception"), stats) == []
+    assert (stats.refused, stats.unparseable) == (1, 0)
 
 
 # --- malformed answers and wrong counts ---------------------------------------------------
@@ -217,8 +218,9 @@ async def test_a_refused_inline_answer_is_filtered(llm_server, made):
 async def test_an_answer_without_markers_gives_no_candidates(name, llm_server, made):
     srv = llm_server(force=["malformed"])
     inst = made(name, srv.base_url)
-    with pytest.raises(Filtered):
-        await inst.propose(batch(name), BatchStats())
+    stats = BatchStats()
+    assert await inst.propose(batch(name), stats) == []
+    assert (stats.unparseable, stats.refused, stats.filtered) == (1, 0, 0)
 
 
 async def test_experience_without_markers_is_filtered_per_call(llm_server, made):
@@ -226,7 +228,7 @@ async def test_experience_without_markers_is_filtered_per_call(llm_server, made)
     inst = made("experience", srv.base_url)
     stats = BatchStats()
     candidates = await inst.propose(batch("experience", 3), stats)
-    assert len(candidates) == 1 and stats.filtered == 2
+    assert len(candidates) == 1 and stats.unparseable == 2
 
 
 def _with_count(tmp_path: Path, name: str, old: str, new: str) -> str:

@@ -16,15 +16,16 @@ import asyncio
 import logging
 import random
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from airoboros.config import Config, InstructorConfig
 from airoboros.contracts import Artifact, BatchStats, Candidate, GenerateBatch, Item
 from airoboros.llm import LLMClient, ResponseFilter
+from airoboros.llm.filters import REFUSAL_OPENINGS
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,35 @@ class Filtered(Exception):
         super().__init__(reason)
         self.reason = reason
 
+    def count(self, stats: BatchStats) -> None:
+        """Count it in the batch's stats under its cause."""
+        count_loss(stats, self.reason)
+
+
+def count_loss(stats: BatchStats, reason: str) -> None:
+    """One item (or single answer) lost, counted by cause: refusals, answers cut off by
+    the token limit, answers in no usable format, and the rest (filters, checks)."""
+    if reason == "refusal":
+        stats.refused += 1
+    elif reason == "truncated":
+        stats.truncated += 1
+    elif reason.startswith("unparseable"):
+        stats.unparseable += 1
+    else:
+        stats.filtered += 1
+
+
+@dataclass
+class Reply:
+    """One answer that holds many items: their filters are applied one item at a time."""
+
+    text: str
+    #: cut off by the token limit: its last item may be incomplete
+    truncated: bool
+
+
+T = TypeVar("T")
+
 
 class Instructor:
     """Base class. Subclasses set ``name`` and implement ``propose``/``respond``."""
@@ -202,16 +232,13 @@ class Instructor:
         p.update(overrides)
         return p
 
-    async def ask(
+    async def _complete(
         self,
         prompt: str,
-        *,
-        system: str | None = None,
-        history: list[dict[str, str]] | None = None,
-        filter_response: bool | None = None,
-        **params: Any,
-    ) -> str:
-        """One LLM call; raises Filtered when the answer is unusable."""
+        system: str | None,
+        history: list[dict[str, str]] | None,
+        params: dict[str, Any],
+    ) -> tuple[str, str | None]:
         messages: list[dict[str, str]] = []
         if system:
             messages.append({"role": "system", "content": system})
@@ -223,14 +250,77 @@ class Instructor:
         batch = current_batch.get()
         if batch is not None:
             batch.requests += 1
+            batch.retries += c.attempts - 1
             batch.prompt_tokens += c.prompt_tokens
             batch.completion_tokens += c.completion_tokens
             batch.cost += c.cost
+            batch.excerpt = c.text[:400]
+        return c.text, c.finish_reason
+
+    async def ask(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        history: list[dict[str, str]] | None = None,
+        filter_response: bool | None = None,
+        **params: Any,
+    ) -> str:
+        """One LLM call whose answer is one thing (a response, a passage); raises
+        Filtered when it is unusable."""
+        text, finish = await self._complete(prompt, system, history, params)
         apply = self.filter_responses if filter_response is None else filter_response
-        reason = self._filter.reason(c.text, finish_reason=c.finish_reason, apply_filters=apply)
+        reason = self._filter.reason(text, finish_reason=finish, apply_filters=apply)
         if reason:
             raise Filtered(reason)
-        return c.text.strip()
+        return text.strip()
+
+    async def ask_items(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        history: list[dict[str, str]] | None = None,
+        **params: Any,
+    ) -> Reply:
+        """One LLM call whose answer holds many items (a task list, question/answer
+        pairs): nothing is filtered here; ``usable`` filters the parsed items one by one,
+        so one refused or filtered item costs that item only."""
+        text, finish = await self._complete(prompt, system, history, params)
+        return Reply(text, finish == "length")
+
+    def usable(
+        self,
+        items: Sequence[T],
+        reply: Reply,
+        stats: BatchStats,
+        *,
+        texts: Callable[[T], Sequence[str]],
+        limit: int | None = None,
+        apply_filters: bool | None = None,
+    ) -> list[T]:
+        """The items parsed from ``reply`` that can be used, at most ``limit``: the last
+        one of a reply cut off by the token limit is dropped (it may be incomplete, the
+        rest are kept), and each refused or filtered item is dropped and counted. A reply
+        without a single item is counted as refused (when it opens with a refusal) or
+        unparseable."""
+        apply = self.filter_responses if apply_filters is None else apply_filters
+        if reply.truncated:
+            stats.truncated += 1
+            items = items[:-1]
+        if not items:
+            if not reply.truncated:
+                refusal = apply and REFUSAL_OPENINGS.match(reply.text)
+                count_loss(stats, "refusal" if refusal else "unparseable")
+            return []
+        out: list[T] = []
+        for item in items[:limit] if limit is not None else items:
+            reason = self._filter.item_reason(texts(item), apply_filters=apply)
+            if reason:
+                count_loss(stats, reason)
+            else:
+                out.append(item)
+        return out
 
     def common_values(self, task: GenerateBatch) -> dict[str, Any]:
         return {
@@ -306,11 +396,11 @@ class TaskListInstructor(Instructor):
         prompt = render(
             self.prompt_template, **{**self.common_values(task), **self.extra_values(task)}
         )
-        text = await self.ask(prompt)
-        tasks = parse_tasks(text)
-        if not tasks:
-            raise Filtered("unparseable task list")
-        return [self.candidate(t) for t in tasks[: task.batch_size]]
+        reply = await self.ask_items(prompt)
+        tasks = self.usable(
+            parse_tasks(reply.text), reply, stats, texts=lambda t: (t,), limit=task.batch_size
+        )
+        return [self.candidate(t) for t in tasks]
 
     def candidate(self, task_text: str) -> Candidate:
         return Candidate(instruction=task_text)
@@ -349,15 +439,17 @@ class InlineInstructor(Instructor):
         prompt = render(
             self.prompt_template, **{**self.common_values(task), **self.extra_values(task)}
         )
-        text = await self.ask(prompt)
-        pairs = parse_pairs(text, self.start_key, self.end_key)
-        if not pairs:
-            raise Filtered("no pairs in the answer")
+        reply = await self.ask_items(prompt)
+        pairs = self.usable(
+            parse_pairs(reply.text, self.start_key, self.end_key),
+            reply,
+            stats,
+            texts=lambda qa: qa,
+            limit=task.batch_size,
+        )
         out = []
-        for q, a in pairs[: task.batch_size]:
-            if not self.accept_pair(q, a) or self._filter.reason(
-                a, finish_reason=None, apply_filters=self.filter_responses
-            ):
+        for q, a in pairs:
+            if not self.accept_pair(q, a):
                 stats.filtered += 1
                 continue
             out.append(self.make_candidate(q, a))

@@ -159,9 +159,12 @@ class Character(Instructor):
             skip=skip,
             language=self.ctx.language,
         )
-        text = await self.ask(prompt)
+        reply = await self.ask_items(prompt)
+        cards = self.usable(
+            parse_cards(reply.text), reply, stats, texts=lambda c: c, limit=task.batch_size
+        )
         out = []
-        for description, guide in parse_cards(text)[: task.batch_size]:
+        for description, guide in cards:
             m = _NAME.search(description)
             assert m is not None  # parse_cards keeps only named cards
             name = m.group(1).strip()
@@ -309,9 +312,13 @@ class Gtkm(_CardUser):
             question_count=n,
             language=self.ctx.language,
         )
-        questions = [q for q in _QUESTION_LINE.findall(await self.ask(prompt)) if q]
+        reply = await self.ask_items(prompt)
+        found = [q for q in _QUESTION_LINE.findall(reply.text) if q]
+        questions = self.usable(found, reply, stats, texts=lambda q: (q,))
         if len(questions) < 2:
-            raise Filtered("fewer than two questions")
+            if questions:
+                stats.unparseable += 1  # one question makes no transcript
+            return []
         return [
             Candidate(
                 instruction=questions[0],
@@ -422,13 +429,15 @@ class Awareness(_CardUser):
             character=card_data(card).get("description", "") if card else "",
             aspect=spec.get("aspect", ""),
         )
-        blocks = parse_awareness(await self.ask(prompt), with_context=variant != "character")
-        if not blocks:
-            raise Filtered("no awareness blocks")
-        return [
-            Candidate(instruction=b["q"], response=b["a"], meta={**b, **spec})
-            for b in blocks[: task.batch_size]
-        ]
+        reply = await self.ask_items(prompt)
+        blocks = self.usable(
+            parse_awareness(reply.text, with_context=variant != "character"),
+            reply,
+            stats,
+            texts=lambda b: (b["q"],),
+            limit=task.batch_size,
+        )
+        return [Candidate(instruction=b["q"], response=b["a"], meta={**b, **spec}) for b in blocks]
 
     async def respond(self, candidate: Candidate, stats: BatchStats) -> list[Item]:
         m = candidate.meta
@@ -603,8 +612,11 @@ class Rp(_CardUser):
             try:
                 text = await self.ask(prompt, system=sys_prompt)
                 return parse_turn(text, speaker, others)
-            except (RpTurnError, Filtered) as exc:
-                stats.filtered += 1
+            except Filtered as exc:
+                exc.count(stats)
+                last = exc
+            except RpTurnError as exc:
+                stats.unparseable += 1
                 last = exc
         raise Filtered(f"rp turn unusable three times ({last})")
 

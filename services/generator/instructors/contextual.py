@@ -92,12 +92,12 @@ class Contextual(TaskListInstructor):
     async def _one(self, topic: str | None, stats: BatchStats) -> Candidate | None:
         try:
             text = await self.ask(render(self.prompt_template, **self._values(topic)))
-        except Filtered:
-            stats.filtered += 1
+        except Filtered as f:
+            f.count(stats)
             return None
         text = text.strip()
         if not valid_block(text):
-            stats.filtered += 1
+            stats.unparseable += 1
             return None
         return Candidate(instruction=text)
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
 from airoboros.generator.instructors.base import (
     Ctx,
-    Filtered,
     Instructor,
     load_prompt,
     render,
@@ -137,12 +136,16 @@ class CounterfactualContextual(Instructor):
         return real, fake
 
     async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
-        text = await self.ask(render(self.prompt_template, **self.common_values(task)))
-        facts = parse_counterfactual(text)
-        if not facts:
-            raise Filtered("no complete FACTS/COUNTER/QUESTIONS triple")
+        reply = await self.ask_items(render(self.prompt_template, **self.common_values(task)))
+        facts = self.usable(
+            parse_counterfactual(reply.text),
+            reply,
+            stats,
+            texts=lambda f: (f.fact, f.question),
+            limit=task.batch_size,
+        )
         out: list[Candidate] = []
-        for fact in facts[: task.batch_size]:
+        for fact in facts:
             pair = self.blocks(fact)
             if pair is None:
                 stats.filtered += 1

@@ -32,6 +32,7 @@ from airoboros.generator.instructors.base import (
     Filtered,
     Instructor,
     Sources,
+    count_loss,
     gather_candidates,
     render,
 )
@@ -691,16 +692,11 @@ class Documents(Instructor):
 
     async def _one(self, passage: Passage, stats: BatchStats) -> list[Candidate]:
         _, questions, support = self.settings(self.ctx.inst)
-        try:
-            text = await self.ask(self.prompt(passage, questions))
-        except Filtered as f:
-            log.debug("%s: %s: answer filtered (%s)", self.name, passage.source, f.reason)
-            stats.filtered += 1
-            return []
-        triples = parse_qa(text)
-        if not triples:
-            stats.filtered += 1
-            return []
+        reply = await self.ask_items(self.prompt(passage, questions))
+        # Answers are filtered one by one below (reject_reason), with the grounding checks.
+        triples = self.usable(
+            parse_qa(reply.text), reply, stats, texts=lambda qa: (), apply_filters=False
+        )
         out: list[Candidate] = []
         for qa in triples[:questions]:
             reason = self.reject_reason(qa, passage, support)
@@ -708,7 +704,7 @@ class Documents(Instructor):
                 log.debug(
                     "%s: %s: rejected %r (%s)", self.name, passage.source, qa.question, reason
                 )
-                stats.filtered += 1
+                count_loss(stats, reason)
                 continue
             assert qa.quote is not None
             out.append(

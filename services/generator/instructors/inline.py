@@ -36,21 +36,26 @@ class Trivia(InlineInstructor):
         return not ((m := _CONTAINS.search(instruction)) and m.group(1).lower() not in answer)
 
     def make_candidate(self, instruction: str, response: str) -> Candidate:
+        detail = self.ctx.rng.random() < 0.5
         return Candidate(
             instruction=instruction,
             response=response,
             system=TRIVIA_SYSTEM,
-            meta={"detail": self.ctx.rng.random() < 0.5},
+            meta={"detail": detail},
+            # The detail row counts too: room for both is reserved before it is paid for.
+            counts=2 if detail else 1,
         )
 
     async def respond(self, candidate: Candidate, stats: BatchStats) -> list[Item]:
         rows = [self.item(candidate.instruction, candidate.response or "", system=candidate.system)]
         if candidate.meta.get("detail"):
+            # As the original: the request for detail is part of the row's instruction,
+            # so the two rows of one question never share their instruction text.
+            detail = candidate.instruction + TRIVIA_DETAIL
             try:
-                text = await self.ask(candidate.instruction + TRIVIA_DETAIL)
-                rows.append(self.item(candidate.instruction, text))
-            except Filtered:
-                stats.filtered += 1
+                rows.append(self.item(detail, await self.ask(detail)))
+            except Filtered as f:
+                f.count(stats)
         return rows
 
 

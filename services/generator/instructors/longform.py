@@ -98,12 +98,12 @@ class Experience(Instructor):
     async def _one(self, stats: BatchStats) -> Candidate | None:
         try:
             text = await self.ask(self.prompt())
-        except Filtered:
-            stats.filtered += 1
+        except Filtered as f:
+            f.count(stats)
             return None
         parsed = parse_experience(text)
         if parsed is None:
-            stats.filtered += 1
+            stats.unparseable += 1
             return None
         setting, experience = parsed
         return Candidate(instruction=setting, response=experience)
@@ -247,11 +247,11 @@ class DetailedWriting(Instructor):
     async def _task(self, topic: str | None, stats: BatchStats) -> Candidate | None:
         try:
             text = clean_task(await self.ask(self.task_prompt(topic)))
-        except Filtered:
-            stats.filtered += 1
+        except Filtered as f:
+            f.count(stats)
             return None
         if not text:
-            stats.filtered += 1
+            stats.unparseable += 1
             return None
         return Candidate(instruction=text)
 
