@@ -56,6 +56,8 @@ class Item(BaseModel):
     #: an rp chat or a gtkm transcript is one unit of ``count`` spread over several rows,
     #: and an uncounted row shares the fate of the counted row before it in its batch
     counted: bool = True
+    #: tokens paid to make this row (internal, never written): lost if it is dropped
+    cost_tokens: float = 0.0
 
     def to_row(self) -> dict[str, Any]:
         """The original JSONL shape: optional keys only when set; text stripped."""
@@ -89,6 +91,8 @@ class Candidate(BaseModel):
     #: the most rows (or artifacts) toward ``count`` that its response step can make: the
     #: controller reserves that much room in the count before the step is paid for
     counts: int = Field(default=1, ge=0)
+    #: its share of the tokens paid for step 1: lost if it is dropped
+    cost_tokens: float = 0.0
 
     def text_for_dedupe(self) -> str:
         return self.dedupe_text if self.dedupe_text is not None else self.instruction
@@ -139,6 +143,9 @@ class BatchStats(BaseModel):
     #: the start of the last answer, kept so that a category that cannot progress can
     #: say what the endpoint sent
     excerpt: str | None = None
+    #: tokens of this batch that bought no kept row: calls whose answer was unusable, and
+    #: the share of a reply's tokens that went to items lost on the way
+    lost_tokens: float = 0.0
 
     @property
     def tokens(self) -> int:

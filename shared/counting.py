@@ -51,6 +51,8 @@ class BatchOutcome:
     kept: int
     error: str | None = None
     error_message: str | None = None
+    #: tokens paid for rows that were dropped past the count
+    dropped_tokens: float = 0.0
 
 
 @dataclass
@@ -89,7 +91,7 @@ class CategoryCounts:
     last_failure: str | None = None
     #: why the category has nothing to do (editor without writing rows): not a failure
     skipped: str | None = None
-    #: tokens of finished batches that bought no kept row (an estimate, see ``apply``)
+    #: tokens of finished batches that bought no kept row (see ``apply``)
     wasted_tokens: float = 0.0
     reserved: int = field(default=0, compare=False)
 
@@ -112,12 +114,13 @@ class CategoryCounts:
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def yield_per_item(self, batch_size: int) -> float:
-        """Counted rows a requested item turns into, smoothed toward 1 by one batch's
-        worth of prior items (duplicates, refusals and filters make it smaller; trivia's
-        detail rows can make it larger)."""
+    def yield_per_item(self, batch_size: int, rows_per_item: float = 1.0) -> float:
+        """Counted rows a requested item turns into, learnt from finished batches and
+        smoothed toward ``rows_per_item`` (what the instructor expects an item to make:
+        trivia's with a detail row make more than one) by one batch's worth of prior
+        items. Duplicates, refusals and filters make it smaller."""
         prior = max(1, batch_size)
-        y = (self.rows_from_batches + prior) / (self.asked + prior)
+        y = (self.rows_from_batches + prior * rows_per_item) / (self.asked + prior)
         return min(4.0, max(0.05, y))
 
     # --- planning -------------------------------------------------------------------
@@ -146,36 +149,45 @@ class CategoryCounts:
         slots: int,
         pending_items: int,
         policy: StopPolicy,
+        rows_per_item: float = 1.0,
     ) -> list[int]:
         """Sizes of the batches to dispatch now (items each): enough to fill the room
-        left by accepted rows, reservations and the expected yield of ``pending_items``
-        (items asked by batches in flight that were not screened yet), at most
-        ``slots`` batches. The last one asks only for what is still expected missing,
-        so little is paid for past the count."""
+        left by accepted rows, reservations and the best yield ``pending_items`` (items
+        asked by batches in flight that were not screened yet) could have, at most
+        ``slots`` batches. The last one asks for what is still expected missing, with a
+        margin of one standard deviation of the yield, so little is paid for past the
+        count and few calls are spent on a short tail."""
         if self.settled(policy) or slots <= 0:
             return []
-        y = self.yield_per_item(batch_size)
-        gap = self.room - pending_items * y
+        y = self.yield_per_item(batch_size, rows_per_item)
+        # Batches in flight are counted as if none of their items were lost: a new batch
+        # goes out only when even that would leave the count short. (A batch that did
+        # better than expected would otherwise find no room left: paid, then withheld.)
+        gap = self.room - pending_items * max(y, rows_per_item)
         size = self.effective_batch_size(batch_size, policy)
         out: list[int] = []
         while gap > 1e-9 and len(out) < slots:
-            k = min(size, max(1, math.ceil(gap / y)))
+            # One standard deviation more than the expected need: an item too many costs
+            # its share of one reply, an item too few another whole call (its prompt).
+            p = min(1.0, y)
+            margin = math.sqrt(gap * (1 - p)) / p
+            k = min(size, max(1, math.ceil(gap / y + margin)))
             out.append(k)
             gap -= k * y
         return out
 
     # --- screening ------------------------------------------------------------------
-    def grant(self, counts: Sequence[int]) -> list[bool]:
-        """Which screened candidates (each needing ``counts[i]`` rows of room) may have
-        their response step paid for: first come, while the room lasts. The caller adds
-        the granted total to ``reserved``."""
+    def grant(self, counts: Sequence[int]) -> list[int]:
+        """How many rows each screened candidate (able to make ``counts[i]``) may have
+        its response step paid for: first come, while the room lasts; the last one that
+        fits may get less than it could make (trivia then skips its detail row), and the
+        rest none (withheld). The caller adds the total to ``reserved``."""
         room = self.room
-        out: list[bool] = []
+        out: list[int] = []
         for c in counts:
-            ok = c <= room
-            out.append(ok)
-            if ok:
-                room -= c
+            got = min(c, room)
+            out.append(got)
+            room -= got
         return out
 
     # --- committing -----------------------------------------------------------------
@@ -222,13 +234,13 @@ class CategoryCounts:
             self.asked += max(0, s.asked - s.withheld)
         self.rows_from_batches += outcome.produced
         self.dropped += max(0, outcome.produced - outcome.kept)
-        # Tokens that bought nothing: the share of the batch's potential rows (the counted
-        # rows its parsed items could have made) that did not end up kept.
-        potential = max(
-            1,
-            outcome.produced + s.duplicates + s.filtered + s.refused + s.withheld + s.failures,
-        )
-        self.wasted_tokens += s.tokens * max(0.0, 1.0 - outcome.kept / potential)
+        # Tokens that bought no kept row: all of a batch that kept none; else those it
+        # lost on the way (unusable answers, the completion shares of lost items; see
+        # BatchStats.lost_tokens) and those of its rows dropped past the count.
+        if outcome.kept == 0:
+            self.wasted_tokens += s.tokens
+        else:
+            self.wasted_tokens += min(float(s.tokens), s.lost_tokens + outcome.dropped_tokens)
 
         if outcome.kept > 0 or s.withheld > 0:
             # Progress, or a batch that fit no more into a count held by others.

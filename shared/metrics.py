@@ -9,8 +9,8 @@ Families (all prefixed ``airoboros_``):
 - LLM calls, by model and instructor: ``llm_requests_total`` (outcome ok or the error
   code), ``llm_tokens_total`` (kind prompt/completion), ``llm_cost_usd_total``,
   ``llm_request_seconds``;
-- rows, by instructor: ``items_total`` (outcome accepted, duplicate, filtered, dropped),
-  counted once per batch when it is committed;
+- rows, by instructor: ``items_total`` (outcome accepted, duplicate, filtered, refused,
+  unparseable, truncated, withheld, dropped), counted once per batch when it is committed;
 - routing: ``routing_decisions_total`` (expert, method), ``routing_decision_seconds``;
 - HTTP: ``http_request_duration_seconds`` (method, route template, status);
 - adapters: ``adapter_loads_total`` (outcome), ``adapter_evictions_total``,
@@ -59,7 +59,8 @@ LLM_SECONDS = Histogram(
 
 ITEMS = Counter(
     "airoboros_items_total",
-    "Candidate rows by fate: accepted (stored), duplicate, filtered, dropped (past count)",
+    "Items by fate: accepted (stored), duplicate, filtered, refused, unparseable (replies), "
+    "truncated (replies), withheld (no room in the count), dropped (past the count)",
     ["instructor", "outcome"],
 )
 

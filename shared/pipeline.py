@@ -8,6 +8,7 @@ processes on RabbitMQ/PostgreSQL when deployed; only the wiring here differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -241,9 +242,9 @@ class Generation:
                     name, Usage(s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
                 )
 
-            # The embedding model loads while the first calls go out (topics, step 1):
+            # The embedding model loads while the first calls are out (topics, step 1):
             # nothing needs it before the first batch reaches dedupe.
-            deduper_ready = asyncio.ensure_future(self._deduper(store))
+            deduper_ready = asyncio.ensure_future(self._deduper(store, llm))
             warning = await llm.preflight(cfg.model)
             if warning:
                 plan.warnings.append(warning)
@@ -344,13 +345,19 @@ class Generation:
             raise deduper.exception()  # type: ignore[misc]
         return await waiter
 
-    async def _deduper(self, store: SqlStore) -> Deduper:
-        """The job's dedupe: the embedding model, and the index of the rows it has."""
+    async def _deduper(self, store: SqlStore, llm: LLMClient) -> Deduper:
+        """The job's dedupe: the embedding model, and the index of the rows it has. The
+        model starts loading once the first request is out (or after a moment when there
+        is none to send): importing torch in a thread slows the event loop, and the first
+        request should not wait for it."""
         from airoboros.dedupe.service import Deduper
-        from airoboros.embeddings import SentenceTransformerEmbedder
         from airoboros.vectors import FaissVectorStore
 
         cfg = self.config
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(llm.first_sent.wait(), timeout=3.0)
+        from airoboros.embeddings import SentenceTransformerEmbedder
+
         embedder: Embedder
         if self._embedder is not None:
             embedder = self._embedder

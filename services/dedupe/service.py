@@ -140,6 +140,8 @@ class DedupeService:
         accepted = [c for c, ok in zip(msg.candidates, flags, strict=True) if ok]
         stats = msg.stats.model_copy()
         stats.duplicates += len(flags) - len(accepted)
+        rejected = [c for c, ok in zip(msg.candidates, flags, strict=True) if not ok]
+        stats.lost_tokens += sum(c.cost_tokens for c in rejected)
         await self.publish(
             CandidatesScreened(
                 job_id=msg.job_id,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from airoboros import telemetry
@@ -17,6 +17,7 @@ from airoboros.contracts import (
     Artifact,
     BatchCompleted,
     BatchStats,
+    Candidate,
     CandidatesProposed,
     CandidatesScreened,
     GenerateBatch,
@@ -26,7 +27,15 @@ from airoboros.contracts import (
 )
 from airoboros.embeddings import l2_threshold_to_cosine
 from airoboros.errors import BudgetExhausted, LLMError
-from airoboros.generator.instructors.base import Ctx, Filtered, Instructor, current_batch
+from airoboros.generator.instructors.base import (
+    Ctx,
+    Filtered,
+    Instructor,
+    Spend,
+    current_batch,
+    current_spend,
+    lose,
+)
 from airoboros.generator.registry import create
 from airoboros.llm import LLMClient
 
@@ -44,6 +53,17 @@ class JobRuntime:
 
 
 RuntimeFor = Callable[[str], Awaitable[JobRuntime]]
+
+
+def share_tokens(candidates: Sequence[Candidate], tokens: float) -> None:
+    """Spread ``tokens`` over the candidates by the length of their text."""
+    sizes = [
+        len(c.instruction) + len(c.response or "") + len(c.dedupe_text or "") + 1
+        for c in candidates
+    ]
+    total = sum(sizes)
+    for c, size in zip(candidates, sizes, strict=True):
+        c.cost_tokens = max(0.0, tokens) * size / total
 
 
 class GeneratorService:
@@ -91,6 +111,10 @@ class GeneratorService:
         if not candidates:
             await self._report(task, stats)
             return
+        # What a candidate takes with it when it is dropped later: its share of the
+        # completion tokens that made it (the prompt bought its siblings too).
+        productive = max(0.0, stats.tokens - stats.lost_tokens)
+        share_tokens(candidates, productive * stats.completion_tokens / max(1, stats.tokens))
         if inst.dedupe_scope == "none":
             await self.publish(
                 CandidatesScreened(
@@ -125,8 +149,20 @@ class GeneratorService:
         inst, _ = await self.instructor(msg.job_id, msg.instructor)
         stats = msg.stats.model_copy()
         current_batch.set(stats)
+
+        async def respond(c: Candidate) -> tuple[Spend, Sequence[Item | Artifact]]:
+            spend = Spend(c.cost_tokens)
+            current_spend.set(spend)  # this task's own context: one spend per candidate
+            try:
+                return spend, await inst.respond(c, stats)
+            except BaseException:
+                # Its step-1 share and every call made for it bought nothing (the tokens
+                # of unusable answers are counted already).
+                lose(stats, spend.tokens - spend.lost)
+                raise
+
         results = await asyncio.gather(
-            *(inst.respond(c, stats) for c in msg.candidates), return_exceptions=True
+            *(respond(c) for c in msg.candidates), return_exceptions=True
         )
         items: list[Item] = []
         artifacts: list[Artifact] = []
@@ -142,11 +178,12 @@ class GeneratorService:
                 stats.failures += 1
                 error = error or r
             else:
-                for product in r:
-                    if isinstance(product, Artifact):
-                        artifacts.append(product)
-                    else:
-                        items.append(product)
+                spend, products = r
+                rows = [p for p in products if isinstance(p, Item)]
+                artifacts.extend(p for p in products if isinstance(p, Artifact))
+                # The candidate's tokens go with its rows: lost if they are dropped.
+                paid = (spend.tokens - spend.lost) / max(1, len(rows))
+                items.extend(row.model_copy(update={"cost_tokens": paid}) for row in rows)
         # A failed call among good rows is counted, not reported: the batch still delivered.
         if (items or artifacts) and not isinstance(error, BudgetExhausted):
             error = None

@@ -110,12 +110,19 @@ async def grant_and_forward(
     """Reserve room in the count for a screened batch and send the candidates that fit
     to their response step. Returns the batch's completion instead when none fit (nothing
     is left to pay for), for the caller to apply."""
-    flags = await store.grant(
+    rows = await store.grant(
         msg.job_id, msg.task_id, msg.instructor, [c.counts for c in msg.accepted]
     )
-    granted = [c for c, ok in zip(msg.accepted, flags, strict=True) if ok]
+    # A candidate granted fewer rows than it could make is told so (``counts``).
+    granted = [
+        c.model_copy(update={"counts": n}) for c, n in zip(msg.accepted, rows, strict=True) if n
+    ]
+    withheld = [c for c, n in zip(msg.accepted, rows, strict=True) if not n]
     stats = msg.stats.model_copy(
-        update={"withheld": msg.stats.withheld + len(msg.accepted) - len(granted)}
+        update={
+            "withheld": msg.stats.withheld + len(withheld),
+            "lost_tokens": msg.stats.lost_tokens + sum(c.cost_tokens for c in withheld),
+        }
     )
     if not granted:
         return BatchCompleted(
@@ -332,14 +339,15 @@ class JobController:
                     self._schedule_tick(wait)
                 return False
             slots = 1
+        picker = self.pickers.get(name)
+        cls = self.classes.get(name)
         sizes = c.plan(
             batch_size,
             slots=slots - flight.batches,
             pending_items=flight.pending_items,
             policy=self.policy,
+            rows_per_item=cls.rows_per_item if cls is not None else 1.0,
         )
-        picker = self.pickers.get(name)
-        cls = self.classes.get(name)
         for size in sizes:
             inputs: list[dict[str, Any]] | None = []
             if cls is not None:

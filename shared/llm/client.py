@@ -95,32 +95,38 @@ class WorstCase:
     """Upper estimates of one call's usage, for the budget's reservations: prompt tokens
     from the largest tokens-per-character ratio seen (half a token per character, a
     generous bound for English and code, before the first answer), completion tokens from
-    the call's max_tokens, else 1.5x the largest completion seen so far (at least
-    ``COMPLETION_FLOOR``; ``FIRST_COMPLETION_GUESS`` before the first answer)."""
+    the call's max_tokens, else 1.5x the largest completion of that instructor's calls
+    seen so far (at least ``COMPLETION_FLOOR``; ``FIRST_COMPLETION_GUESS`` before its
+    first answer)."""
 
     def __init__(self) -> None:
         self.tokens_per_char = 0.5
         self._seen_ratio = 0.0
-        self.largest_completion = 0
+        #: per instructor: its calls differ (20 trivia pairs, a one-line riddle answer)
+        self.largest_completion: dict[str, int] = {}
 
     def prompt(self, messages: list[dict[str, str]]) -> int:
         chars = sum(len(m["content"]) for m in messages)
         # A few tokens per message of chat formatting, as OpenAI's tokenizers add.
         return math.ceil(chars * self.tokens_per_char) + 4 * len(messages) + 8
 
-    def completion(self, max_tokens: int | None) -> int:
+    def completion(self, max_tokens: int | None, instructor: str) -> int:
         if max_tokens is not None:
             return max_tokens
-        if not self.largest_completion:
+        largest = self.largest_completion.get(instructor)
+        if not largest:
             return FIRST_COMPLETION_GUESS
-        return max(COMPLETION_FLOOR, math.ceil(1.5 * self.largest_completion))
+        return max(COMPLETION_FLOOR, math.ceil(1.5 * largest))
 
-    def learn(self, messages: list[dict[str, str]], prompt_tokens: int, completion: int) -> None:
+    def learn(
+        self, messages: list[dict[str, str]], instructor: str, prompt_tokens: int, completion: int
+    ) -> None:
         chars = sum(len(m["content"]) for m in messages)
         if chars >= 32 and prompt_tokens > 0:
             self._seen_ratio = max(self._seen_ratio, prompt_tokens / chars)
             self.tokens_per_char = self._seen_ratio * 1.15
-        self.largest_completion = max(self.largest_completion, completion)
+        seen = self.largest_completion.get(instructor, 0)
+        self.largest_completion[instructor] = max(seen, completion)
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -202,6 +208,8 @@ class LLMClient:
         self.meter = meter
         self.stats = ClientStats()
         self.worst = WorstCase()
+        #: set when the first request has been sent (start-up work waits for it)
+        self.first_sent = asyncio.Event()
         self._client = openai.AsyncOpenAI(
             api_key=settings.api_key or "not-needed",
             base_url=settings.base_url,
@@ -270,7 +278,7 @@ class LLMClient:
                     await self.meter.acheck()
                     # The budget is a cap: the call's worst case is held before it is sent,
                     # and a call that fits only with a shorter answer is capped at it.
-                    worst_c = self.worst.completion(max_tokens)
+                    worst_c = self.worst.completion(max_tokens, instructor)
                     held = await self.meter.areserve(
                         call_id,
                         model,
@@ -292,6 +300,7 @@ class LLMClient:
                         },
                     ) as span:
                         started = time.perf_counter()
+                        self.first_sent.set()
                         try:
                             text, finish, usage, headers = await self._call(
                                 messages, model=model, params=params, max_tokens=cap
@@ -307,7 +316,7 @@ class LLMClient:
                 self.limiter.learn(headers)
                 prompt_t, completion_t = usage
                 self.limiter.settle_tokens(estimate, prompt_t + completion_t)
-                self.worst.learn(messages, prompt_t, completion_t)
+                self.worst.learn(messages, instructor, prompt_t, completion_t)
                 call = await self.meter.asettle(call_id, instructor, model, prompt_t, completion_t)
                 reserved = False
                 metrics.LLM_REQUESTS.labels(model, instructor, "ok").inc()

@@ -399,6 +399,12 @@ class SqlStore:
                     made = await self._insert_artifacts(s, job_id, prog, artifacts)
                     counts = _counts(prog)
                     kept = sum(1 for r in rows if r.counted) + made
+                    inserted = {r.source_id for r in rows}
+                    dropped_tokens = sum(
+                        it.cost_tokens
+                        for i, it in enumerate(items)
+                        if f"{task_id}:{i}" not in inserted
+                    )
                     counts.apply(
                         BatchOutcome(
                             stats.model_copy(
@@ -408,6 +414,7 @@ class SqlStore:
                             kept=kept,
                             error=error,
                             error_message=error_message,
+                            dropped_tokens=dropped_tokens,
                         )
                     )
                     _write(prog, counts)
@@ -637,23 +644,24 @@ class SqlStore:
 
     async def grant(
         self, job_id: str, task_id: str, instructor: str, counts: Sequence[int]
-    ) -> list[bool]:
+    ) -> list[int]:
         """Reserve room in the instructor's count for a screened batch's candidates
         (``counts[i]`` rows each), first come while it lasts, atomically with every other
         writer of that count; the task holds the room until it completes or expires.
-        A task that is no longer in flight gets none. Returns one flag per candidate."""
+        A task that is no longer in flight gets none. Returns the rows granted to each
+        candidate (airoboros.counting.CategoryCounts.grant)."""
         async with self._s() as s, s.begin():
             prog = await self._progress(s, job_id, instructor)  # locks the count
             task = await s.get(Task, task_id)
             if task is None or task.status != "in_flight":
-                return [False] * len(counts)
+                return [0] * len(counts)
             held = (await self._reserved(s, job_id, instructor=instructor)).get(instructor, 0)
             c = _counts(prog)
             # A redelivery recomputes its own grant: its earlier reservation is not "held".
             c.reserved = held - (task.reserved or 0)
-            flags = c.grant(counts)
-            task.reserved = sum(n for n, ok in zip(counts, flags, strict=True) if ok)
-            return flags
+            granted = c.grant(counts)
+            task.reserved = sum(granted)
+            return granted
 
     async def set_skipped(self, job_id: str, instructor: str, reason: str) -> None:
         """Mark an instructor as having nothing to do in this run (not a failure)."""

@@ -79,8 +79,8 @@ async def test_one_refused_pair_costs_that_pair_only(llm_server):
         reply = ""
         finish = "stop"
 
-        async def _complete(self, prompt: str, *_: Any) -> tuple[str, str | None]:
-            return self.reply, self.finish
+        async def _complete(self, prompt: str, *_: Any) -> tuple[str, str | None, tuple[int, int]]:
+            return self.reply, self.finish, (500, 500)
 
     inst = Canned(Ctx("trivia", cfg, None))  # type: ignore[arg-type]
     pairs = [f"QUESTION: What is item {i} of the list?\nANSWER: Item {i}" for i in range(20)]
@@ -202,7 +202,7 @@ async def test_the_endpoint_never_bills_past_the_budget(tmp_path, llm_server, em
         assert billed_tokens <= budget["max_tokens"]
         assert billed_tokens > 0.8 * budget["max_tokens"]  # a cap, not a cut-off early
     else:
-        billed = (srv.llm.stats["prompt_tokens"] * 30 + srv.llm.stats["completion_tokens"] * 60)
+        billed = srv.llm.stats["prompt_tokens"] * 30 + srv.llm.stats["completion_tokens"] * 60
         assert billed / 1e6 <= budget["max_cost"]
         assert billed / 1e6 > 0.8 * budget["max_cost"]
 

@@ -446,9 +446,7 @@ class ScriptedLLM:
                     "csv_analytics:\n  description: aggregate rows\n  parameters:\n"
                     "    action: count|filter\n"
                 )
-                answer = (
-                    f'{{"function": "search", "parameters": {{"query": "{w["noun"]} {w["place"]}"}}}}'
-                )
+                answer = f'{{"function": "search", "parameters": {{"query": "{w["noun"]} {w["place"]}"}}}}'
                 if self._refuses():
                     answer = REFUSAL_TEXT
                 out.append(f"PROMPT: {req}\n{funcs}ANSWER: {answer}")
@@ -644,6 +642,12 @@ class ScriptedLLM:
             text = self.answer(prompt, messages)
             if outcome == "truncate":
                 text, finish = text[: max(1, len(text) // 2)], "length"
+        # max_tokens is honoured as a real server does: the answer stops there (this
+        # server counts a token per four characters).
+        limit = body.get("max_tokens")
+        if isinstance(limit, int) and limit > 0 and len(text) // 4 > limit:
+            text, finish = text[: limit * 4], "length"
+            self.stats["cut_at_max_tokens"] += 1
         model = body.get("model", "test-model")
         usage = {
             "prompt_tokens": max(1, len(prompt) // 4),

@@ -150,7 +150,8 @@ def test_faulty_endpoint_gives_exact_counts_as_services(stack):
     assert status["status"] == "done", stack.logs()
     rows = export_rows(stack, job_id)
     assert Counter(r["category"] for r in rows) == {
-        k: v["count"] for k, v in job["instructors"].items()  # type: ignore[attr-defined]
+        k: v["count"]
+        for k, v in job["instructors"].items()  # type: ignore[attr-defined]
     }
     assert not [r for r in rows if r["response"].startswith("I'm sorry")]
     keys = Counter((r.get("system"), r["instruction"]) for r in rows)

@@ -34,9 +34,11 @@ def test_admit_stops_at_the_count_and_keeps_chats_whole() -> None:
 def test_grant_reserves_room_first_come_and_counts_rows_per_candidate() -> None:
     c = CategoryCounts("trivia", target=10, accepted=5, reserved=2)
     # Room is 3: a two-row candidate (with its detail row), then one, then none fit.
-    assert c.grant([2, 1, 1, 2]) == [True, True, False, False]
+    assert c.grant([2, 1, 1, 2]) == [2, 1, 0, 0]
+    # The last one that fits may get less than it could make (no detail row).
+    assert c.grant([1, 2, 2]) == [1, 2, 0]
     c.reserved = 10
-    assert c.grant([1]) == [False]  # held by others: nothing is paid for past the count
+    assert c.grant([1]) == [0]  # held by others: nothing is paid for past the count
 
 
 def test_streaks_progress_duplicates_and_failures() -> None:
@@ -107,9 +109,13 @@ def test_plan_fills_the_room_and_sizes_the_last_batch_to_what_is_missing() -> No
     # Items asked by batches in flight count against the room.
     assert c.plan(5, slots=10, pending_items=10, policy=POLICY) == [2]
     assert c.plan(5, slots=1, pending_items=0, policy=POLICY) == [5]
-    # Half the items turn into rows: ask for twice what is missing.
+    # Half the items turn into rows: ask for twice what is missing (and a margin).
     half = CategoryCounts("general", target=12, accepted=10, asked=200, rows_from_batches=100)
-    assert half.plan(5, slots=10, pending_items=0, policy=POLICY) == [4]
+    assert half.plan(5, slots=10, pending_items=0, policy=POLICY) == [5]
+    # 5 items in 6 make a row: 8 missing is 9.6 items, plus one standard deviation.
+    most = CategoryCounts("general", target=18, accepted=10, asked=100, rows_from_batches=80)
+    assert most.yield_per_item(20) == pytest.approx(5 / 6)
+    assert most.plan(20, slots=10, pending_items=0, policy=POLICY) == [11]
     # Reserved room is covered already.
     full = CategoryCounts("general", target=12, accepted=10, reserved=2)
     assert full.plan(5, slots=10, pending_items=0, policy=POLICY) == []
@@ -131,12 +137,17 @@ def test_whole_replies_failing_shrink_the_batches_and_probe_one_at_a_time() -> N
 
 def test_tokens_that_bought_nothing() -> None:
     c = CategoryCounts("general", target=100)
-    c.apply(batch(kept=3, produced=3, duplicates=1, prompt_tokens=300, completion_tokens=100))
-    assert c.wasted_tokens == pytest.approx(100.0)  # one of four potential rows lost
-    c.apply(batch(refused=5, prompt_tokens=50, completion_tokens=50))
-    assert c.wasted_tokens == pytest.approx(200.0)  # a batch without a row: all of it
-    c.apply(batch(kept=1, produced=3, prompt_tokens=90))  # two rows past the count
-    assert c.wasted_tokens == pytest.approx(260.0) and c.dropped == 2
+    # What the batch lost on the way (unusable answers, shares of lost items) ...
+    c.apply(batch(kept=3, produced=3, duplicates=1, lost_tokens=100, prompt_tokens=400))
+    assert c.wasted_tokens == pytest.approx(100.0)
+    # ... and the tokens of rows dropped past the count ...
+    c.apply(BatchOutcome(BatchStats(prompt_tokens=90), produced=3, kept=1, dropped_tokens=60))
+    assert c.wasted_tokens == pytest.approx(160.0) and c.dropped == 2
+    # ... never more than the batch paid; all of it when it kept no row.
+    c.apply(batch(kept=1, lost_tokens=500, prompt_tokens=50, completion_tokens=50))
+    assert c.wasted_tokens == pytest.approx(260.0)
+    c.apply(batch(refused=5, lost_tokens=10, prompt_tokens=50, completion_tokens=30))
+    assert c.wasted_tokens == pytest.approx(340.0)
 
 
 def test_job_outcome() -> None:

@@ -351,9 +351,9 @@ class Canned(Documents):
 
     async def _complete(
         self, prompt: str, system: str | None, history: Any, params: Any
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str | None, tuple[int, int]]:
         self.prompts.append(prompt)
-        return self.reply, "stop"
+        return self.reply, "stop", (50, 50)
 
 
 async def test_propose_keeps_grounded_answers_and_rejects_the_rest(tmp_path: Path) -> None:

@@ -169,6 +169,34 @@ class Reply:
     text: str
     #: cut off by the token limit: its last item may be incomplete
     truncated: bool
+    #: what the call cost, in tokens
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Spend:
+    """Tokens spent on one unit of work (a candidate's response step), and how many of
+    them were already counted as lost (unusable answers)."""
+
+    tokens: float = 0.0
+    lost: float = 0.0
+
+
+#: The unit of work the calls of this task are for (set per candidate in step 2).
+current_spend: ContextVar[Spend | None] = ContextVar("current_spend", default=None)
+
+
+def lose(stats: BatchStats, tokens: float) -> None:
+    """Count ``tokens`` as bought nothing, in the batch and in the current unit of work."""
+    stats.lost_tokens += tokens
+    spend = current_spend.get()
+    if spend is not None:
+        spend.lost += tokens
 
 
 T = TypeVar("T")
@@ -194,6 +222,9 @@ class Instructor:
     dedupe_scope: ClassVar[str] = "dataset"
     #: what batch_inputs needs, for the message when there is none ("writing rows")
     needs: ClassVar[str] = "source material"
+    #: counted rows one requested item is expected to make before any batch has finished
+    #: (the controller learns the true yield from then on): batches are sized by it
+    rows_per_item: ClassVar[float] = 1.0
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -238,7 +269,9 @@ class Instructor:
         system: str | None,
         history: list[dict[str, str]] | None,
         params: dict[str, Any],
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str | None, tuple[int, int]]:
+        """One call: its text, finish reason and (prompt, completion) tokens, charged to
+        the current batch."""
         messages: list[dict[str, str]] = []
         if system:
             messages.append({"role": "system", "content": system})
@@ -255,7 +288,10 @@ class Instructor:
             batch.completion_tokens += c.completion_tokens
             batch.cost += c.cost
             batch.excerpt = c.text[:400]
-        return c.text, c.finish_reason
+        spend = current_spend.get()
+        if spend is not None:
+            spend.tokens += c.prompt_tokens + c.completion_tokens
+        return c.text, c.finish_reason, (c.prompt_tokens, c.completion_tokens)
 
     async def ask(
         self,
@@ -268,10 +304,13 @@ class Instructor:
     ) -> str:
         """One LLM call whose answer is one thing (a response, a passage); raises
         Filtered when it is unusable."""
-        text, finish = await self._complete(prompt, system, history, params)
+        text, finish, tokens = await self._complete(prompt, system, history, params)
         apply = self.filter_responses if filter_response is None else filter_response
         reason = self._filter.reason(text, finish_reason=finish, apply_filters=apply)
         if reason:
+            batch = current_batch.get()
+            if batch is not None:
+                lose(batch, sum(tokens))  # a call whose one answer is unusable
             raise Filtered(reason)
         return text.strip()
 
@@ -286,8 +325,10 @@ class Instructor:
         """One LLM call whose answer holds many items (a task list, question/answer
         pairs): nothing is filtered here; ``usable`` filters the parsed items one by one,
         so one refused or filtered item costs that item only."""
-        text, finish = await self._complete(prompt, system, history, params)
-        return Reply(text, finish == "length")
+        text, finish, (prompt_t, completion_t) = await self._complete(
+            prompt, system, history, params
+        )
+        return Reply(text, finish == "length", prompt_t, completion_t)
 
     def usable(
         self,
@@ -305,21 +346,32 @@ class Instructor:
         without a single item is counted as refused (when it opens with a refusal) or
         unparseable."""
         apply = self.filter_responses if apply_filters is None else apply_filters
+        # A reply's completion tokens are shared among its items by length: those of the
+        # items lost here bought nothing (its prompt bought the items that are kept); a
+        # reply without one usable item bought nothing at all.
+        sizes = [sum(len(t) for t in texts(item)) + 1 for item in items]
+        per_char = reply.completion_tokens / max(1, sum(sizes))
         if reply.truncated:
             stats.truncated += 1
-            items = items[:-1]
-        if not items:
-            if not reply.truncated:
-                refusal = apply and REFUSAL_OPENINGS.match(reply.text)
-                count_loss(stats, "refusal" if refusal else "unparseable")
-            return []
+            items, sizes = items[:-1], sizes[:-1]
+        if limit is not None:
+            items, sizes = items[:limit], sizes[:limit]
         out: list[T] = []
-        for item in items[:limit] if limit is not None else items:
+        kept = 0
+        for item, size in zip(items, sizes, strict=True):
             reason = self._filter.item_reason(texts(item), apply_filters=apply)
             if reason:
                 count_loss(stats, reason)
             else:
                 out.append(item)
+                kept += size
+        if not items and not reply.truncated:
+            refusal = apply and REFUSAL_OPENINGS.match(reply.text)
+            count_loss(stats, "refusal" if refusal else "unparseable")
+        if out:
+            lose(stats, max(0.0, reply.completion_tokens - kept * per_char))
+        else:
+            lose(stats, reply.tokens)
         return out
 
     def common_values(self, task: GenerateBatch) -> dict[str, Any]:

@@ -111,6 +111,8 @@ def wrap(text: str, question: str, source: str | None) -> str:
 
 class CounterfactualContextual(Instructor):
     name = "counterfactual_contextual"
+    #: each fact makes two rows: the true and the falsified version
+    rows_per_item = 2.0
     response_prompt_file = "counterfactual_contextual_response.txt"
 
     def __init__(self, ctx: Ctx) -> None:
@@ -150,7 +152,7 @@ class CounterfactualContextual(Instructor):
             if pair is None:
                 stats.filtered += 1
                 continue
-            out.append(Candidate(instruction=pair[0], meta={"counter": pair[1]}))
+            out.append(Candidate(instruction=pair[0], meta={"counter": pair[1]}, counts=2))
         return out
 
     def response_prompt(self, block: str) -> str:
@@ -162,7 +164,9 @@ class CounterfactualContextual(Instructor):
         )
 
     async def respond(self, candidate: Candidate, stats: BatchStats) -> list[Item]:
-        blocks = [candidate.instruction, str(candidate.meta["counter"])]
+        # Both versions, unless the count has room for one row only: then the true one
+        # (so an odd count ends with a true row, never a falsified one alone).
+        blocks = [candidate.instruction, str(candidate.meta["counter"])][: candidate.counts]
         answers = await asyncio.gather(
             *(self.ask(self.response_prompt(b)) for b in blocks), return_exceptions=True
         )

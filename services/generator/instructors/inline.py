@@ -23,6 +23,8 @@ class Trivia(InlineInstructor):
     second time without it, for an answer with context (an extra row)."""
 
     name = "trivia"
+    #: about half the questions are asked again for a detail row
+    rows_per_item = 1.5
 
     def accept_pair(self, instruction: str, response: str) -> bool:
         answer = response.strip().strip(".!\"'").lower()
@@ -48,7 +50,8 @@ class Trivia(InlineInstructor):
 
     async def respond(self, candidate: Candidate, stats: BatchStats) -> list[Item]:
         rows = [self.item(candidate.instruction, candidate.response or "", system=candidate.system)]
-        if candidate.meta.get("detail"):
+        # Only when the count has room for it (the controller grants ``counts`` rows).
+        if candidate.meta.get("detail") and candidate.counts >= 2:
             # As the original: the request for detail is part of the row's instruction,
             # so the two rows of one question never share their instruction text.
             detail = candidate.instruction + TRIVIA_DETAIL
