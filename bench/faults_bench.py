@@ -19,8 +19,8 @@ against a plain `openai` SDK script that sends one request (the floor), median o
 from __future__ import annotations
 
 import argparse
-import json
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -65,8 +65,7 @@ def config(tmp: Path, base_url: str, count: int, **extra: Any) -> dict[str, Any]
         "topics_path": str(topics),
         "request_timeout": 30,
         "instructors": {
-            n: {"count": count, **({"batch_size": 20} if n == "trivia" else {})}
-            for n in CATEGORIES
+            n: {"count": count, **({"batch_size": 20} if n == "trivia" else {})} for n in CATEGORIES
         },
         **extra,
     }
@@ -75,9 +74,7 @@ def config(tmp: Path, base_url: str, count: int, **extra: Any) -> dict[str, Any]
 async def one_run(
     profile: dict[str, Any], seed: int, args: argparse.Namespace, embedder: Any, **extra: Any
 ) -> dict[str, Any]:
-    llm = ScriptedLLM(
-        Script(latency=args.latency, latency_jitter=0.2, seed=seed, **profile)
-    )
+    llm = ScriptedLLM(Script(latency=args.latency, latency_jitter=0.2, seed=seed, **profile))
     with ServerThread(llm) as srv, tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config(config(Path(tmp), srv.base_url, args.count, **extra))
         t0 = time.monotonic()
