@@ -30,6 +30,13 @@ Connections are robust (``aio_pika.connect_robust``): after a broker restart the
 by themselves, redeclare the topology and restore the consumers. Publishing and consuming
 use separate connections, as RabbitMQ recommends: flow control blocks a publishing
 connection, and it must not hold up the acks of the consumers.
+
+An outage is not a failure of the message: a handler that raises because a dependency is
+down (``airoboros.errors.is_unavailable``: the database, Redis, the object store, a
+publish that timed out) is run again in place with backoff, its message kept unacked, for
+up to ``outage_patience`` seconds (``airoboros.bus.handle_through_outages``). A nack
+would spend one of the message's deliveries for each try, and dead-letter it after a
+few seconds of outage; only an outage longer than the patience does that.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelPreconditionFailed
 from yarl import URL
 
 from airoboros import metrics, telemetry
+from airoboros.bus import OUTAGE_BACKOFF, OUTAGE_PATIENCE, handle_through_outages
 from airoboros.contracts import Message
 from airoboros.errors import BusError, BusUnavailable
 from airoboros.ports import Bus, Handler, M
@@ -133,6 +141,8 @@ class AmqpBus:
         reconnect_interval: float = 1.0,
         close_timeout: float = 10.0,
         dead_letter_retry_delay: float = 1.0,
+        outage_patience: float = OUTAGE_PATIENCE,
+        outage_backoff: tuple[float, float] = OUTAGE_BACKOFF,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
@@ -150,6 +160,8 @@ class AmqpBus:
         self.reconnect_interval = reconnect_interval
         self.close_timeout = close_timeout
         self.dead_letter_retry_delay = dead_letter_retry_delay
+        self.outage_patience = outage_patience
+        self.outage_backoff = outage_backoff
 
         self._subs: list[_Subscription] = []
         self._started = False
@@ -166,6 +178,8 @@ class AmqpBus:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._declared: set[str] = set()
         self._poll_task: asyncio.Task[None] | None = None
+        # Set by close(): handlers waiting out an outage stop waiting.
+        self._closed_event = asyncio.Event()
 
     # --- names -----------------------------------------------------------------------
 
@@ -208,6 +222,19 @@ class AmqpBus:
         key = message.partition_key()
         # Keyless messages of a partitioned topic still need one home: partition 0.
         return f"{message.topic}.p{0 if key is None else partition_of(key, n)}"
+
+    @property
+    def connected(self) -> bool:
+        """Whether the bus is started, not closing, both its connections are up and every
+        channel it publishes or consumes on is open (false while a robust connection is
+        being restored). Cheap: reads state only, for readiness probes."""
+        if not self._started or self._closing:
+            return False
+        for conn in (self._pub_conn, self._con_conn):
+            if conn is None or conn.is_closed or not conn.connected.is_set():
+                return False
+        channels = [self._pub_channel, *self._channels]
+        return all(ch is not None and _is_open(ch) for ch in channels)
 
     # --- Bus -------------------------------------------------------------------------
 
@@ -293,6 +320,7 @@ class AmqpBus:
         if self._closing:
             return
         self._closing = True
+        self._closed_event.set()
         # Cancel the consumers first so that no new delivery arrives while we wait. Bounded:
         # with the broker away a cancel would wait for the reconnection; closing the
         # connection below ends the consumers anyway.
@@ -639,11 +667,36 @@ class AmqpBus:
         )
         delivery = _delivery_count(incoming) + 1
         start = time.perf_counter()
+
+        def attempt(n: int) -> Awaitable[None]:
+            # A retry in place decodes the body again: a pristine message, as a redelivery.
+            return sub.handler(
+                message if n == 1 else sub.message_type.model_validate_json(incoming.body)
+            )
+
         try:
             with telemetry.consuming(message, incoming.headers, delivery):
-                await sub.handler(message)
+                await handle_through_outages(
+                    attempt,
+                    topic=topic,
+                    message_id=message.message_id,
+                    patience=self.outage_patience,
+                    backoff=self.outage_backoff,
+                    pause=self._outage_pause(incoming),
+                )
         except Exception as exc:
             metrics.HANDLER_SECONDS.labels(topic, "error").observe(time.perf_counter() - start)
+            if self._closing or not _channel_open(incoming):
+                # It cannot be settled any more: the broker requeues it when the channel
+                # closes (and counts that delivery).
+                log.warning(
+                    "handler for %s failed on %s as the bus closed or its channel went "
+                    "away: %r; it will be redelivered",
+                    queue_name,
+                    message.message_id,
+                    exc,
+                )
+                return
             if delivery >= self.max_deliveries:
                 log.error(
                     "handler for %s failed on %s (delivery %d of %d): %r; dead-lettering it",
@@ -673,15 +726,40 @@ class AmqpBus:
     ) -> None:
         if self._closing or not _channel_open(incoming):
             return
+        headers = dict(incoming.headers)
         try:
-            await handler(queue_name, incoming.body, dict(incoming.headers))
+            # An outage (the store that records dead letters is down) is waited out in
+            # place too: the message stays unacked, not spinning through its queue.
+            await handle_through_outages(
+                lambda _: handler(queue_name, incoming.body, headers),
+                topic=queue_name,
+                message_id=str(incoming.message_id),
+                patience=self.outage_patience,
+                backoff=self.outage_backoff,
+                pause=self._outage_pause(incoming),
+            )
         except Exception:
+            if self._closing or not _channel_open(incoming):
+                return  # requeued by the broker with the channel
             log.exception("dead-letter handler failed on %s; requeueing", queue_name)
             # A pause, or a handler that always fails would spin on the same message.
             await asyncio.sleep(self.dead_letter_retry_delay)
             await self._settle(incoming.nack(requeue=True), queue_name, "nack")
             return
         await self._settle(incoming.ack(), queue_name, "ack")
+
+    def _outage_pause(
+        self, incoming: AbstractIncomingMessage
+    ) -> Callable[[float], Awaitable[bool]]:
+        """The wait between two in-place attempts: cut short by close(); False when the
+        message can no longer be settled (closing, or its channel went away)."""
+
+        async def pause(seconds: float) -> bool:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed_event.wait(), seconds)
+            return not self._closing and _channel_open(incoming)
+
+        return pause
 
     @staticmethod
     async def _settle(action: Awaitable[None], queue_name: str, what: str) -> None:
@@ -699,6 +777,13 @@ def _delivery_count(incoming: AbstractIncomingMessage) -> int:
     """Earlier deliveries of this message, as counted by the quorum queue."""
     value = (incoming.headers or {}).get("x-delivery-count", 0)
     return value if isinstance(value, int) else 0
+
+
+def _is_open(channel: AbstractRobustChannel) -> bool:
+    try:
+        return not channel.is_closed
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return False
 
 
 def _channel_open(incoming: AbstractIncomingMessage) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from airoboros.errors import ConfigError
 
@@ -45,6 +45,10 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 }
 
 _STRICT = ConfigDict(extra="forbid", populate_by_name=True)
+#: Sanity bounds on numbers (a value past them is a mistake, or an attack on a service;
+#: the services bound counts and batch sizes more tightly: airoboros.policy).
+_HUGE = 10**12
+_DAY = 86_400.0
 
 
 class Price(BaseModel):
@@ -61,8 +65,8 @@ class InstructorConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    count: int | None = Field(default=None, ge=0)
-    batch_size: int | None = Field(default=None, ge=1)
+    count: int | None = Field(default=None, ge=0, le=_HUGE)
+    batch_size: int | None = Field(default=None, ge=1, le=100_000)
     api_params: dict[str, Any] = Field(default_factory=dict)
     min_docsearch_score: float | None = Field(default=None, ge=0, le=4)
     language: str | None = None
@@ -89,6 +93,8 @@ class Config(BaseModel):
     configs written for other versions of the tool still load."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+    #: set by with_credentials: base_url and openai_api_key are final (no environment)
+    _credentials_settled: bool = PrivateAttr(default=False)
 
     # --- keys of the original tool ---
     model: str = "gpt-4"
@@ -109,20 +115,20 @@ class Config(BaseModel):
     topic_avoidance: str = ""
     response_filters: list[str] = Field(default_factory=list)
     #: The original's *global* token budget (sum of usage.total_tokens), not a per-call limit.
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=10**15)
     min_docsearch_score: float = Field(default=0.35, ge=0, le=4)
     api_params: dict[str, Any] = Field(default_factory=dict)
     topic_prompt: str | None = None
-    topic_request_count: int = Field(default=20, ge=1)
-    default_count: int = Field(default=100, ge=0)
-    default_batch_size: int = Field(default=5, ge=1)
+    topic_request_count: int = Field(default=20, ge=1, le=100_000)
+    default_count: int = Field(default=100, ge=0, le=_HUGE)
+    default_batch_size: int = Field(default=5, ge=1, le=100_000)
     default_flesch: str = DEFAULT_FLESCH
     language: str = "English"
     instructors: dict[str, InstructorConfig] = Field(default_factory=dict)
     scoring: dict[str, Any] = Field(default_factory=dict)
     judge: dict[str, Any] = Field(default_factory=dict)
     #: cull-instructions: the most rows in one near-duplicate cluster (the original's k)
-    cull_max_k: int = Field(default=1000, ge=1)
+    cull_max_k: int = Field(default=1000, ge=1, le=1_000_000)
     #: (new) cull-instructions: the judge keeps a row whose silent 0-100 score is at least
     #: this. Unset: the original's scoring.threshold, else 100 (see docs/culling.md)
     cull_threshold: int | None = Field(default=None, ge=0, le=100)
@@ -132,24 +138,24 @@ class Config(BaseModel):
     api: Literal["chat", "completions"] = "chat"
     #: Inline topics, used instead of topics_path when given.
     topics: list[str] | None = None
-    max_concurrency: int = Field(default=32, ge=1)
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
+    max_concurrency: int = Field(default=32, ge=1, le=100_000)
+    requests_per_minute: float | None = Field(default=None, gt=0, le=1e9)
+    tokens_per_minute: float | None = Field(default=None, gt=0, le=1e12)
     #: Budget in USD; new calls stop the moment it is reached.
-    max_cost: float | None = Field(default=None, gt=0)
+    max_cost: float | None = Field(default=None, gt=0, le=1e9)
     prices: dict[str, Price] = Field(default_factory=dict)
-    request_timeout: float = Field(default=600.0, gt=0)
-    max_retries: int = Field(default=6, ge=0)
+    request_timeout: float = Field(default=600.0, gt=0, le=_DAY)
+    max_retries: int = Field(default=6, ge=0, le=1000)
     #: Upper bound on the total time spent retrying one call, in seconds.
-    max_retry_time: float = Field(default=300.0, gt=0)
+    max_retry_time: float = Field(default=300.0, gt=0, le=_DAY)
     #: Max tokens per completion request (the original left this to the server).
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
     #: A category stops (the job ends "incomplete", rows kept) after this many batches in
     #: a row without a single usable item: every answer refused, unparseable, filtered,
     #: or its calls failed. While items keep coming it never stops.
-    max_failed_batches: int = Field(default=20, ge=1)
+    max_failed_batches: int = Field(default=20, ge=1, le=1_000_000)
     #: ... or after this many batches in a row whose every usable item was a duplicate.
-    max_duplicate_batches: int = Field(default=100, ge=1)
+    max_duplicate_batches: int = Field(default=100, ge=1, le=1_000_000)
     #: SQL store URL; default: a SQLite file beside output_path.
     database_url: str | None = None
     #: Object store URL; default: a local folder beside output_path.
@@ -216,10 +222,21 @@ class Config(BaseModel):
         return Price(prompt=p, completion=c)
 
     def resolved_api_key(self) -> str | None:
+        if self._credentials_settled:
+            return self.openai_api_key
         return self.openai_api_key or os.environ.get("OPENAI_API_KEY")
 
     def resolved_base_url(self) -> str | None:
+        if self._credentials_settled:
+            return self.base_url
         return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+    def with_credentials(self, base_url: str | None, api_key: str | None) -> Config:
+        """This config with its endpoint and key decided by someone else (the services'
+        policy): no fallback to OPENAI_* environment variables any more."""
+        out = self.model_copy(update={"base_url": base_url, "openai_api_key": api_key})
+        out._credentials_settled = True
+        return out
 
     def output_dir(self) -> Path:
         return Path(self.output_path).resolve().parent
@@ -278,9 +295,8 @@ def load_config(path: str | Path) -> Config:
 
 def _raw_problems(data: dict[str, Any]) -> list[str]:
     """Checks that work on the raw mapping, so they run even when the schema fails."""
-    import re
-
     from airoboros.generator.registry import known_instructors, validate_instructor
+    from airoboros.llm.filters import compile_filter
 
     problems: list[str] = []
     filters = data.get("response_filters")
@@ -289,15 +305,18 @@ def _raw_problems(data: dict[str, Any]) -> list[str]:
             if not isinstance(pattern, str):
                 continue
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                problems.append(f"response_filters.{i}: not a valid regular expression ({exc})")
+                compile_filter(pattern)
+            except ValueError as exc:
+                problems.append(f"response_filters.{i}: {exc}")
     instructors = data.get("instructors")
     if isinstance(instructors, dict):
         known = known_instructors()
         for name, block in instructors.items():
             if name not in known:
                 continue  # a warning in the plan, like the original's "skipping"
+            if block is not None and not isinstance(block, dict):
+                # The schema reports it (instructors.<name>: a mapping is expected).
+                continue
             try:
                 inst = InstructorConfig.model_validate(block or {})
             except ValidationError:

@@ -42,13 +42,21 @@ class MissingCredentials(AiroborosError):
         )
 
 
+class DependencyUnavailable(AiroborosError):
+    """A system the service depends on (the database, the broker, the object store) is
+    down or unreachable for now: trying again later can succeed. HTTP answers 503 with
+    Retry-After; a queue handler keeps its message and tries again."""
+
+    code = "unavailable"
+
+
 class BusError(AiroborosError):
     """The message bus failed in a way the caller should know about."""
 
     code = "bus_error"
 
 
-class BusUnavailable(BusError):
+class BusUnavailable(BusError, DependencyUnavailable):
     """The broker could not be reached (or did not confirm) within the time allowed."""
 
     code = "bus_unavailable"
@@ -60,6 +68,80 @@ class NotFoundError(AiroborosError):
 
 class StoreError(AiroborosError):
     code = "store_error"
+
+
+class StoreUnavailable(StoreError, DependencyUnavailable):
+    """The database cannot be reached."""
+
+    code = "store_unavailable"
+
+
+class ObjectStoreUnavailable(StoreError, DependencyUnavailable):
+    """The object store (S3, MinIO) cannot be reached."""
+
+    code = "object_store_unavailable"
+
+
+#: Exception classes of the drivers that mean "the server is not there (now)", by name,
+#: so that this module imports no driver.
+_DRIVER_OUTAGES = frozenset(
+    {
+        # asyncpg
+        "CannotConnectNowError",
+        "ConnectionDoesNotExistError",
+        "ConnectionFailureError",
+        "AdminShutdownError",
+        "CrashShutdownError",
+        "TooManyConnectionsError",
+        # aio-pika / aiormq
+        "AMQPConnectionError",
+        "ConnectionClosed",
+        "ChannelInvalidStateError",
+        # redis
+        "ConnectionError",
+        "TimeoutError",
+        "BusyLoadingError",
+        # minio / urllib3
+        "MaxRetryError",
+        "NewConnectionError",
+        "ProtocolError",
+    }
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says a dependency is down for now, rather than
+    that the request was wrong: connection refused or reset, timeouts, a database that
+    is shutting down or starting, a broken pool connection."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DependencyUnavailable):
+            return True
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if type(e).__name__ in _DRIVER_OUTAGES:
+            return True
+        if _sqlalchemy_outage(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _sqlalchemy_outage(e: BaseException) -> bool:
+    try:
+        from sqlalchemy import exc as sa
+    except ImportError:  # pragma: no cover - sqlalchemy is a core dependency
+        return False
+    if isinstance(e, sa.DBAPIError) and e.connection_invalidated:
+        return True
+    if isinstance(e, sa.TimeoutError):  # no connection free in the pool in time
+        return True
+    # A driver's connection errors are found as the cause (ConnectionRefusedError, the
+    # asyncpg classes above); of SQLite's operational errors, only a busy database is one
+    # (not "no such table", which no retry fixes).
+    return isinstance(e, sa.OperationalError) and "database is locked" in str(e)
 
 
 # --- LLM errors -------------------------------------------------------------------------

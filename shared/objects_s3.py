@@ -23,7 +23,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE, check_bucket_name
 
-from airoboros.errors import ConfigError, NotFoundError, StoreError
+from airoboros.errors import ConfigError, NotFoundError, ObjectStoreUnavailable, StoreError
 from airoboros.objects import LocalObjectStore
 
 T = TypeVar("T")
@@ -172,8 +172,8 @@ class S3ObjectStore:
         if isinstance(exc, urllib3.exceptions.MaxRetryError):
             if isinstance(exc.reason, urllib3.exceptions.ResponseError):
                 # Reached, but it kept answering 5xx through every retry.
-                return StoreError(f"{where}: {what} failed: server error: {exc.reason}")
-            return StoreError(f"cannot reach {where}: {what} failed: {exc.reason}")
+                return ObjectStoreUnavailable(f"{where}: {what} failed: server error: {exc.reason}")
+            return ObjectStoreUnavailable(f"cannot reach {where}: {what} failed: {exc.reason}")
         return StoreError(f"{where}: {what} failed: {type(exc).__name__}: {exc}")
 
     def _missing_bucket(self) -> StoreError:
@@ -202,7 +202,16 @@ class S3ObjectStore:
         errors become ``StoreError``. Our own errors (``NotFoundError``) pass through."""
         try:
             self._ensure_bucket()
-            return fn()
+            try:
+                return fn()
+            except S3Error as exc:
+                if exc.code != "NoSuchBucket" or not self.create_bucket:
+                    raise
+                # The bucket went away under us (a restarted MinIO without its volume):
+                # make it again, once, rather than fail every call until a restart.
+                self._bucket_ready = False
+                self._ensure_bucket()
+                return fn()
         except (MinioException, urllib3.exceptions.HTTPError) as exc:
             raise self._error(op, key, exc) from exc
 

@@ -53,6 +53,19 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("OPENAI_BASE_URL", "AIROBOROS_OPENAI_BASE_URL"),
     )
 
+    # --- what a posted config may ask (airoboros.policy) -------------------------------
+    #: base URLs (comma-separated) a posted job may name besides the server's own
+    #: OPENAI_BASE_URL; none by default. The server's key is sent to its own endpoint only.
+    allowed_base_urls: str = ""
+    #: folders (comma-separated) that path-like keys of a posted job (prompt_path,
+    #: documents_path, ...) may point into; none by default
+    allowed_paths: str = ""
+    #: embedding models (comma-separated) a posted job may name besides the default
+    allowed_embedding_models: str = ""
+    #: the largest count and batch size a posted job may ask for
+    max_count: int = 1_000_000
+    max_batch_size: int = 100
+
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
@@ -75,6 +88,20 @@ class TopicsSettings(ServiceSettings):
     tick_interval: float = 2.0
     #: how long a topics replica's hold on a job lasts without renewal
     lease_seconds: float = 30.0
+    #: keys (comma-separated, also accepted as API keys) that see and act on every job;
+    #: any other key sees only the jobs it created
+    admin_api_keys: str = ""
+    #: serve /docs, /redoc and /openapi.json without a key
+    public_docs: bool = False
+    #: the largest request body (a posted config), in bytes: 413 beyond, before it is read
+    max_body_bytes: int = 2 * 1024 * 1024
+    #: the largest upload of documents (POST /v1/documents), in bytes, all files together
+    max_upload_bytes: int = 64 * 1024 * 1024
+    #: where uploaded documents are unpacked for the jobs that use them
+    work_dir: str = "/tmp/airoboros-topics"
+
+    def admin_key_list(self) -> list[str]:
+        return [k.strip() for k in self.admin_api_keys.split(",") if k.strip()]
 
 
 class GeneratorSettings(ServiceSettings):

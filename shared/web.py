@@ -3,9 +3,13 @@ and the size-limited request body. Each API raises its own error type; these onl
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel
 
 
 def bearer_token(authorization: str, keys: Sequence[bytes]) -> str | None:
@@ -17,6 +21,23 @@ def bearer_token(authorization: str, keys: Sequence[bytes]) -> str | None:
     for k in keys:
         ok |= hmac.compare_digest(given, k)
     return token.strip() if ok and scheme.lower() == "bearer" else None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the digest of their API key (what their jobs are owned by), and
+    whether it is an admin key (which sees every job)."""
+
+    owner: str
+    admin: bool = False
+
+    def may_see(self, owner: str | None) -> bool:
+        return self.admin or (owner is not None and hmac.compare_digest(owner, self.owner))
+
+
+def key_owner(key: str) -> str:
+    """The owner id of an API key: a digest, so that no key is stored."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 async def read_body(request: Any, limit: int, too_large: Exception) -> bytes:
@@ -31,3 +52,25 @@ async def read_body(request: Any, limit: int, too_large: Exception) -> bytes:
         if len(body) > limit:
             raise too_large
     return bytes(body)
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """An ``openapi_extra`` that declares ``model`` as a route's JSON body, for routes that
+    read the raw body themselves (authorised and size-capped before it is parsed), which
+    FastAPI cannot infer; the schema is inlined (``$defs`` resolved) to stand alone."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return inline({**defs[ref.removeprefix("#/$defs/")], **rest})
+        return {k: inline(v) for k, v in node.items()}
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}

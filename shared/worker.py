@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from airoboros.config import Config
+from airoboros.errors import ConfigError, NotFoundError, StoreUnavailable, is_unavailable
 from airoboros.health import HealthServer
 from airoboros.settings import ServiceSettings
 from airoboros.store import SqlStore
@@ -51,21 +53,39 @@ def stop_event() -> asyncio.Event:
     return stop
 
 
-def job_config(settings: ServiceSettings, raw: dict[str, Any]) -> Config:
-    """A stored job config, with the service's LLM credentials filled in where the job
-    gives none (keys are never stored with jobs)."""
-    cfg = Config.model_validate(raw)
-    update: dict[str, Any] = {}
-    if not cfg.openai_api_key and settings.openai_api_key:
-        update["openai_api_key"] = settings.openai_api_key
-    if not cfg.base_url and settings.openai_base_url:
-        update["base_url"] = settings.openai_base_url
-    return cfg.model_copy(update=update) if update else cfg
+def job_config(
+    settings: ServiceSettings, raw: dict[str, Any], *, api_key: str | None = None
+) -> Config:
+    """A stored job config with its endpoint and key as the server's policy decides
+    (airoboros.policy): the job's own key (``api_key``, kept apart from the config), and
+    the server's key only when the calls go to the server's own endpoint. No key or URL
+    is taken from the config's keys or the environment. A config naming an endpoint the
+    server may not call raises ConfigError (one stored before the rule existed)."""
+    from airoboros.policy import ServerPolicy
+
+    policy = ServerPolicy.from_settings(settings)
+    # The same review as at POST (defence in depth, and for configs stored before it).
+    kept, problems, _ = policy.review({k: v for k, v in raw.items() if k != "openai_api_key"})
+    if problems:
+        raise ConfigError(problems)
+    cfg = Config.model_validate(kept)
+    try:
+        base_url, key = policy.credentials(cfg.base_url, api_key, settings.openai_api_key)
+    except PermissionError:
+        raise ConfigError(
+            ["base_url: not an endpoint this server may call (AIROBOROS_ALLOWED_BASE_URLS)"]
+        ) from None
+    return cfg.with_credentials(base_url, key)
 
 
 class JobStatusCache:
     """Whether a job is still running, re-read at most every ``ttl`` seconds: workers
-    drop the work of cancelled and finished jobs instead of paying for it."""
+    drop the work of cancelled and finished jobs instead of paying for it.
+
+    Only answers are cached: a job that does not exist is not running, but a database
+    that cannot be asked raises ``StoreUnavailable`` (from the driver's error), so that
+    the bus keeps the message and tries again instead of dropping it as "not running".
+    """
 
     def __init__(self, store: SqlStore, ttl: float = 1.0) -> None:
         self.store = store
@@ -79,18 +99,64 @@ class JobStatusCache:
             return hit[1]
         try:
             job = await self.store.get_job(job_id)
-            ok = job.status == "running" and not job.cancel_requested
-        except Exception:
+        except NotFoundError:
             ok = False
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise StoreUnavailable(
+                    f"cannot read the status of job {job_id}: {type(exc).__name__}: {exc}"
+                ) from exc
+            raise
+        else:
+            ok = job.status == "running" and not job.cancel_requested
         self._seen[job_id] = (now, ok)
         return ok
 
 
-async def serve(settings: ServiceSettings, bus: Any, stop: asyncio.Event, banner: str) -> None:
+#: A readiness check: True when a dependency answers now.
+Check = Callable[[], Awaitable[bool]]
+
+
+async def dependencies_ready(store: SqlStore | None, bus: Any | None, *checks: Check) -> bool:
+    """Whether a service's dependencies answer now, for its /readyz: the broker
+    connection is up (``bus.connected``, state only), the SQL database answers a trivial
+    query (``store.ping()``, at most 2 s), and each of ``checks`` returns True. Pass None
+    for what the service does not use. Never raises: a failing check means not ready."""
+    try:
+        if bus is not None and not bus.connected:
+            return False
+        if store is not None and not await store.ping():
+            return False
+        for check in checks:
+            if not await check():
+                return False
+    except Exception as exc:
+        log.debug("readiness check failed: %r", exc)
+        return False
+    return True
+
+
+async def serve(
+    settings: ServiceSettings,
+    bus: Any,
+    stop: asyncio.Event,
+    banner: str,
+    *,
+    store: SqlStore | None = None,
+    checks: Sequence[Check] = (),
+) -> None:
     """Serve the health probes, start the bus, and run until ``stop``; the bus and the
-    probes are closed on the way out (the caller closes its own resources after)."""
+    probes are closed on the way out (the caller closes its own resources after).
+
+    /readyz answers 200 once the bus has started and, at each probe, while its
+    dependencies answer (``dependencies_ready``: the broker, ``store`` when the worker
+    uses one, and ``checks``), else 503."""
     ready = False
-    health = HealthServer(settings.host, settings.port, lambda: ready)
+
+    async def is_ready() -> bool:
+        return ready and await dependencies_ready(store, bus, *checks)
+
+    health = HealthServer(settings.host, settings.port, is_ready)
     await health.start()
     try:
         await bus.start()

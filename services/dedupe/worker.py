@@ -58,6 +58,12 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         CandidatesProposed, on_proposed, concurrency=settings.dedupe_partitions, group=GROUP
     )
     try:
-        await serve(settings, bus, stop, f"dedupe ready ({settings.dedupe_partitions} partitions)")
+        await serve(
+            settings,
+            bus,
+            stop,
+            f"dedupe ready ({settings.dedupe_partitions} partitions)",
+            store=store,
+        )
     finally:
         await store.close()

@@ -38,7 +38,7 @@ async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = N
         async with lock:
             if job_id not in runtimes:
                 job = await store.get_job(job_id)
-                cfg = job_config(settings, job.config)
+                cfg = job_config(settings, job.config, api_key=await store.llm_api_key(job_id))
                 limiter = RedisRateLimiter(
                     redis,
                     limiter_scope(
@@ -79,9 +79,18 @@ async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = N
     bus.subscribe(
         RespondToCandidates, on_respond, concurrency=settings.max_concurrency, group=GROUP
     )
+
+    async def redis_up() -> bool:
+        return bool(await redis.ping())
+
     try:
         await serve(
-            settings, bus, stop, f"generator ready (max {settings.max_concurrency} calls in flight)"
+            settings,
+            bus,
+            stop,
+            f"generator ready (max {settings.max_concurrency} calls in flight)",
+            store=store,
+            checks=[redis_up],
         )
     finally:
         for rt in runtimes.values():

@@ -75,7 +75,7 @@ def check_folder(folder: Path, roots: Sequence[Path], *, shown: str, param: str)
     resolved_roots = [r.resolve() for r in roots]
     try:
         real = folder.resolve(strict=False)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # ValueError: a NUL in the path
         raise AdapterRejected(
             f"adapter path {shown!r} cannot be resolved: {exc}", param=param
         ) from exc

@@ -41,7 +41,7 @@ from airoboros.inference.schemas import (
 )
 from airoboros.inference.service import InferenceService, error_body
 from airoboros.inference.settings import InferenceSettings
-from airoboros.web import bearer_token, read_body
+from airoboros.web import bearer_token, json_body, read_body
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -87,6 +87,24 @@ def make_backend(settings: InferenceSettings) -> Backend:
     return LocalEngine(settings)
 
 
+#: A completion answers in JSON, or with ``stream: true`` as server-sent events: each one's
+#: data a JSON chunk, the last ``[DONE]`` (``itemSchema``: one event, as OpenAPI 3.2 has it).
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion; with ``stream``, its chunks as server-sent events.",
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}},
+                }
+            }
+        },
+    }
+}
+
+
 def parse(model: type[M], body: bytes) -> M:
     if not body.strip():
         raise InvalidRequest("the request body is empty: send a JSON object")
@@ -110,6 +128,10 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
     backend = engine if engine is not None else make_backend(settings)
     service = InferenceService(backend, settings)
     keys = [k.encode() for k in settings.api_key_list()]
+    if not keys:
+        log.warning(
+            "AIROBOROS_API_KEYS is empty: the inference service accepts requests without a key"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -222,7 +244,11 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
                 return dict(m)
         raise ModelNotFound(model_id)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses=COMPLETION_RESPONSES,
+    )
     async def chat(request: Request) -> Response:
         req = await body_of(request, ChatCompletionRequest)
         if req.stream:
@@ -230,7 +256,11 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
         result = await unless_gone(request, service.chat(req))
         return Response(status_code=499) if result is None else respond(result)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        openapi_extra=json_body(CompletionRequest),
+        responses=COMPLETION_RESPONSES,
+    )
     async def completions(request: Request) -> Response:
         req = await body_of(request, CompletionRequest)
         if req.stream:
@@ -243,7 +273,7 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
         authorize(request)
         return service.adapters()
 
-    @app.post("/v1/adapters")
+    @app.post("/v1/adapters", openapi_extra=json_body(AdapterLoadRequest))
     async def add_adapter(request: Request) -> dict[str, Any]:
         req = await body_of(request, AdapterLoadRequest)
         return await service.add_adapter(req)

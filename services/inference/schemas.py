@@ -8,6 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+#: the largest ``top_k`` accepted
+MAX_TOP_K = 2**31 - 1
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -36,8 +39,9 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    #: not OpenAI's (vLLM's and TGI's): None, 0 or -1 disable it
-    top_k: int | None = Field(default=None, ge=-1)
+    #: not OpenAI's (vLLM's and TGI's): None, 0 or -1 disable it; one beyond the vocabulary
+    #: keeps every token (the bound keeps it a 32-bit integer, as the backends take it)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)

@@ -33,9 +33,9 @@ from airoboros.router.errors import RateLimited, RouterError, TooLarge, Unauthor
 from airoboros.router.limits import RateLimiter
 from airoboros.router.package import Reader
 from airoboros.router.routing import Router
-from airoboros.router.service import Kind, RouterService
+from airoboros.router.service import ChatRequest, CompletionRequest, Kind, RouterService
 from airoboros.router.settings import RouterSettings
-from airoboros.web import bearer_token, read_body
+from airoboros.web import bearer_token, json_body, read_body
 
 log = logging.getLogger(__name__)
 RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -64,6 +64,24 @@ class ProxyStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.stream.aclose()
+
+
+#: A completion answers in JSON, or with ``stream: true`` as server-sent events: each one's
+#: data a JSON chunk, the last ``[DONE]`` (``itemSchema``: one event, as OpenAPI 3.2 has it).
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion; with ``stream``, its chunks as server-sent events.",
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}},
+                }
+            }
+        },
+    }
+}
 
 
 def make_reader(settings: RouterSettings) -> Reader:
@@ -327,11 +345,17 @@ def create_app(
             headers={**reply.headers, **prepared.headers()},
         )
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions", openapi_extra=json_body(ChatRequest), responses=COMPLETION_RESPONSES
+    )
     async def chat_completions(request: Request) -> Response:
         return await complete("chat", request)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        openapi_extra=json_body(CompletionRequest),
+        responses=COMPLETION_RESPONSES,
+    )
     async def completions(request: Request) -> Response:
         return await complete("completions", request)
 

@@ -67,6 +67,19 @@ def _problems(exc: ValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
+def _lone_surrogate(raw: bytes, data: Any) -> bool:
+    """Whether ``data`` (parsed from ``raw``) holds a string that is no Unicode text: a
+    lone surrogate, escaped (``\\ud800``) or as raw bytes, which ``json.loads`` lets
+    through and neither the embedding model's tokenizer nor a backend can take."""
+    if raw.isascii() and b"\\u" not in raw:
+        return False  # no escape and no byte beyond ASCII: nothing can be a surrogate
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def check_roles(messages: list[ChatMessage]) -> None:
     """The orders a chat prompt can be built from: system (or developer) messages only at
     the start, at least one user message, and the last message from the user (or a tool
@@ -178,6 +191,11 @@ class RouterService:
             raise RouterError(f"the body is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise RouterError("the body must be a JSON object")
+        if _lone_surrogate(raw, data):
+            raise RouterError(
+                "the body is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff), "
+                "which is no Unicode text"
+            )
         try:
             req: ChatRequest | CompletionRequest = (
                 ChatRequest.model_validate(data)

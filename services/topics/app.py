@@ -1,38 +1,128 @@
 """The topics HTTP API (FastAPI): thin routes over TopicsService.
 
 Every route but /healthz and /readyz needs ``Authorization: Bearer <key>`` with a key from
-AIROBOROS_API_KEYS. Errors use one shape: {"error": {"message", "type", "code", ...}}.
+AIROBOROS_API_KEYS (the OpenAPI spec and its pages too, unless AIROBOROS_PUBLIC_DOCS):
+a key sees the jobs it created, an admin key (AIROBOROS_ADMIN_API_KEYS) every job. Errors
+use one shape, 5xx included: {"error": {"message", "type", "code", ...}}; a database,
+broker or object store outage is a 503 with Retry-After, never a lost request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.datastructures import UploadFile
 
 from airoboros import metrics, telemetry
-from airoboros.errors import AiroborosError, ConfigError, NotFoundError
+from airoboros.errors import (
+    AiroborosError,
+    ConfigError,
+    DependencyUnavailable,
+    LLMError,
+    NotFoundError,
+    is_unavailable,
+)
+from airoboros.parsing import load_config_body
 from airoboros.settings import TopicsSettings
 from airoboros.topics.cull import CullRequest, JobNotFinished
 from airoboros.topics.service import JobConflict
-from airoboros.web import bearer_token
+from airoboros.web import Principal, bearer_token, key_owner, read_body
 
 log = logging.getLogger(__name__)
-MAX_BODY = 2 * 1024 * 1024
+#: seconds a client is told to wait when a dependency is down
+RETRY_AFTER = 5
+#: the largest row sequence number (the items table's id is a 32-bit integer)
+MAX_SEQ = 2**31 - 1
+
+#: A posted config: YAML or JSON, declared so that the spec (and fuzzers) know the body.
+#: Either way the document is a mapping (a YAML one is dumped from it, not a string).
+CONFIG_EXAMPLE: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "topics": ["astronomy", "gardening"],
+    "instructors": {"joke": {"count": 2}},
+}
+#: what ``/v1/topics:generate`` needs: the prompt that asks for topics
+TOPICS_EXAMPLE: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "topic_prompt": "Give me a numbered list of 20 completely random topics.",
+    "topic_request_count": 1,
+}
+
+
+def config_body(example: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "additionalProperties": True}
+    return {
+        "requestBody": {
+            "required": True,
+            "description": "An airoboros config (docs: example-config.yaml), as YAML or JSON.",
+            "content": {
+                "application/json": {"schema": schema, "example": example},
+                "application/yaml": {"schema": schema, "example": example},
+            },
+        }
+    }
+
+
+CONFIG_BODY = config_body(CONFIG_EXAMPLE)
+TOPICS_BODY = config_body(TOPICS_EXAMPLE)
+
+
+#: Documents to upload: one or more files in the multipart field ``files``.
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            }
+        },
+    }
+}
+MAX_UPLOAD_FILES = 200
+
+#: What an export answers: JSONL for every format but parquet (airoboros.exports).
+EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The job's rows, streamed in the requested format.",
+        "content": {
+            "application/jsonl": {"schema": {"type": "string"}},
+            "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def caller(request: Request) -> Principal:
+    """Who is calling (401 without a valid key): the app's ``authenticate``."""
+    principal: Principal = request.app.state.authenticate(request)
+    return principal
+
+
+Caller = Annotated[Principal, Depends(caller)]
 
 
 def error(status: int, message: str, code: str, **extra: Any) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
+    headers = {"retry-after": str(RETRY_AFTER)} if status == 503 else None
     return JSONResponse(
-        {"error": {"message": message, "type": kind, "code": code, **extra}}, status_code=status
+        {"error": {"message": message, "type": kind, "code": code, **extra}},
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -86,8 +176,14 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         description="Dataset generation jobs: post a config, follow it, fetch the rows.",
         lifespan=lifespan,
         telemetry=telemetry.fastapi(),
+        # The spec and its pages are served below, behind the key unless opened.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     metrics.instrument(app)
+    admins = [k.encode() for k in settings.admin_key_list()]
+    limit = settings.max_body_bytes
 
     def svc() -> Any:
         s = state["service"]
@@ -95,9 +191,14 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
             raise HTTPException(503, "starting")
         return s
 
-    async def auth(request: Request) -> None:
-        if bearer_token(request.headers.get("authorization", ""), keys) is None:
+    def authenticate(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        key = bearer_token(header, keys + admins)
+        if key is None:
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
+        return Principal(key_owner(key), admin=bearer_token(header, admins) is not None)
+
+    app.state.authenticate = authenticate
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -122,9 +223,33 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
         return error(404, str(exc), exc.code)
 
+    @app.exception_handler(DependencyUnavailable)
+    async def unavailable(_: Request, exc: DependencyUnavailable) -> JSONResponse:
+        return error(503, f"{exc}; try again shortly", exc.code)
+
+    @app.exception_handler(LLMError)
+    async def llm_error(_: Request, exc: LLMError) -> JSONResponse:
+        # What the endpoint said, or which error it was, is not repeated: the answer must
+        # not tell a caller anything about an address (open port or not, what answered).
+        return error(502, f"the LLM endpoint failed ({exc.code})", exc.code)
+
     @app.exception_handler(AiroborosError)
     async def other_error(_: Request, exc: AiroborosError) -> JSONResponse:
         return error(400, str(exc), exc.code)
+
+    # Driver and socket errors: a 503 when they mean a dependency is down (the database,
+    # the broker), else a 500; in the one envelope either way.
+    @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(OSError)
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        if is_unavailable(exc):
+            log.warning("%s %s: a dependency is down: %r", request.method, request.url.path, exc)
+            return error(
+                503, "a dependency of the service is down; try again shortly", "unavailable"
+            )
+        log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error(500, "internal error; the service's log has the details", "internal_error")
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -132,63 +257,87 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        if state["ready"]:
+        s = state["service"]
+        if state["ready"] and s is not None and await s.ready():
             return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "starting"}, status_code=503)
+        status = "starting" if not state["ready"] else "a dependency is down"
+        return JSONResponse({"status": status}, status_code=503)
 
-    guarded = [Depends(auth)]
+    # --- the spec and its pages ------------------------------------------------------------
+    open_docs = [] if settings.public_docs else [Depends(caller)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=open_docs)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=open_docs)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+    @app.get("/redoc", include_in_schema=False, dependencies=open_docs)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=app.title)
 
     async def read_config(request: Request) -> Any:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise HTTPException(413, f"body larger than {MAX_BODY} bytes")
-        if not body.strip():
-            raise ConfigError(["(body): empty; send the config as YAML or JSON"])
-        try:
-            if "json" in request.headers.get("content-type", ""):
-                return json.loads(body)
-            return yaml.safe_load(body)
-        except (ValueError, yaml.YAMLError) as exc:
-            raise ConfigError([f"(body): not valid YAML or JSON ({exc})"]) from None
+        """The body as a config: its size capped before it is read (413), YAML without
+        aliases and JSON, both with depth and size limits (airoboros.parsing)."""
+        too_large = HTTPException(413, f"body larger than {limit} bytes")
+        body = await read_body(request, limit, too_large)
+        config = load_config_body(body, request.headers.get("content-type", ""))
+        if not isinstance(config, dict):  # a document of null, a list or a scalar
+            kind = "null" if config is None else type(config).__name__
+            raise ConfigError([f"(body): a config is a mapping of keys, not {kind}"])
+        return config
 
-    @app.post("/v1/jobs", status_code=201, dependencies=guarded)
-    async def create_job(request: Request) -> Any:
-        return await svc().create_job(await read_config(request))
+    # --- jobs ------------------------------------------------------------------------------
+    @app.post("/v1/jobs", status_code=201, openapi_extra=CONFIG_BODY)
+    async def create_job(request: Request, who: Caller) -> Any:
+        return await svc().create_job(await read_config(request), who)
 
-    @app.get("/v1/jobs", dependencies=guarded)
-    async def list_jobs() -> Any:
-        return {"data": await svc().list_jobs()}
+    @app.get("/v1/jobs")
+    async def list_jobs(who: Caller) -> Any:
+        return {"data": await svc().list_jobs(who)}
 
-    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
-    async def get_job(job_id: str) -> Any:
-        return await svc().status(job_id)
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, who: Caller) -> Any:
+        return await svc().status(job_id, who)
 
-    @app.post("/v1/jobs/{job_id}/cull", status_code=201, dependencies=guarded)
-    async def cull_job(job_id: str, body: CullRequest | None = None) -> Any:
+    @app.post("/v1/jobs/{job_id}/cull", status_code=201)
+    async def cull_job(job_id: str, who: Caller, body: CullRequest | None = None) -> Any:
         """Cull a finished job's rows into a new job (docs/culling.md)."""
-        return await svc().cull(job_id, body or CullRequest())
+        return await svc().cull(job_id, body or CullRequest(), who)
 
-    @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
-    async def cancel_job(job_id: str) -> Any:
-        return await svc().cancel(job_id)
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str, who: Caller) -> Any:
+        return await svc().cancel(job_id, who)
 
-    @app.post("/v1/jobs/{job_id}/resume", dependencies=guarded)
-    async def resume_job(job_id: str) -> Any:
+    @app.post("/v1/jobs/{job_id}/resume")
+    async def resume_job(job_id: str, who: Caller) -> Any:
         """Run a stopped (incomplete, failed or cancelled) job again from its counts."""
-        return await svc().resume(job_id)
+        return await svc().resume(job_id, who)
 
-    @app.get("/v1/jobs/{job_id}/items", dependencies=guarded)
+    @app.post("/v1/jobs/{job_id}/export")
+    async def export_job(job_id: str, who: Caller) -> Any:
+        """Write a finished job's export to the object store again (or for the first time,
+        when the store was down when the job ended)."""
+        return await svc().export_again(job_id, who)
+
+    @app.get("/v1/jobs/{job_id}/items")
     async def items(
         job_id: str,
-        category: str | None = None,
-        after: int = Query(0, ge=0),
+        who: Caller,
+        category: str | None = Query(None, max_length=64),
+        after: int = Query(0, ge=0, le=MAX_SEQ),
         limit: int = Query(100, ge=1, le=1000),
     ) -> Any:
-        return await svc().items(job_id, category=category, after=after, limit=limit)
+        return await svc().items(job_id, who, category=category, after=after, limit=limit)
 
-    @app.get("/v1/jobs/{job_id}/export", dependencies=guarded)
+    @app.get(
+        "/v1/jobs/{job_id}/export", response_class=StreamingResponse, responses=EXPORT_RESPONSES
+    )
     async def export(
         job_id: str,
+        who: Caller,
         format: str = Query(
             "airoboros",
             description="airoboros (alias jsonl), sharegpt, alpaca, openai or parquet; "
@@ -199,7 +348,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
 
         fmt = resolve_format(format)  # UnknownFormat: 400 naming the valid formats
         s = svc()
-        await s.store.get_job(job_id)  # 404 before the stream starts
+        await s.job(job_id, who)  # 404 before the stream starts
         return StreamingResponse(
             s.export_stream(job_id, fmt),
             media_type=media_type(fmt),
@@ -208,8 +357,31 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
             },
         )
 
-    @app.post("/v1/topics:generate", dependencies=guarded)
-    async def topics_generate(request: Request) -> Any:
+    # --- documents ---------------------------------------------------------------------------
+    @app.post("/v1/documents", status_code=201, openapi_extra=UPLOAD_BODY)
+    async def upload_documents(request: Request, who: Caller) -> Any:
+        """Documents for the ``documents`` instructor: .txt, .md or .pdf files (multipart,
+        field ``files``), kept in the object store; a job names the upload by the ``id``
+        returned here (``instructors.documents.documents_upload``)."""
+        most = settings.max_upload_bytes
+        body = await read_body(
+            request, most, HTTPException(413, f"upload larger than {most} bytes")
+        )
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, receive).form(
+                max_files=MAX_UPLOAD_FILES, max_fields=4, max_part_size=most
+            )
+        except Exception as exc:  # a malformed multipart body (or too many parts)
+            raise ConfigError([f"(body): not a usable multipart upload ({exc})"]) from None
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        return await svc().upload_documents(files, who)
+
+    @app.post("/v1/topics:generate", openapi_extra=TOPICS_BODY)
+    async def topics_generate(request: Request, who: Caller) -> Any:
         topics = await svc().generate_topics(await read_config(request))
         return {"topics": topics, "count": len(topics)}
 

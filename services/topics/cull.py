@@ -46,6 +46,7 @@ from airoboros.generator.cull import (
     run_units,
 )
 from airoboros.llm.accounting import Usage
+from airoboros.web import Principal
 from airoboros.worker import job_config
 
 if TYPE_CHECKING:
@@ -185,8 +186,11 @@ class CullJobs:
     def running(self, job_id: str) -> bool:
         return job_id in self.tasks
 
-    async def create(self, source_id: str, request: CullRequest) -> dict[str, Any]:
-        """Validate and start a cull of ``source_id``; returns the new job's status."""
+    async def create(
+        self, source_id: str, request: CullRequest, principal: Principal
+    ) -> dict[str, Any]:
+        """Validate and start a cull of ``source_id``; returns the new job's status (the
+        new job belongs to the caller, and judges with the source job's own key)."""
         source = await self.svc.store.get_job(source_id)  # NotFoundError: 404
         if source.status not in CULLABLE:
             raise JobNotFinished(
@@ -202,12 +206,15 @@ class CullJobs:
         config[CULL_OF] = source_id
         if request.threshold is not None:
             config["cull_threshold"] = request.threshold
-        job_config(self.svc.settings, config)  # the stored config must still load
+        key = await self.svc.store.llm_api_key(source_id)
+        job_config(self.svc.settings, config, api_key=key)  # the stored config must still load
         job_id = uuid.uuid4().hex
-        await self.svc.store.ensure_job(job_id, config=config, targets={})
+        await self.svc.store.ensure_job(
+            job_id, config=config, targets={}, owner=principal.owner, llm_api_key=key
+        )
         if await self.svc.store.try_lease(job_id, self.svc.owner, self.svc.settings.lease_seconds):
             self.start(job_id)
-        out = await self.svc.status(job_id)
+        out = await self.svc.status(job_id, principal)
         out[CULL_OF] = source_id
         return out
 
@@ -269,7 +276,7 @@ class CullJobs:
         store = self.svc.store
         job = await store.get_job(job_id)
         source_id = str(job.config[CULL_OF])
-        cfg = job_config(self.svc.settings, job.config)
+        cfg = job_config(self.svc.settings, job.config, api_key=await store.llm_api_key(job_id))
         items = [it async for it in store.iter_items(source_id)]
         rows = [
             CullRow(

@@ -13,9 +13,11 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from airoboros import telemetry
@@ -30,18 +32,32 @@ from airoboros.contracts import (
     GenerateBatch,
     RespondToCandidates,
 )
-from airoboros.errors import AiroborosError, ConfigError
+from airoboros.errors import AiroborosError, ConfigError, NotFoundError
 from airoboros.generator.instructors.characters import card_file_name, card_json
 from airoboros.pipeline import make_llm, make_plan
+from airoboros.policy import ServerPolicy
 from airoboros.ports import ObjectStore
 from airoboros.settings import TopicsSettings
-from airoboros.store import SqlStore
+from airoboros.store import JobRecord, SqlStore
 from airoboros.topics.controller import JobController, JobOutcome, grant_and_forward, stop_policy
 from airoboros.topics.topics import TopicPicker, generate_topics, unique
+from airoboros.web import Principal
 from airoboros.worker import job_config
 
 log = logging.getLogger(__name__)
 GROUP = "topics"
+#: job statuses whose rows are exported (every row kept)
+EXPORTED = ("done", "incomplete", "budget_exhausted")
+#: seconds between tries of a failed export: growing, then every minute
+EXPORT_BACKOFF = (2.0, 5.0, 15.0, 30.0, 60.0)
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class JobConflict(AiroborosError):
@@ -78,36 +94,147 @@ class TopicsService:
         self._starting: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random()
+        self.policy = ServerPolicy.from_settings(settings)
+        #: failed exports: (attempts, when the next may run), per job (a pacing hint)
+        self._export_backoff: dict[str, tuple[int, float]] = {}
         from airoboros.topics.cull import CullJobs
 
         #: cull steps (POST /v1/jobs/{id}/cull) run by this replica
         self.culls = CullJobs(self)
 
     # --- jobs -----------------------------------------------------------------------------
-    async def create_job(self, raw: Any) -> dict[str, Any]:
-        """Validate a config (every problem at once) and start a job for it."""
-        cfg = parse_config(raw, source="job")
+    def review(self, raw: Any, source: str) -> tuple[Config, list[str]]:
+        """A posted config, checked against the server's policy (no path, model or
+        endpoint it may not use; bounded counts) before anything else reads it, then
+        validated: (the config, warnings). Every problem at once, as ConfigError."""
+        if not isinstance(raw, dict):
+            parse_config(raw, source=source)  # raises: not a mapping
+        kept, problems, warnings = self.policy.review(raw)
+        if problems:
+            raise ConfigError(problems)
+        return parse_config(kept, source=source), warnings
+
+    async def create_job(self, raw: Any, principal: Principal) -> dict[str, Any]:
+        """Validate a config (every problem at once) and start a job for it, owned by
+        the caller's key."""
+        cfg, warnings = self.review(raw, "job")
+        await self.check_uploads(cfg, principal)
         plan = make_plan(cfg)
         if not plan.active:
             raise ConfigError(["instructors: none of the listed categories can be generated"])
         job_id = uuid.uuid4().hex
-        # Keys are never stored with a job: workers use their own OPENAI_API_KEY.
+        # The job's own key (for its own endpoint) is kept apart from its config.
         stored = cfg.model_dump(mode="json", exclude={"openai_api_key"})
         await self.store.ensure_job(
             job_id,
             config=stored,
             targets=plan.targets,
             trace_context=telemetry.current_context(),
+            owner=principal.owner,
+            llm_api_key=cfg.openai_api_key,
         )
         await self._take(job_id)
-        out = await self.status(job_id)
+        out = await self.status(job_id, principal)
         out["skipped"] = plan.skipped
-        out["warnings"] = plan.warnings + (
-            ["openai_api_key in a job config is ignored; the service's key is used"]
-            if cfg.openai_api_key
-            else []
-        )
+        out["warnings"] = plan.warnings + warnings
         return out
+
+    # --- documents ---------------------------------------------------------------------
+    async def upload_documents(self, files: list[Any], principal: Principal) -> dict[str, Any]:
+        """Keep posted documents in the object store under ``uploads/<id>/`` for jobs of
+        the same key to use (``documents_upload: <id>``). Only .txt, .md and .pdf files,
+        by name and by content; the upload must give at least one usable passage."""
+        from airoboros.generator.instructors.documents import (
+            SUFFIXES,
+            DocumentsError,
+            load_passages,
+        )
+
+        if not files:
+            raise ConfigError(["files: send one or more files in the multipart field 'files'"])
+        problems: list[str] = []
+        named: dict[str, bytes] = {}
+        for f in files:
+            name = str(f.filename or "")
+            data = await f.read()
+            base = name
+            if (
+                not base
+                or base.startswith(".")
+                or any(c in base for c in "/\\\x00")
+                or len(base) > 200
+            ):
+                problems.append(f"files: {name!r} is not a usable file name (no folders)")
+            elif Path(base).suffix.lower() not in SUFFIXES:
+                problems.append(f"files: {base}: only {', '.join(SUFFIXES)} files are accepted")
+            elif base in named:
+                problems.append(f"files: {base} is sent twice")
+            elif Path(base).suffix.lower() == ".pdf" and not data.startswith(b"%PDF-"):
+                problems.append(f"files: {base} is not a PDF")
+            elif Path(base).suffix.lower() != ".pdf" and (b"\x00" in data or not _utf8(data)):
+                problems.append(f"files: {base} is not UTF-8 text")
+            else:
+                named[base] = data
+        if problems:
+            raise ConfigError(problems)
+        upload_id = "up-" + uuid.uuid4().hex
+        folder = Path(self.settings.work_dir) / "uploads" / upload_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for base, data in named.items():
+            (folder / base).write_bytes(data)
+        try:
+            passages = await asyncio.to_thread(load_passages, folder, 300)
+        except DocumentsError as exc:
+            raise ConfigError([f"files: {exc}"]) from None
+        for base, data in named.items():
+            await self.objects.put_bytes(f"uploads/{upload_id}/{base}", data)
+        listing = [{"name": base, "bytes": len(data)} for base, data in named.items()]
+        await self.store.add_upload(upload_id, owner=principal.owner, files=listing)
+        return {"id": upload_id, "files": listing, "passages": len(passages)}
+
+    async def check_uploads(self, cfg: Config, principal: Principal) -> None:
+        """Every documents_upload of a posted config names an upload of the caller."""
+        problems = []
+        for name, inst in cfg.instructors.items():
+            upload = inst.extra("documents_upload")
+            if not isinstance(upload, str):
+                continue
+            try:
+                owner, _ = await self.store.get_upload(upload)
+            except NotFoundError:
+                owner = None
+            if not principal.may_see(owner):
+                problems.append(f"instructors.{name}.documents_upload: no upload {upload!r}")
+        if problems:
+            raise ConfigError(problems)
+
+    async def unpack_uploads(self, cfg: Config) -> None:
+        """Point each documents_upload of a job's config at a local copy of its files
+        (fetched from the object store once per replica), for the controller side of
+        the documents instructor to read."""
+        for inst in cfg.instructors.values():
+            upload = inst.extra("documents_upload")
+            if not isinstance(upload, str):
+                continue
+            _, files = await self.store.get_upload(upload)
+            folder = Path(self.settings.work_dir) / "uploads" / upload
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                target = folder / str(f["name"])
+                if not target.exists() or target.stat().st_size != int(f["bytes"]):
+                    data = await self.objects.get_bytes(f"uploads/{upload}/{f['name']}")
+                    tmp = target.with_suffix(target.suffix + ".part")
+                    tmp.write_bytes(data)
+                    tmp.replace(target)
+            assert inst.model_extra is not None
+            inst.model_extra["documents_path"] = str(folder)
+
+    async def job(self, job_id: str, principal: Principal) -> JobRecord:
+        """The job, if the caller may see it; else the same 404 as for no job at all."""
+        job = await self.store.get_job(job_id)
+        if not principal.may_see(job.owner):
+            raise NotFoundError(f"no job {job_id!r}")
+        return job
 
     async def _take(self, job_id: str) -> None:
         """Become the job's controller if no live replica is."""
@@ -123,7 +250,10 @@ class TopicsService:
             if is_cull_job(job.config):  # a cull step, not a generation: resume it here
                 self.culls.start(job_id)
                 return
-            cfg = job_config(self.settings, job.config)
+            cfg = job_config(
+                self.settings, job.config, api_key=await self.store.llm_api_key(job_id)
+            )
+            await self.unpack_uploads(cfg)
             plan = make_plan(cfg)
             topics = await self._topics(job_id, cfg)
             from airoboros.generator.registry import implemented_instructors
@@ -139,13 +269,13 @@ class TopicsService:
                 )
 
             async def on_finish(outcome: JobOutcome) -> None:
-                if outcome.status in ("done", "incomplete", "budget_exhausted"):
+                if outcome.status in EXPORTED:
                     with telemetry.span(
                         "export",
                         parent=job.trace_context or None,
                         attributes={"airoboros.service": "topics", "airoboros.job_id": job_id},
                     ):
-                        await self.export(job_id)
+                        await self.export_or_retry_later(job_id)
 
             async def on_artifacts(cards: list[Artifact]) -> None:
                 # Cards are kept beside the job's exports, one JSON object each.
@@ -204,12 +334,13 @@ class TopicsService:
         await self.objects.put_bytes(key, ("\n".join(topics) + "\n").encode())
         return topics
 
-    async def cull(self, job_id: str, request: Any) -> dict[str, Any]:
+    async def cull(self, job_id: str, request: Any, principal: Principal) -> dict[str, Any]:
         """Cull a finished job's rows into a new job (airoboros.topics.cull)."""
-        return await self.culls.create(job_id, request)
+        await self.job(job_id, principal)
+        return await self.culls.create(job_id, request, principal)
 
-    async def status(self, job_id: str) -> dict[str, Any]:
-        job = await self.store.get_job(job_id)
+    async def status(self, job_id: str, principal: Principal) -> dict[str, Any]:
+        job = await self.job(job_id, principal)
         stats = await self.store.stats(job_id)
         in_flight = await self.store.in_flight(job_id)
         try:
@@ -257,6 +388,8 @@ class TopicsService:
             "cost": round(sum(s.cost for s in stats.values()), 6),
             "dead_letters": await self.store.dead_letters(job_id),
             "export": job.export_uri,
+            "export_pending": job.export_pending,
+            "export_error": job.export_error,
             # Experts trained on this job's dataset (the trainer's registry rows).
             "experts": [
                 {
@@ -271,23 +404,25 @@ class TopicsService:
             ],
         }
 
-    async def list_jobs(self) -> list[dict[str, Any]]:
+    async def list_jobs(self, principal: Principal) -> list[dict[str, Any]]:
+        owner = None if principal.admin else principal.owner
         return [
             {"id": j.id, "status": j.status, "created_at": j.created_at.isoformat()}
-            for j in await self.store.list_jobs()
+            for j in await self.store.list_jobs(owner=owner)
         ]
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str, principal: Principal) -> dict[str, Any]:
+        await self.job(job_id, principal)
         await self.store.request_cancel(job_id)
         ctl = self.controllers.get(job_id)
         if ctl is not None:
             await ctl.tick()
-        return await self.status(job_id)
+        return await self.status(job_id, principal)
 
-    async def resume(self, job_id: str) -> dict[str, Any]:
+    async def resume(self, job_id: str, principal: Principal) -> dict[str, Any]:
         """Run a stopped job again: every category short of its count is tried again
         from the stored counts (no earlier stop is kept as a verdict)."""
-        job = await self.store.get_job(job_id)
+        job = await self.job(job_id, principal)
         from airoboros.topics.cull import is_cull_job
 
         if is_cull_job(job.config):
@@ -306,12 +441,12 @@ class TopicsService:
         elif ctl is not None:
             self.controllers[job_id] = ctl  # still running: its next tick sees the reset
         await self._take(job_id)
-        return await self.status(job_id)
+        return await self.status(job_id, principal)
 
     async def items(
-        self, job_id: str, *, category: str | None, after: int, limit: int
+        self, job_id: str, principal: Principal, *, category: str | None, after: int, limit: int
     ) -> dict[str, Any]:
-        await self.store.get_job(job_id)
+        await self.job(job_id, principal)
         rows = []
         async for it in self.store.iter_items(
             job_id, after=after, category=category, page_size=limit
@@ -320,11 +455,6 @@ class TopicsService:
             if len(rows) >= limit:
                 break
         return {"items": rows, "next_after": rows[-1]["seq"] if len(rows) == limit else None}
-
-    async def export_lines(self, job_id: str) -> AsyncIterator[bytes]:
-        await self.store.get_job(job_id)
-        async for it in self.store.iter_items(job_id):
-            yield (json.dumps(it.item.to_row(), ensure_ascii=False) + "\n").encode()
 
     async def export_stream(self, job_id: str, fmt: str) -> AsyncIterator[bytes]:
         """The job's rows converted to ``fmt`` (see airoboros.exports), streamed."""
@@ -337,6 +467,64 @@ class TopicsService:
 
         async for chunk in aiter_export(rows(), fmt):
             yield chunk
+
+    async def export_or_retry_later(self, job_id: str) -> None:
+        """Export a finished job; when the object store is down (or the export fails
+        otherwise), the job keeps its status with its export pending, and the ticks of
+        any replica retry it with backoff until it lands (``retry_exports``)."""
+        await self.store.set_export_pending(job_id, True, None)  # the intent is durable
+        try:
+            await self.export(job_id)
+        except Exception as exc:
+            log.warning("job %s: export failed, will retry: %s", job_id, exc)
+            await self.store.set_export_pending(job_id, True, str(exc))
+            self._export_backoff[job_id] = (1, time.monotonic() + EXPORT_BACKOFF[0])
+            return
+        await self.store.set_export_pending(job_id, False, None)
+        self._export_backoff.pop(job_id, None)
+
+    async def retry_exports(self) -> None:
+        """Try again the exports that failed, each after its backoff, one replica at a
+        time per job (the job's lease)."""
+        now = time.monotonic()
+        for job_id in await self.store.pending_exports():
+            attempts, due = self._export_backoff.get(job_id, (0, 0.0))
+            if due > now or job_id in self.controllers:
+                continue
+            if not await self.store.try_lease(job_id, self.owner, self.settings.lease_seconds):
+                continue
+            try:
+                await self.store.set_export_pending(job_id, True, None)
+                await self.export(job_id)
+            except Exception as exc:
+                wait = EXPORT_BACKOFF[min(attempts, len(EXPORT_BACKOFF) - 1)]
+                self._export_backoff[job_id] = (attempts + 1, now + wait)
+                await self.store.set_export_pending(job_id, True, str(exc))
+                log.warning(
+                    "job %s: export failed again, next try in %.0f s: %s", job_id, wait, exc
+                )
+            else:
+                self._export_backoff.pop(job_id, None)
+                await self.store.set_export_pending(job_id, False, None)
+            finally:
+                await self.store.release_lease(job_id, self.owner)
+
+    async def export_again(self, job_id: str, principal: Principal) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/export``: write a finished job's export now."""
+        job = await self.job(job_id, principal)
+        if job.status not in EXPORTED:
+            raise JobConflict(
+                f"job {job_id} is {job.status}: only a finished job ({', '.join(EXPORTED)}) "
+                "has an export"
+            )
+        await self.export_or_retry_later(job_id)
+        return await self.status(job_id, principal)
+
+    async def ready(self) -> bool:
+        """Whether this replica can serve: its database answers and its broker is up."""
+        from airoboros.worker import dependencies_ready
+
+        return await dependencies_ready(self.store, self.bus)
 
     async def export(self, job_id: str) -> DatasetExported:
         """Write the dataset to the object store (JSONL in the original format, one file
@@ -364,7 +552,10 @@ class TopicsService:
         return event
 
     async def generate_topics(self, raw: Any) -> list[str]:
-        cfg = job_config(self.settings, parse_config(raw, source="request").model_dump())
+        cfg, _ = self.review(raw, "request")
+        cfg = job_config(
+            self.settings, cfg.model_dump(exclude={"openai_api_key"}), api_key=cfg.openai_api_key
+        )
         llm = make_llm(cfg)
         try:
             return await generate_topics(cfg, llm, None)
@@ -443,6 +634,7 @@ class TopicsService:
             if ctl.finished:
                 self.controllers.pop(job_id, None)
                 await self.store.release_lease(job_id, self.owner)
+        await self.retry_exports()
 
     async def run_ticks(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -35,6 +35,8 @@ async def run_worker(settings: TrainerSettings, stop: asyncio.Event | None = Non
     service = TrainerService(settings, store, objects, bus.publish)
     bus.subscribe(DatasetExported, service.on_dataset_exported, concurrency=1, group=GROUP)
     try:
-        await serve(settings, bus, stop, f"trainer ready (base model {settings.base_model})")
+        await serve(
+            settings, bus, stop, f"trainer ready (base model {settings.base_model})", store=store
+        )
     finally:
         await store.close()

@@ -4,19 +4,85 @@ The requests/min and tokens/min of a config hold for all generator replicas toge
 each bucket is one Redis hash updated by a Lua script (atomic), and a 429 seen by one
 replica pauses them all. A job's token and money totals live in Redis too, so its budget
 stops every replica's calls the moment it is reached.
+
+While Redis is down (``airoboros.errors.is_unavailable``) every call that needs it waits
+for it, with backoff, for up to ``REDIS_PATIENCE`` seconds, then raises the outage: a
+limit or a budget is never skipped, and a short outage does not fail the calls (which
+the LLM client would count as endpoint errors and, past its retries, as failed batches).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from airoboros.config import Price
-from airoboros.errors import BudgetExhausted
+from airoboros.errors import BudgetExhausted, is_unavailable
 from airoboros.llm.accounting import Usage, UsageMeter
 from airoboros.llm.limiter import RateLimiter, TokenBucket
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Seconds a call waits for Redis to come back before the outage is raised to it. Below
+#: the LLM client's default retry time (300 s), so that one wait is all a call makes.
+REDIS_PATIENCE = 240.0
+#: (first, largest) seconds between two tries while Redis is down; doubling.
+REDIS_BACKOFF = (0.2, 5.0)
+#: At most one warning per this many seconds (every call in flight waits at once).
+_WARN_EVERY = 10.0
+_last_warning = 0.0
+
+
+async def _redis(op: Callable[[], Awaitable[T]], what: str) -> T:
+    """``await op()``, waiting out a Redis outage (see the module)."""
+    global _last_warning
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REDIS_PATIENCE
+    delay, cap = REDIS_BACKOFF
+    waited = False
+    while True:
+        try:
+            result = await op()
+        except Exception as exc:
+            if not is_unavailable(exc) or loop.time() >= deadline:
+                raise
+            now = time.monotonic()
+            if now - _last_warning >= _WARN_EVERY:
+                _last_warning = now
+                log.warning(
+                    "Redis unavailable (%s: %s); %s waits for it (up to %.0fs)",
+                    type(exc).__name__,
+                    exc,
+                    what,
+                    REDIS_PATIENCE,
+                )
+            waited = True
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, cap)
+            continue
+        if waited:
+            log.info("Redis is back; %s went through", what)
+        return result
+
+
+def _background(pending: set[asyncio.Task[Any]], work: Awaitable[Any]) -> None:
+    """Run ``work`` on its own (a best-effort update); a failure is logged, not raised."""
+
+    async def run() -> None:
+        try:
+            await work
+        except Exception as exc:
+            log.debug("background Redis update failed: %r", exc)
+
+    task = asyncio.ensure_future(run())
+    pending.add(task)
+    task.add_done_callback(pending.discard)
+
 
 # Refill the bucket for the time passed, then take `amount` if there is enough.
 # Returns 0 when taken, else the seconds until there will be enough.
@@ -67,16 +133,20 @@ class RedisTokenBucket(TokenBucket):
         async with self._lock:  # FIFO within this process
             while True:
                 wait = float(
-                    await self._take(keys=[self.key], args=[self.rate, self.capacity, amount])
+                    await _redis(
+                        lambda: self._take(
+                            keys=[self.key], args=[self.rate, self.capacity, amount]
+                        ),
+                        "the rate limiter",
+                    )
                 )
                 if wait <= 0:
                     return
                 await asyncio.sleep(wait)
 
     def give_back(self, amount: float) -> None:
-        task = asyncio.ensure_future(self._give(keys=[self.key], args=[self.capacity, amount]))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # Best effort: tokens not given back (Redis is down) only make the limit stricter.
+        _background(self._pending, self._give(keys=[self.key], args=[self.capacity, amount]))
 
 
 class RedisRateLimiter(RateLimiter):
@@ -95,15 +165,15 @@ class RedisRateLimiter(RateLimiter):
     def pause(self, seconds: float) -> None:
         super().pause(seconds)
         until_ms = int((time.time() + seconds) * 1000)
-        task = asyncio.ensure_future(
-            self.redis.set(f"{self.scope}:pause", until_ms, px=max(1, int(seconds * 1000)) + 1000)
+        # Best effort: this replica pauses anyway (above); the others learn it from Redis.
+        _background(
+            self._pending,
+            self.redis.set(f"{self.scope}:pause", until_ms, px=max(1, int(seconds * 1000)) + 1000),
         )
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
 
     async def _wait_pause(self) -> None:
         await super()._wait_pause()
-        raw = await self.redis.get(f"{self.scope}:pause")
+        raw = await _redis(lambda: self.redis.get(f"{self.scope}:pause"), "the rate limiter")
         if raw:
             delay = int(raw) / 1000 - time.time()
             if delay > 0:
@@ -190,11 +260,11 @@ class RedisUsageMeter(UsageMeter):
 
     async def seed(self, tokens: int, cost: float) -> None:
         """Start the shared totals from the store's, unless another replica did."""
-        await self.redis.hsetnx(self.key, "tokens", tokens)
-        await self.redis.hsetnx(self.key, "cost", cost)
+        await _redis(lambda: self.redis.hsetnx(self.key, "tokens", tokens), "the budget")
+        await _redis(lambda: self.redis.hsetnx(self.key, "cost", cost), "the budget")
 
     async def shared_total(self) -> Usage:
-        raw = await self.redis.hgetall(self.key)
+        raw = await _redis(lambda: self.redis.hgetall(self.key), "the budget")
         get = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
         return Usage(0, int(float(get.get("tokens", 0))), 0, float(get.get("cost", 0.0)))
 
@@ -224,21 +294,22 @@ class RedisUsageMeter(UsageMeter):
             return completion_tokens
         least = min(min_completion, completion_tokens)
         pp, cp = self.per_token(model)
+        args = [
+            call_id,
+            prompt_tokens,
+            completion_tokens,
+            least,
+            -1 if self.max_tokens is None else self.max_tokens,
+            -1 if self.max_cost is None else self.max_cost,
+            repr(pp),
+            repr(cp),
+            self.reservation_ttl,
+        ]
         while True:
             got = int(
-                await self._reserve(
-                    keys=[self.key, f"{self.key}:held"],
-                    args=[
-                        call_id,
-                        prompt_tokens,
-                        completion_tokens,
-                        least,
-                        -1 if self.max_tokens is None else self.max_tokens,
-                        -1 if self.max_cost is None else self.max_cost,
-                        repr(pp),
-                        repr(cp),
-                        self.reservation_ttl,
-                    ],
+                await _redis(
+                    lambda: self._reserve(keys=[self.key, f"{self.key}:held"], args=args),
+                    "the budget",
                 )
             )
             if got >= 0:
@@ -259,15 +330,21 @@ class RedisUsageMeter(UsageMeter):
 
     async def arelease(self, call_id: str) -> None:
         if self.limited:
-            await self.redis.hdel(f"{self.key}:held", call_id)
+            await _redis(lambda: self.redis.hdel(f"{self.key}:held", call_id), "the budget")
 
     async def arecord(
         self, instructor: str, model: str, prompt_tokens: int, completion_tokens: int
     ) -> Usage:
         call = self.record(instructor, model, prompt_tokens, completion_tokens)
-        pipe = self.redis.pipeline()
-        pipe.hincrby(self.key, "tokens", prompt_tokens + completion_tokens)
-        pipe.hincrbyfloat(self.key, "cost", call.cost)
-        pipe.expire(self.key, 7 * 24 * 3600)
-        await pipe.execute()
+
+        async def add() -> Any:
+            # A fresh pipeline per try. (Should Redis fail after applying it but before
+            # answering, the retry counts the call twice: the budget errs on the safe side.)
+            pipe = self.redis.pipeline()
+            pipe.hincrby(self.key, "tokens", prompt_tokens + completion_tokens)
+            pipe.hincrbyfloat(self.key, "cost", call.cost)
+            pipe.expire(self.key, 7 * 24 * 3600)
+            return await pipe.execute()
+
+        await _redis(add, "the budget")
         return call

@@ -3,7 +3,7 @@ router and inference services.
 
     python -m airoboros.lmoe.api --base-model ./llama-2-7b-hf --lmoe ./lmoe \\
         [--router-max-samples 1000] [--router-k 25] [--agent-router] \\
-        [--host 127.0.0.1] [--port 8000]
+        [--host 127.0.0.1] [--port 8000] [--api-keys KEY1,KEY2]
 
 The inference service serves the base model with every adapter of the LMoE package on a
 loopback port; the router serves the OpenAI API on ``--host:--port`` in front of it and
@@ -12,6 +12,10 @@ model), or to the one named (``model: "<expert>"`` or the original's ``expert`` 
 Both run in this one process, so the original's instructions still work; everything
 else (streaming, batching across experts, adapters added without a restart) is the
 services'.
+
+Keys: the router asks clients for one of the ``--api-keys`` (without the flag, those of
+AIROBOROS_API_KEYS; neither: none); the inference port answers only to a random key made
+at start that only the router holds.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import secrets
 import socket
 import sys
 from pathlib import Path
@@ -38,7 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--host", "-i", default="127.0.0.1")
     p.add_argument("--port", "-p", type=int, default=8000)
-    p.add_argument("--api-keys", default="", help="comma-separated Bearer keys (default: none)")
+    p.add_argument(
+        "--api-keys",
+        default=None,
+        help="comma-separated Bearer keys the router accepts from clients (default: the "
+        "AIROBOROS_API_KEYS environment variable; the flag wins over it, --api-keys '' "
+        "for none; neither set: no key needed)",
+    )
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
 
@@ -49,8 +61,21 @@ def free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
+def client_keys(args: argparse.Namespace) -> str:
+    """The one source of the router's client keys: ``--api-keys`` when given (even
+    empty), else AIROBOROS_API_KEYS."""
+    if args.api_keys is not None:
+        return str(args.api_keys)
+    return os.environ.get("AIROBOROS_API_KEYS", "")
+
+
 def build(args: argparse.Namespace, inference_port: int) -> tuple[Any, Any]:
-    """The inference app and the router app of one LMoE process."""
+    """The inference app and the router app of one LMoE process.
+
+    Both settings get their keys explicitly (init values win over the environment): the
+    router the client keys of ``client_keys``, the inference app a fresh random key that
+    only the router knows (it sends it as ``Authorization: Bearer`` to its backend), so
+    nothing else on the host reaches the inference port without it."""
     from airoboros.errors import ConfigError
     from airoboros.inference.app import create_app as inference_app
     from airoboros.inference.settings import InferenceSettings
@@ -63,6 +88,7 @@ def build(args: argparse.Namespace, inference_port: int) -> tuple[Any, Any]:
     if not (lmoe / "adapters").is_dir():
         raise ConfigError([f"--lmoe: {lmoe} has no adapters/ folder (not an LMoE package)"])
     model_id = base.name
+    internal_key = secrets.token_urlsafe(32)
     inference = inference_app(
         InferenceSettings(
             host="127.0.0.1",
@@ -71,6 +97,7 @@ def build(args: argparse.Namespace, inference_port: int) -> tuple[Any, Any]:
             model_id=model_id,
             lmoe_paths=str(lmoe),
             adapter_roots=str(lmoe),
+            api_keys=internal_key,
         )
     )
     router = router_app(
@@ -78,12 +105,13 @@ def build(args: argparse.Namespace, inference_port: int) -> tuple[Any, Any]:
             host=args.host,
             port=args.port,
             backends=f"http://127.0.0.1:{inference_port}",
+            backend_api_key=internal_key,
             lmoe=str(lmoe),
             base_models=model_id,
             router_k=args.router_k,
             router_max_samples=args.router_max_samples,
             agent_router=args.agent_router,
-            api_keys=args.api_keys,
+            api_keys=client_keys(args),
             bus=False,
         )
     )

@@ -42,10 +42,31 @@ class Job(Base):
     #: W3C trace context (JSON headers) of the request that created the job
     trace_context: Mapped[str | None] = mapped_column(Text, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: a digest of the API key that created the job (None: made before owners existed)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    #: the job's own key for its LLM endpoint (never returned by the API)
+    llm_api_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: the job has ended and its export has yet to be written (retried while it fails)
+    export_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    export_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now
     )
+
+
+class Upload(Base):
+    """Documents posted to ``POST /v1/documents``: the files are in the object store under
+    ``uploads/<id>/``, a job names the upload by its id."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    #: JSON list of {"name", "bytes"}
+    files: Mapped[str] = mapped_column(Text, default="[]")
+    bytes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class InstructorProgress(Base):

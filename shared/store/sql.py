@@ -38,6 +38,7 @@ from airoboros.store.models import (
     ProcessedMessage,
     Row,
     Task,
+    Upload,
 )
 
 STAT_FIELDS = (
@@ -78,6 +79,11 @@ class JobRecord:
     finished_at: datetime | None = None
     #: W3C trace context of the request that created the job ({} when none)
     trace_context: dict[str, str] = field(default_factory=dict)
+    #: a digest of the API key that created it (None: only admin keys see it)
+    owner: str | None = None
+    #: its export is still to be written (the object store was unavailable)
+    export_pending: bool = False
+    export_error: str | None = None
 
 
 #: The counters of one instructor of a job (the name the store's callers know them by).
@@ -160,6 +166,17 @@ class SqlStore:
             await self._engine.dispose()
             self._engine = None
 
+    async def ping(self) -> bool:
+        """Whether the database answers a trivial query within two seconds."""
+        from sqlalchemy import text
+
+        try:
+            async with asyncio.timeout(2.0), self._s() as s:
+                await s.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
     def _s(self) -> AsyncSession:
         if self._sessions is None:
             raise RuntimeError("SqlStore.connect() was not called")
@@ -173,8 +190,12 @@ class SqlStore:
         config: dict[str, Any],
         targets: dict[str, int],
         trace_context: dict[str, str] | None = None,
+        owner: str | None = None,
+        llm_api_key: str | None = None,
     ) -> JobRecord:
-        """Create the job if new; (re)set each instructor's target. Returns the job."""
+        """Create the job if new; (re)set each instructor's target. Returns the job.
+        ``llm_api_key`` is the job's own key for its endpoint: kept apart from the
+        config, read only by ``llm_api_key()``."""
         async with self._s() as s, s.begin():
             job = await s.get(Job, job_id)
             if job is None:
@@ -183,6 +204,8 @@ class SqlStore:
                     status="running",
                     config=json.dumps(config),
                     trace_context=json.dumps(trace_context) if trace_context else None,
+                    owner=owner,
+                    llm_api_key=llm_api_key,
                 )
                 s.add(job)
                 await s.flush()
@@ -208,6 +231,14 @@ class SqlStore:
             if job is None:
                 raise NotFoundError(f"no job {job_id!r}")
             return _job_record(job)
+
+    async def llm_api_key(self, job_id: str) -> str | None:
+        """The job's own key for its LLM endpoint, if it gave one."""
+        async with self._s() as s:
+            job = await s.get(Job, job_id)
+            if job is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            return job.llm_api_key
 
     async def job_exists(self, job_id: str) -> bool:
         async with self._s() as s:
@@ -706,12 +737,49 @@ class SqlStore:
             return int(res.rowcount)  # type: ignore[attr-defined]
 
     # --- jobs: listing, cancel, leases ---------------------------------------------------
-    async def list_jobs(self, *, limit: int = 100) -> list[JobRecord]:
+    async def list_jobs(self, *, limit: int = 100, owner: str | None = None) -> list[JobRecord]:
+        """The newest jobs; with ``owner``, only that owner's."""
+        q = select(Job).order_by(Job.created_at.desc()).limit(limit)
+        if owner is not None:
+            q = q.where(Job.owner == owner)
         async with self._s() as s:
-            jobs = (
-                await s.execute(select(Job).order_by(Job.created_at.desc()).limit(limit))
-            ).scalars()
-            return [_job_record(j) for j in jobs]
+            return [_job_record(j) for j in (await s.execute(q)).scalars()]
+
+    async def set_export_pending(self, job_id: str, pending: bool, error: str | None) -> None:
+        async with self._s() as s, s.begin():
+            await s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(export_pending=pending, export_error=error)
+            )
+
+    async def pending_exports(self) -> list[str]:
+        """Jobs that ended and still wait for their export."""
+        async with self._s() as s:
+            q = select(Job.id).where(Job.export_pending.is_(True))
+            return list((await s.execute(q)).scalars())
+
+    # --- uploads ----------------------------------------------------------------------
+    async def add_upload(
+        self, upload_id: str, *, owner: str | None, files: list[dict[str, Any]]
+    ) -> None:
+        async with self._s() as s, s.begin():
+            s.add(
+                Upload(
+                    id=upload_id,
+                    owner=owner,
+                    files=json.dumps(files),
+                    bytes=sum(int(f["bytes"]) for f in files),
+                )
+            )
+
+    async def get_upload(self, upload_id: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(owner, files) of an upload."""
+        async with self._s() as s:
+            up = await s.get(Upload, upload_id)
+            if up is None:
+                raise NotFoundError(f"no upload {upload_id!r}")
+            return up.owner, json.loads(up.files)
 
     async def request_cancel(self, job_id: str) -> None:
         async with self._s() as s, s.begin():
@@ -895,6 +963,9 @@ def _job_record(job: Job) -> JobRecord:
         job.export_uri,
         job.finished_at,
         json.loads(job.trace_context) if job.trace_context else {},
+        job.owner,
+        bool(job.export_pending),
+        job.export_error,
     )
 
 

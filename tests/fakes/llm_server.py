@@ -317,6 +317,8 @@ class ScriptedLLM:
         self.requests_log: list[tuple[str, str]] = []
         #: the W3C traceparent header of each completion request ("" when none)
         self.traceparents: list[str] = []
+        #: the Authorization header of every request, models included ("" when none)
+        self.authorizations: list[str] = []
         #: monotonic arrival time of every completion request, and whether it was admitted
         self.arrivals: list[tuple[float, bool]] = []
         self._history: list[str] = []
@@ -543,6 +545,7 @@ class ScriptedLLM:
         return app
 
     def _auth(self, request: Request) -> JSONResponse | None:
+        self.authorizations.append(request.headers.get("authorization", ""))
         key = self.script.require_key
         if key and request.headers.get("authorization") != f"Bearer {key}":
             return JSONResponse(

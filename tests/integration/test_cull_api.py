@@ -21,6 +21,7 @@ from airoboros.settings import TopicsSettings
 from airoboros.store import SqlStore
 from airoboros.topics.app import create_app
 from airoboros.topics.service import TopicsService
+from airoboros.web import key_owner
 
 KEY = "test-key-1"
 SOURCE = "job-to-cull"
@@ -71,7 +72,8 @@ class Env:
 @pytest.fixture
 async def env(tmp_path: Path, llm_server: Any, embedder: Any) -> AsyncIterator[Env]:
     srv = llm_server(latency=0.05)
-    settings = TopicsSettings(api_keys=KEY)
+    # The job names the scripted server as its endpoint: the operator allows it.
+    settings = TopicsSettings(api_keys=KEY, allowed_base_urls=srv.base_url)
     store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'store.sqlite'}")
     await store.connect()
     svc = TopicsService(settings, store, InMemoryBus(), LocalObjectStore(tmp_path / "objects"))
@@ -86,7 +88,9 @@ async def env(tmp_path: Path, llm_server: Any, embedder: Any) -> AsyncIterator[E
             "instructors": {"general": {"count": 10}},
         }
     )
-    await store.ensure_job(SOURCE, config=cfg.model_dump(mode="json"), targets={"general": 10})
+    await store.ensure_job(
+        SOURCE, config=cfg.model_dump(mode="json"), targets={"general": 10}, owner=key_owner(KEY)
+    )
     await store.add_items(SOURCE, [(f"src-{i}", r) for i, r in enumerate(ROWS)], cap=False)
     await store.set_job_status(SOURCE, "done")
     app = create_app(settings, service=svc)

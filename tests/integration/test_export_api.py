@@ -19,6 +19,7 @@ from airoboros.settings import TopicsSettings
 from airoboros.store import SqlStore
 from airoboros.topics.app import create_app
 from airoboros.topics.service import TopicsService
+from airoboros.web import key_owner
 
 KEY = "test-key-1"
 JOB = "job-export-1"
@@ -47,7 +48,10 @@ async def client(tmp_path) -> AsyncIterator[httpx.AsyncClient]:
     store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'store.sqlite'}")
     await store.connect()
     svc = TopicsService(settings, store, InMemoryBus(), LocalObjectStore(tmp_path / "objects"))
-    await store.ensure_job(JOB, config={}, targets={r.category: 10 for r in ROWS})
+    # Owned by the key the client sends: a job is seen by the key that created it.
+    await store.ensure_job(
+        JOB, config={}, targets={r.category: 10 for r in ROWS}, owner=key_owner(KEY)
+    )
     await store.add_items(JOB, [(f"src-{i}", r) for i, r in enumerate(ROWS)], cap=False)
     app = create_app(settings, service=svc)
     transport = httpx.ASGITransport(app=app)

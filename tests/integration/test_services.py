@@ -374,9 +374,17 @@ def test_the_example_config_runs_as_services(stack, tmp_path):
     from tests.e2e.helpers import example_config, write_docs
 
     start_all(stack)
-    cfg = example_config(tmp_path, stack.env["OPENAI_BASE_URL"], docs=write_docs(tmp_path / "d"))
+    docs = write_docs(tmp_path / "d")
+    cfg = example_config(tmp_path, stack.env["OPENAI_BASE_URL"], docs=docs)
     for key in ("openai_api_key", "base_url", "output_path", "topics_path"):
         cfg.pop(key)
+    # A server reads no path a client names: the documents go up through the API.
+    with stack.client() as c:
+        files = [("files", (p.name, p.read_bytes(), "text/plain")) for p in sorted(docs.iterdir())]
+        up = c.post("/v1/documents", files=files)
+        assert up.status_code == 201, up.text
+    cfg["instructors"]["documents"].pop("documents_path")
+    cfg["instructors"]["documents"]["documents_upload"] = up.json()["id"]
     job_id = post_job(stack, cfg)
     status = stack.wait_job(job_id, timeout=400)
     assert status["status"] == "done", stack.logs()

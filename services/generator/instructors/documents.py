@@ -639,8 +639,20 @@ class Documents(Instructor):
         ):
             problems.append("answer_support: must be a number from 0 to 1")
         path = cfg.extra("documents_path")
+        upload = cfg.extra("documents_upload")
+        if upload is not None:
+            # Documents posted to the services (POST /v1/documents): the service checks
+            # the upload, and unpacks it into a folder for the job.
+            if not isinstance(upload, str) or not upload:
+                problems.append("documents_upload: the id that POST /v1/documents returned")
+            if path:
+                problems.append("documents_path: give documents_path or documents_upload, not both")
+            return problems
         if not path or not isinstance(path, str):
-            problems.append("documents_path: required, a folder of .txt, .md or .pdf files")
+            problems.append(
+                "documents_path: required, a folder of .txt, .md or .pdf files (or, on the "
+                "services, documents_upload: the id of a POST /v1/documents upload)"
+            )
             return problems
         target = cls.settings(cfg)[0]
         try:
