@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= example-config.yaml
 
-.PHONY: setup run test prereqs lint types unit bench clean
+.PHONY: setup run test prereqs lint farm types layers unit bench clean
 
 setup: $(STAMP)
 
@@ -23,13 +23,20 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# mypy cannot follow setuptools' package-dir mapping (shared/ -> airoboros,
-# services/<svc>/ -> airoboros.<svc>), so it checks a tree of symlinks laid out as imported.
-types: setup
+# mypy and import-linter cannot follow setuptools' package-dir mapping (shared/ ->
+# airoboros, services/<svc>/ -> airoboros.<svc>, apps/<app>/ -> airoboros.<app>), so they
+# read a tree of symlinks laid out as the package is imported.
+farm: setup
 	rm -rf build/typecheck && mkdir -p build/typecheck/airoboros
 	for f in shared/*; do ln -s ../../../$$f build/typecheck/airoboros/; done
-	for s in services/*/; do ln -s ../../../$$s build/typecheck/airoboros/$$(basename $$s); done
+	for s in services/*/ apps/*/; do ln -s ../../../$$s build/typecheck/airoboros/$$(basename $$s); done
+
+types: farm
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p airoboros
+
+# The layers of DESIGN rule 10 (pyproject.toml, [tool.importlinter]).
+layers: farm
+	cd build/typecheck && ../../$(BIN)/lint-imports ../../pyproject.toml
 
 # Installs what it can (docker-compose), and says in one line what else is missing.
 prereqs:
@@ -38,7 +45,7 @@ prereqs:
 unit: setup prereqs
 	$(BIN)/python -m pytest -q
 
-test: lint types unit
+test: lint types layers unit
 
 bench: setup
 	$(BIN)/python bench/dedupe_bench.py

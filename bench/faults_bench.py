@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
+from airoboros.cli.embedded import Generation  # noqa: E402
 from airoboros.config import parse_config  # noqa: E402
 from airoboros.embeddings import SentenceTransformerEmbedder  # noqa: E402
-from airoboros.pipeline import Generation  # noqa: E402
 from tests.fakes.llm_server import ADJS, NOUNS, Script, ScriptedLLM, ServerThread  # noqa: E402
 
 FAULTY: dict[str, Any] = {

@@ -27,9 +27,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from airoboros.cli.embedded import Generation  # noqa: E402
 from airoboros.config import parse_config  # noqa: E402
 from airoboros.embeddings import SentenceTransformerEmbedder  # noqa: E402
-from airoboros.pipeline import Generation  # noqa: E402
 from tests.fakes.llm_server import ADJS, NOUNS, Script, ScriptedLLM, ServerThread  # noqa: E402
 
 

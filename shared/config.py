@@ -295,7 +295,7 @@ def load_config(path: str | Path) -> Config:
 
 def _raw_problems(data: dict[str, Any]) -> list[str]:
     """Checks that work on the raw mapping, so they run even when the schema fails."""
-    from airoboros.generator.registry import known_instructors, validate_instructor
+    from airoboros.catalog import known_instructors, validate_instructor
     from airoboros.llm.filters import compile_filter
 
     problems: list[str] = []

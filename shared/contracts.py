@@ -152,6 +152,20 @@ class BatchStats(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
+class JobSettings(BaseModel):
+    """What a worker needs to run one instructor of a job, carried in its commands so
+    that generator workers need no database: the job's config as the server's policy
+    approved it, reduced to that instructor, without credentials."""
+
+    #: ``Config.model_dump(mode="json")`` with only this instructor under ``instructors``
+    #: (a job's own API key is on the job board, airoboros.jobboard, never in a message)
+    config: dict[str, Any]
+    #: tokens and cost the job had spent when the command was sent (the shared budget
+    #: starts from there when a replica first sees the job)
+    spent_tokens: int = 0
+    spent_cost: float = 0.0
+
+
 class GenerateBatch(Message):
     """Command: produce one batch for one instructor."""
 
@@ -166,8 +180,10 @@ class GenerateBatch(Message):
     #: how many rows the instructor still needs; instructors may use it to size work
     remaining: int
     #: material the controller chose for this batch (source rows, cards, passages); its
-    #: shape belongs to the instructor (see ``Instructor.batch_inputs``)
+    #: kind is declared in the instructor's catalog spec (airoboros.topics.inputs)
     inputs: list[dict[str, Any]] = Field(default_factory=list)
+    #: the job's settings for this instructor (None: the worker has them, as embedded)
+    settings: JobSettings | None = None
 
 
 class CandidatesProposed(Message):
@@ -184,6 +200,8 @@ class CandidatesProposed(Message):
     #: dedupe index to screen against; None: the job's dataset index (``job_id``)
     namespace: str | None = None
     stats: BatchStats = Field(default_factory=BatchStats)
+    #: carried on to the response step (see ``GenerateBatch.settings``)
+    settings: JobSettings | None = None
 
     def partition_key(self) -> str | None:
         # Dedupe of one dataset must see every candidate of that dataset in order.
@@ -201,6 +219,8 @@ class CandidatesScreened(Message):
     instructor: str
     accepted: list[Candidate]
     stats: BatchStats
+    #: carried on to the response step (see ``GenerateBatch.settings``)
+    settings: JobSettings | None = None
 
 
 class RespondToCandidates(Message):
@@ -214,6 +234,7 @@ class RespondToCandidates(Message):
     instructor: str
     candidates: list[Candidate]
     stats: BatchStats
+    settings: JobSettings | None = None
 
 
 class BatchCompleted(Message):

@@ -105,7 +105,8 @@ class TopicsSettings(ServiceSettings):
 
 
 class GeneratorSettings(ServiceSettings):
-    deploy_required = (*_BROKER, "database_url", "redis_url", "openai_api_key", "port")
+    # No database: commands carry their job's settings, the job board (Redis) the rest.
+    deploy_required = (*_BROKER, "redis_url", "openai_api_key", "port")
     module = "airoboros.generator"
     port: int = 8081
     #: LLM calls in flight in this replica

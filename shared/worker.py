@@ -12,6 +12,7 @@ from typing import Any
 from airoboros.config import Config
 from airoboros.errors import ConfigError, NotFoundError, StoreUnavailable, is_unavailable
 from airoboros.health import HealthServer
+from airoboros.jobboard import JobBoard
 from airoboros.settings import ServiceSettings
 from airoboros.store import SqlStore
 
@@ -82,33 +83,48 @@ class JobStatusCache:
     """Whether a job is still running, re-read at most every ``ttl`` seconds: workers
     drop the work of cancelled and finished jobs instead of paying for it.
 
-    Only answers are cached: a job that does not exist is not running, but a database
-    that cannot be asked raises ``StoreUnavailable`` (from the driver's error), so that
-    the bus keeps the message and tries again instead of dropping it as "not running".
+    ``source`` answers for one job: the SQL store (``from_store``, for workers that have
+    one) or the job board (``from_board``, for the generator, which has none). Only answers
+    are cached: a job that does not exist is not running, but a source that cannot be
+    asked raises an outage (``DependencyUnavailable``), so that the bus keeps the message
+    and tries again instead of dropping it as "not running".
     """
 
-    def __init__(self, store: SqlStore, ttl: float = 1.0) -> None:
-        self.store = store
+    def __init__(self, source: Callable[[str], Awaitable[bool]], ttl: float = 1.0) -> None:
+        self.source = source
         self.ttl = ttl
         self._seen: dict[str, tuple[float, bool]] = {}
+
+    @classmethod
+    def from_store(cls, store: SqlStore, ttl: float = 1.0) -> JobStatusCache:
+        async def running(job_id: str) -> bool:
+            try:
+                job = await store.get_job(job_id)
+            except NotFoundError:
+                return False
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise StoreUnavailable(
+                        f"cannot read the status of job {job_id}: {type(exc).__name__}: {exc}"
+                    ) from exc
+                raise
+            return job.status == "running" and not job.cancel_requested
+
+        return cls(running, ttl)
+
+    @classmethod
+    def from_board(cls, board: JobBoard, ttl: float = 1.0) -> JobStatusCache:
+        async def running(job_id: str) -> bool:
+            return await board.status(job_id) == "running"
+
+        return cls(running, ttl)
 
     async def running(self, job_id: str) -> bool:
         now = asyncio.get_running_loop().time()
         hit = self._seen.get(job_id)
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
-        try:
-            job = await self.store.get_job(job_id)
-        except NotFoundError:
-            ok = False
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise StoreUnavailable(
-                    f"cannot read the status of job {job_id}: {type(exc).__name__}: {exc}"
-                ) from exc
-            raise
-        else:
-            ok = job.status == "running" and not job.cancel_requested
+        ok = await self.source(job_id)
         self._seen[job_id] = (now, ok)
         return ok
 

@@ -3,8 +3,8 @@
 import asyncio
 
 from airoboros import telemetry
-from airoboros.cli import setup_logging
 from airoboros.dedupe.worker import run_worker
+from airoboros.logs import setup_logging
 from airoboros.settings import DedupeSettings
 
 if __name__ == "__main__":

@@ -11,11 +11,22 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 
 from airoboros import telemetry
-from airoboros.contracts import CandidatesProposed, CandidatesScreened, Message
+from airoboros.contracts import CandidatesProposed, CandidatesScreened, Item, Message
 from airoboros.ports import Embedder, VectorStore
 from airoboros.store import SqlStore
 
 log = logging.getLogger(__name__)
+
+PLAINFORMAT = " PLAINFORMAT"
+
+
+def dedupe_text(item: Item) -> str:
+    """What dedupe embeds for a stored row: its instruction, without the PLAINFORMAT
+    suffix of coding rows (a task's PLAINFORMAT twin is still a duplicate)."""
+    text = item.instruction
+    if item.category == "coding" and text.endswith(PLAINFORMAT):
+        text = text[: -len(PLAINFORMAT)]
+    return text
 
 
 class Deduper:
@@ -149,6 +160,7 @@ class DedupeService:
                 instructor=msg.instructor,
                 accepted=accepted,
                 stats=stats,
+                settings=msg.settings,
                 headers=msg.headers,
             )
         )

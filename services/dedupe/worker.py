@@ -48,7 +48,7 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         vectors = FaissVectorStore(embedder.dim)
     bus = make_bus(settings)
     service = DedupeService(Deduper(embedder, vectors, durable=durable), bus.publish)
-    status = JobStatusCache(store)
+    status = JobStatusCache.from_store(store)
 
     async def on_proposed(msg: CandidatesProposed) -> None:
         if await status.running(msg.job_id):

@@ -3,8 +3,8 @@
 import asyncio
 
 from airoboros import telemetry
-from airoboros.cli import setup_logging
 from airoboros.generator.worker import run_worker
+from airoboros.logs import setup_logging
 from airoboros.settings import GeneratorSettings
 
 if __name__ == "__main__":

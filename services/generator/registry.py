@@ -1,20 +1,16 @@
-"""Which instructors exist, which are built, and how to make one."""
+"""The instructor classes of the generator, by category, and how to make one.
+
+What each category is (phase, topics, dedupe scope, the material its batches carry, its
+config checks) is declared in airoboros.catalog, which the planning side reads; this is
+the code that runs it.
+"""
 
 from __future__ import annotations
 
-from airoboros.config import InstructorConfig
 from airoboros.generator.instructors.base import Ctx, Instructor
 
-#: Every category of the original tool (reference §1.2).
-ALL_CATEGORIES = (
-    "agent", "awareness", "card", "character", "coding", "contextual", "cot",
-    "counterfactual_contextual", "detailed_writing", "editor", "experience", "general",
-    "gtkm", "joke", "misconception", "multiple_choice", "orca", "plan", "riddle",
-    "roleplay", "rp", "song", "stylized_response", "trivia", "wordgame", "writing",
-)  # fmt: skip
 
-
-def _implemented() -> dict[str, type[Instructor]]:
+def implemented_instructors() -> dict[str, type[Instructor]]:
     from airoboros.generator.instructors.characters import CHARACTERS_INSTRUCTORS
     from airoboros.generator.instructors.contextual import Contextual
     from airoboros.generator.instructors.counterfactual import COUNTERFACTUAL_INSTRUCTORS
@@ -39,18 +35,5 @@ def _implemented() -> dict[str, type[Instructor]]:
     return {c.name: c for c in classes}
 
 
-def known_instructors() -> set[str]:
-    return set(ALL_CATEGORIES) | set(_implemented())
-
-
-def implemented_instructors() -> dict[str, type[Instructor]]:
-    return _implemented()
-
-
-def validate_instructor(name: str, cfg: InstructorConfig) -> list[str]:
-    cls = _implemented().get(name)
-    return cls.validate(cfg) if cls else []
-
-
 def create(name: str, ctx: Ctx) -> Instructor:
-    return _implemented()[name](ctx)
+    return implemented_instructors()[name](ctx)

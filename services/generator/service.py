@@ -52,7 +52,10 @@ class JobRuntime:
     llm: LLMClient
 
 
-RuntimeFor = Callable[[str], Awaitable[JobRuntime]]
+#: The runtime of the job a command belongs to: embedded, the one job's; deployed, built
+#: from the settings the command carries (``GenerateBatch.settings``).
+Command = GenerateBatch | RespondToCandidates
+RuntimeFor = Callable[[Command], Awaitable[JobRuntime]]
 
 
 def share_tokens(candidates: Sequence[Candidate], tokens: float) -> None:
@@ -67,8 +70,8 @@ def share_tokens(candidates: Sequence[Candidate], tokens: float) -> None:
 
 
 class GeneratorService:
-    """Step 1 and step 2 of every batch. ``runtime_for(job_id)`` supplies each job's
-    config and LLM client (one job embedded; any number in a deployed worker)."""
+    """Step 1 and step 2 of every batch. ``runtime_for(command)`` supplies the config and
+    LLM client of the command's job (one job embedded; any number in a deployed worker)."""
 
     def __init__(
         self, runtime_for: RuntimeFor, publish: Publish, *, seed: int | None = None
@@ -78,9 +81,10 @@ class GeneratorService:
         self._rng = random.Random(seed)
         self._instructors: dict[tuple[str, str], Instructor] = {}
 
-    async def instructor(self, job_id: str, name: str) -> tuple[Instructor, Config]:
-        rt = await self.runtime_for(job_id)
-        key = (job_id, name)
+    async def instructor(self, command: Command) -> tuple[Instructor, Config]:
+        rt = await self.runtime_for(command)
+        name = command.instructor
+        key = (command.job_id, name)
         if key not in self._instructors:
             ctx = Ctx(name, rt.config, rt.llm, random.Random(self._rng.random()))
             self._instructors[key] = create(name, ctx)
@@ -93,7 +97,7 @@ class GeneratorService:
     @telemetry.handles("generate", "generator")
     async def on_generate(self, task: GenerateBatch) -> None:
         """Step 1: propose candidates, then hand them to dedupe."""
-        inst, config = await self.instructor(task.job_id, task.instructor)
+        inst, config = await self.instructor(task)
         stats = BatchStats(asked=task.batch_size)
         current_batch.set(stats)
         try:
@@ -115,7 +119,7 @@ class GeneratorService:
         # completion tokens that made it (the prompt bought its siblings too).
         productive = max(0.0, stats.tokens - stats.lost_tokens)
         share_tokens(candidates, productive * stats.completion_tokens / max(1, stats.tokens))
-        if inst.dedupe_scope == "none":
+        if inst.spec.dedupe_scope == "none":
             await self.publish(
                 CandidatesScreened(
                     job_id=task.job_id,
@@ -123,12 +127,13 @@ class GeneratorService:
                     instructor=task.instructor,
                     accepted=candidates,
                     stats=stats,
+                    settings=task.settings,
                     headers=task.headers,
                 )
             )
             return
         threshold = l2_threshold_to_cosine(config.min_docsearch_score_for(task.instructor))
-        own = inst.dedupe_scope == "own"
+        own = inst.spec.dedupe_scope == "own"
         await self.publish(
             CandidatesProposed(
                 job_id=task.job_id,
@@ -138,6 +143,7 @@ class GeneratorService:
                 candidates=candidates,
                 stats=stats,
                 namespace=f"{task.job_id}:{task.instructor}" if own else None,
+                settings=task.settings,
                 headers=task.headers,
             )
         )
@@ -146,7 +152,7 @@ class GeneratorService:
     async def on_respond(self, msg: RespondToCandidates) -> None:
         """Step 2: respond to every candidate the count has room for, concurrently;
         report the batch."""
-        inst, _ = await self.instructor(msg.job_id, msg.instructor)
+        inst, _ = await self.instructor(msg)
         stats = msg.stats.model_copy()
         current_batch.set(stats)
 

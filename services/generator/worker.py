@@ -1,8 +1,10 @@
 """The generator worker: ``python -m airoboros.generator``.
 
 Consumes GenerateBatch (step 1) and RespondToCandidates (step 2) from RabbitMQ, for any
-number of jobs; each job's config comes from the SQL store. Rate limits and budgets are
-shared with every other replica through Redis.
+number of jobs. It needs no database: each command carries its job's settings
+(``GenerateBatch.settings``), and the job board in Redis (airoboros.jobboard) says whether
+the job still runs and holds the job's own API key when it has one. Rate limits and
+budgets are shared with every other replica through Redis.
 """
 
 from __future__ import annotations
@@ -10,35 +12,56 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from airoboros.config import Config, InstructorConfig
 from airoboros.contracts import GenerateBatch, RespondToCandidates
-from airoboros.generator.service import GeneratorService, JobRuntime
+from airoboros.errors import ConfigError
+from airoboros.generator.service import Command, GeneratorService, JobRuntime
+from airoboros.jobboard import RedisJobBoard
+from airoboros.llm.factory import make_llm, prices_for
 from airoboros.llm.shared_limits import RedisRateLimiter, RedisUsageMeter, limiter_scope
-from airoboros.pipeline import make_llm, prices_for
+from airoboros.policy import ServerPolicy
 from airoboros.settings import GeneratorSettings
-from airoboros.store import SqlStore
-from airoboros.worker import JobStatusCache, job_config, make_bus, serve, stop_event
+from airoboros.worker import JobStatusCache, make_bus, serve, stop_event
 
 log = logging.getLogger(__name__)
 GROUP = "generator"
+
+
+def command_config(settings: GeneratorSettings, command: Command, job_key: str | None) -> Config:
+    """The config a command carries, with its endpoint and key as the server's policy
+    decides (airoboros.policy): the job's own key, or the server's key only when the calls
+    go to the server's own endpoint."""
+    if command.settings is None:
+        raise ConfigError(
+            [f"{command.kind} for job {command.job_id} carries no settings (an older topics?)"]
+        )
+    cfg = Config.model_validate(command.settings.config)
+    policy = ServerPolicy.from_settings(settings)
+    try:
+        base_url, key = policy.credentials(cfg.base_url, job_key, settings.openai_api_key)
+    except PermissionError:
+        raise ConfigError(
+            ["base_url: not an endpoint this server may call (AIROBOROS_ALLOWED_BASE_URLS)"]
+        ) from None
+    return cfg.with_credentials(base_url, key)
 
 
 async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = None) -> None:
     from redis.asyncio import Redis
 
     stop = stop or stop_event()
-    store = SqlStore(settings.database_url)
-    await store.connect(migrate=False)
     redis = Redis.from_url(settings.redis_url)
+    board = RedisJobBoard(redis, settings.redis_prefix)
     bus = make_bus(settings)
     runtimes: dict[str, JobRuntime] = {}
     lock = asyncio.Lock()
-    status = JobStatusCache(store)
+    status = JobStatusCache.from_board(board)
 
-    async def runtime_for(job_id: str) -> JobRuntime:
+    async def runtime_for(command: Command) -> JobRuntime:
         async with lock:
+            job_id = command.job_id
             if job_id not in runtimes:
-                job = await store.get_job(job_id)
-                cfg = job_config(settings, job.config, api_key=await store.llm_api_key(job_id))
+                cfg = command_config(settings, command, await board.api_key(job_id))
                 limiter = RedisRateLimiter(
                     redis,
                     limiter_scope(
@@ -57,13 +80,17 @@ async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = N
                 )
                 # A reservation outlives a replica that died mid-call by one call at most.
                 meter.reservation_ttl = cfg.request_timeout + 60.0
-                stats = await store.stats(job_id)
-                await meter.seed(
-                    sum(s.prompt_tokens + s.completion_tokens for s in stats.values()),
-                    sum(s.cost for s in stats.values()),
-                )
+                assert command.settings is not None  # command_config checked it
+                await meter.seed(command.settings.spent_tokens, command.settings.spent_cost)
                 runtimes[job_id] = JobRuntime(cfg, make_llm(cfg, limiter=limiter, meter=meter))
-            return runtimes[job_id]
+            rt = runtimes[job_id]
+            if command.instructor not in rt.config.instructors:
+                # One runtime (one client, one limiter) per job: a command of another of
+                # its instructors brings that instructor's block.
+                assert command.settings is not None
+                block = command.settings.config["instructors"][command.instructor]
+                rt.config.instructors[command.instructor] = InstructorConfig.model_validate(block)
+            return rt
 
     service = GeneratorService(runtime_for, bus.publish)
 
@@ -89,11 +116,9 @@ async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = N
             bus,
             stop,
             f"generator ready (max {settings.max_concurrency} calls in flight)",
-            store=store,
             checks=[redis_up],
         )
     finally:
         for rt in runtimes.values():
             await rt.llm.close()
         await redis.aclose()
-        await store.close()

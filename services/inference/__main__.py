@@ -4,9 +4,9 @@ import os
 import sys
 
 from airoboros import telemetry
-from airoboros.cli import setup_logging
 from airoboros.errors import ConfigError
 from airoboros.inference.settings import InferenceSettings
+from airoboros.logs import setup_logging
 
 if __name__ == "__main__":
     # Models and adapters are local folders or object-store URIs: never the Hub.

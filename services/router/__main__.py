@@ -5,8 +5,8 @@ import sys
 import uvicorn
 
 from airoboros import telemetry
-from airoboros.cli import setup_logging
 from airoboros.errors import ConfigError
+from airoboros.logs import setup_logging
 from airoboros.router.app import create_app
 from airoboros.router.settings import RouterSettings
 

@@ -3,7 +3,7 @@
 import uvicorn
 
 from airoboros import telemetry
-from airoboros.cli import setup_logging
+from airoboros.logs import setup_logging
 from airoboros.settings import TopicsSettings
 from airoboros.topics.app import create_app
 

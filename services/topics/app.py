@@ -33,7 +33,7 @@ from airoboros.errors import (
 )
 from airoboros.parsing import load_config_body
 from airoboros.settings import TopicsSettings
-from airoboros.topics.cull import CullRequest, JobNotFinished
+from airoboros.topics.cull.worker import CullRequest, JobNotFinished
 from airoboros.topics.service import JobConflict
 from airoboros.web import Principal, bearer_token, key_owner, read_body
 
@@ -147,7 +147,14 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         await store.connect(migrate=False)
         bus = make_bus(settings)
         objects = make_objects(settings)
-        svc = TopicsService(settings, store, bus, objects)
+        from redis.asyncio import Redis
+
+        from airoboros.jobboard import RedisJobBoard
+
+        redis = Redis.from_url(settings.redis_url)
+        svc = TopicsService(
+            settings, store, bus, objects, board=RedisJobBoard(redis, settings.redis_prefix)
+        )
         from airoboros.contracts import BatchCompleted, CandidatesScreened
 
         bus.subscribe(BatchCompleted, svc.on_completed, concurrency=4, group=GROUP)
@@ -168,6 +175,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
             stop.set()
             await ticker
             await bus.close()
+            await redis.aclose()
             await store.close()
 
     app = FastAPI(

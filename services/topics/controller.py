@@ -19,9 +19,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airoboros import telemetry
+from airoboros.catalog import PHASES, spec
 from airoboros.config import Config
 from airoboros.contracts import (
     Artifact,
@@ -30,15 +31,14 @@ from airoboros.contracts import (
     GenerateBatch,
     Item,
     JobEvent,
+    JobSettings,
     Message,
     RespondToCandidates,
 )
 from airoboros.counting import FATAL_ERRORS, CategoryCounts, StopPolicy, job_outcome
 from airoboros.store import Flight, SqlStore, StoredItem
+from airoboros.topics.inputs import batch_inputs
 from airoboros.topics.topics import TopicPicker
-
-if TYPE_CHECKING:
-    from airoboros.generator.instructors.base import Instructor
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class StoreSources:
 
     async def cards(self) -> list[Artifact]:
         return await self.store.artifacts(self.job_id, "character")
+
+    async def advance_cursor(self, instructor: str, n: int) -> int:
+        return await self.store.advance_cursor(self.job_id, instructor, n)
 
 
 @dataclass
@@ -139,6 +142,7 @@ async def grant_and_forward(
             instructor=msg.instructor,
             candidates=granted,
             stats=stats,
+            settings=msg.settings,
             headers=msg.headers,
         )
     )
@@ -158,7 +162,6 @@ class JobController:
         on_rows: Callable[[list[StoredItem]], None] | None = None,
         on_finish: Callable[[JobOutcome], Awaitable[None]] | None = None,
         task_timeout: float | None = None,
-        classes: dict[str, type[Instructor]] | None = None,
         seed: int | None = None,
         on_artifacts: Callable[[list[Artifact]], Awaitable[None]] | None = None,
         trace_context: dict[str, str] | None = None,
@@ -175,21 +178,16 @@ class JobController:
         self.on_rows = on_rows
         self.on_finish = on_finish
         self.task_timeout = task_timeout or (config.request_timeout + config.max_retry_time + 60.0)
-        if classes is None:
-            from airoboros.generator.registry import implemented_instructors
-
-            impl = implemented_instructors()
-            classes = {n: impl[n] for n in active if n in impl}
-        self.classes = classes
         self.sources = StoreSources(store, job_id)
         self.on_artifacts = on_artifacts
         self._rng = random.Random(seed)
         self._background: set[asyncio.Task[None]] = set()
         self._finished = asyncio.Event()
         self.outcome: JobOutcome | None = None
-        self._budget_hit: str | None = None
         self._lock = asyncio.Lock()
         self._stats: dict[str, CategoryCounts] = {}
+        #: the job's config as each instructor's commands carry it (see settings_for)
+        self._configs: dict[str, dict[str, Any]] = {}
         self._flights: dict[str, Flight] = {}
         #: when each category's last batch completed: a category whose replies keep
         #: failing sends its next probe a pause after that (a pacing hint, not job state:
@@ -231,9 +229,7 @@ class JobController:
             self._last_done[msg.instructor] = time.monotonic()
             if stored is not None and self.on_rows is not None and stored:
                 self.on_rows(stored)
-            if msg.error == "budget_exhausted":
-                self._budget_hit = msg.error_message or "budget exhausted"
-            elif msg.error in FATAL_ERRORS:
+            if msg.error in FATAL_ERRORS:
                 await self._finish(JobOutcome("failed", f"{msg.instructor}: {msg.error_message}"))
                 return
             if msg.error and msg.error_message:
@@ -264,9 +260,10 @@ class JobController:
             if job.cancel_requested:
                 await self._finish(JobOutcome("cancelled", job.detail or "cancelled by request"))
                 return
-            budget = self._budget_hit or self._budget_from_totals()
+            # The store keeps a budget stop a batch met (job.budget_note); the totals tell
+            # one that no call has met yet.
+            budget = job.budget_note or self._budget_from_totals()
             if budget:
-                self._budget_hit = budget
                 if in_flight_total == 0:
                     await self._finish(JobOutcome("budget_exhausted", budget))
                 return
@@ -301,18 +298,28 @@ class JobController:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def phase_of(self, name: str) -> str:
-        cls = self.classes.get(name)
-        return cls.phase if cls is not None else "main"
+    @staticmethod
+    def phase_of(name: str) -> str:
+        return spec(name).phase
 
     @staticmethod
     def current_phase(views: list[InstructorView]) -> str | None:
-        from airoboros.generator.instructors.base import PHASES
-
         for phase in PHASES:
             if any(not v.done for v in views if v.phase == phase):
                 return phase
         return None
+
+    def settings_for(self, name: str) -> JobSettings:
+        """What a worker needs to run ``name`` for this job (it has no database)."""
+        if name not in self._configs:
+            dumped = self.config.model_dump(mode="json", exclude={"openai_api_key"})
+            dumped["instructors"] = {name: dumped["instructors"][name]}
+            self._configs[name] = dumped
+        return JobSettings(
+            config=self._configs[name],
+            spent_tokens=sum(s.tokens for s in self._stats.values()),
+            spent_cost=sum(s.cost for s in self._stats.values()),
+        )
 
     def _budget_from_totals(self) -> str | None:
         tokens = sum(s.prompt_tokens + s.completion_tokens for s in self._stats.values())
@@ -340,23 +347,23 @@ class JobController:
                 return False
             slots = 1
         picker = self.pickers.get(name)
-        cls = self.classes.get(name)
+        needs = spec(name).needs
         sizes = c.plan(
             batch_size,
             slots=slots - flight.batches,
             pending_items=flight.pending_items,
             policy=self.policy,
-            rows_per_item=cls.rows_per_item if cls is not None else 1.0,
+            rows_per_item=spec(name).rows_per_item,
         )
         for size in sizes:
-            inputs: list[dict[str, Any]] | None = []
-            if cls is not None:
-                inputs = await cls.batch_inputs(self.config, name, self.sources, size, self._rng)
+            inputs = await batch_inputs(
+                self.config, name, self.sources, size, self._rng, job_id=self.job_id
+            )
             if inputs is None:
-                if flight.batches == 0 and cls is not None:
-                    reason = f"it needs {cls.needs}, and there are none"
+                if flight.batches == 0:
+                    reason = f"it needs {needs}, and there are none"
                     await self.store.set_skipped(self.job_id, name, reason)
-                    log.warning("job %s: %s skipped: no %s", self.job_id, name, cls.needs)
+                    log.warning("job %s: %s skipped: no %s", self.job_id, name, needs)
                     return True
                 return False
             task = GenerateBatch(
@@ -366,6 +373,7 @@ class JobController:
                 topics=picker.take(size) if picker else [],
                 remaining=c.room,
                 inputs=inputs,
+                settings=self.settings_for(name),
             )
             # Recorded before it is published: a crash in between leaves a task that
             # expires, never a batch the controller does not know about.

@@ -24,7 +24,6 @@ from airoboros import telemetry
 from airoboros.config import Config, parse_config
 from airoboros.contracts import (
     AdapterPublished,
-    Artifact,
     BatchCompleted,
     CandidatesProposed,
     CandidatesScreened,
@@ -32,15 +31,16 @@ from airoboros.contracts import (
     GenerateBatch,
     RespondToCandidates,
 )
-from airoboros.errors import AiroborosError, ConfigError, NotFoundError
-from airoboros.generator.instructors.characters import card_file_name, card_json
-from airoboros.pipeline import make_llm, make_plan
+from airoboros.errors import AiroborosError, ConfigError, NotFoundError, is_unavailable
+from airoboros.jobboard import InMemoryJobBoard, JobBoard
+from airoboros.llm.factory import make_llm
 from airoboros.policy import ServerPolicy
 from airoboros.ports import ObjectStore
 from airoboros.settings import TopicsSettings
 from airoboros.store import JobRecord, SqlStore
 from airoboros.topics.controller import JobController, JobOutcome, grant_and_forward, stop_policy
-from airoboros.topics.topics import TopicPicker, generate_topics, unique
+from airoboros.topics.lifecycle import CardShelf, JobAdapters, make_plan, open_job
+from airoboros.topics.topics import ObjectTopics, generate_topics
 from airoboros.web import Principal
 from airoboros.worker import job_config
 
@@ -83,12 +83,19 @@ PIPELINE_QUEUES: list[tuple[type[Any], str]] = [
 
 class TopicsService:
     def __init__(
-        self, settings: TopicsSettings, store: SqlStore, bus: Any, objects: ObjectStore
+        self,
+        settings: TopicsSettings,
+        store: SqlStore,
+        bus: Any,
+        objects: ObjectStore,
+        board: JobBoard | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.bus = bus
         self.objects = objects
+        #: what the generator workers read of each job (status, its own key)
+        self.board: JobBoard = board or InMemoryJobBoard()
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.controllers: dict[str, JobController] = {}
         self._starting: set[str] = set()
@@ -97,7 +104,7 @@ class TopicsService:
         self.policy = ServerPolicy.from_settings(settings)
         #: failed exports: (attempts, when the next may run), per job (a pacing hint)
         self._export_backoff: dict[str, tuple[int, float]] = {}
-        from airoboros.topics.cull import CullJobs
+        from airoboros.topics.cull.worker import CullJobs
 
         #: cull steps (POST /v1/jobs/{id}/cull) run by this replica
         self.culls = CullJobs(self)
@@ -119,10 +126,10 @@ class TopicsService:
         the caller's key."""
         cfg, warnings = self.review(raw, "job")
         await self.check_uploads(cfg, principal)
-        plan = make_plan(cfg)
+        job_id = uuid.uuid4().hex
+        plan = make_plan(cfg, job_id)
         if not plan.active:
             raise ConfigError(["instructors: none of the listed categories can be generated"])
-        job_id = uuid.uuid4().hex
         # The job's own key (for its own endpoint) is kept apart from its config.
         stored = cfg.model_dump(mode="json", exclude={"openai_api_key"})
         await self.store.ensure_job(
@@ -144,11 +151,7 @@ class TopicsService:
         """Keep posted documents in the object store under ``uploads/<id>/`` for jobs of
         the same key to use (``documents_upload: <id>``). Only .txt, .md and .pdf files,
         by name and by content; the upload must give at least one usable passage."""
-        from airoboros.generator.instructors.documents import (
-            SUFFIXES,
-            DocumentsError,
-            load_passages,
-        )
+        from airoboros.documents import SUFFIXES, DocumentsError, load_passages
 
         if not files:
             raise ConfigError(["files: send one or more files in the multipart field 'files'"])
@@ -245,7 +248,7 @@ class TopicsService:
         self._starting.add(job_id)
         try:
             job = await self.store.get_job(job_id)
-            from airoboros.topics.cull import is_cull_job
+            from airoboros.topics.cull.worker import is_cull_job
 
             if is_cull_job(job.config):  # a cull step, not a generation: resume it here
                 self.culls.start(job_id)
@@ -254,19 +257,6 @@ class TopicsService:
                 self.settings, job.config, api_key=await self.store.llm_api_key(job_id)
             )
             await self.unpack_uploads(cfg)
-            plan = make_plan(cfg)
-            topics = await self._topics(job_id, cfg)
-            from airoboros.generator.registry import implemented_instructors
-
-            impl = implemented_instructors()
-            pickers: dict[str, TopicPicker | None] = {}
-            for name in plan.active:
-                cls = impl[name]
-                pickers[name] = (
-                    TopicPicker(topics, cls.topic_mode, random.Random(self._rng.random()))
-                    if cls.uses_topics and topics
-                    else None
-                )
 
             async def on_finish(outcome: JobOutcome) -> None:
                 if outcome.status in EXPORTED:
@@ -277,62 +267,30 @@ class TopicsService:
                     ):
                         await self.export_or_retry_later(job_id)
 
-            async def on_artifacts(cards: list[Artifact]) -> None:
+            adapters = JobAdapters(
+                store=self.store,
+                publish=self.bus.publish,
+                topics=ObjectTopics(self.objects, f"jobs/{job_id}/topics.txt"),
                 # Cards are kept beside the job's exports, one JSON object each.
-                for card in cards:
-                    key = f"jobs/{job_id}/characters/{card_file_name(card)}"
-                    if not await self.objects.exists(key):
-                        await self.objects.put_bytes(key, card_json(card).encode())
-
-            ctl = JobController(
-                job_id,
-                cfg,
-                self.store,
-                self.bus.publish,
-                active=plan.active,
-                pickers=pickers,
+                cards=CardShelf(self.objects, f"jobs/{job_id}/characters/"),
                 on_finish=on_finish,
-                on_artifacts=on_artifacts,
                 trace_context=job.trace_context,
             )
+            llm = make_llm(cfg)  # for the job's topics, if it needs them generated
+            try:
+                _, ctl = await open_job(
+                    job_id, cfg, adapters, llm, rng=random.Random(self._rng.random())
+                )
+            finally:
+                await llm.close()
             self.controllers[job_id] = ctl
+            await self.post(job_id, "running")
             await ctl.start()
         except Exception as exc:
             log.exception("job %s could not start", job_id)
             await self.store.set_job_status(job_id, "failed", f"could not start: {exc}")
         finally:
             self._starting.discard(job_id)
-
-    async def _topics(self, job_id: str, cfg: Config) -> list[str]:
-        """Inline topics, or topics generated once per job and kept in the object store
-        (services share no file system, so topics_path files do not apply)."""
-        from airoboros.generator.registry import implemented_instructors
-
-        impl = implemented_instructors()
-        if not any(impl[n].uses_topics for n in cfg.instructors if n in impl):
-            return []
-        if cfg.topics:
-            return unique(cfg.topics)
-        key = f"jobs/{job_id}/topics.txt"
-        if await self.objects.exists(key):
-            return [t for t in (await self.objects.get_bytes(key)).decode().splitlines() if t]
-        llm = make_llm(cfg)
-        try:
-            topics = await generate_topics(cfg, llm, None)
-        finally:
-            await llm.close()
-            u = llm.meter.by_instructor.get("topics")
-            if u is not None:
-                await self.store.add_stats(
-                    job_id,
-                    "topics",
-                    requests=u.requests,
-                    prompt_tokens=u.prompt_tokens,
-                    completion_tokens=u.completion_tokens,
-                    cost=u.cost,
-                )
-        await self.objects.put_bytes(key, ("\n".join(topics) + "\n").encode())
-        return topics
 
     async def cull(self, job_id: str, request: Any, principal: Principal) -> dict[str, Any]:
         """Cull a finished job's rows into a new job (airoboros.topics.cull)."""
@@ -411,9 +369,22 @@ class TopicsService:
             for j in await self.store.list_jobs(owner=owner)
         ]
 
+    async def post(self, job_id: str, status: str) -> None:
+        """Tell the workers the job's status (and, while it runs, its own key). Best
+        effort: with the board's Redis down the workers wait anyway, and the next tick
+        writes it again."""
+        try:
+            key = await self.store.llm_api_key(job_id) if status == "running" else None
+            await self.board.post(job_id, status, api_key=key)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            log.warning("job %s: cannot post its status to the job board: %s", job_id, exc)
+
     async def cancel(self, job_id: str, principal: Principal) -> dict[str, Any]:
         await self.job(job_id, principal)
         await self.store.request_cancel(job_id)
+        await self.post(job_id, "cancelled")  # workers stop paying for it now
         ctl = self.controllers.get(job_id)
         if ctl is not None:
             await ctl.tick()
@@ -423,7 +394,7 @@ class TopicsService:
         """Run a stopped job again: every category short of its count is tried again
         from the stored counts (no earlier stop is kept as a verdict)."""
         job = await self.job(job_id, principal)
-        from airoboros.topics.cull import is_cull_job
+        from airoboros.topics.cull.worker import is_cull_job
 
         if is_cull_job(job.config):
             raise JobConflict("a cull job cannot be resumed; post the cull again")
@@ -558,7 +529,7 @@ class TopicsService:
         )
         llm = make_llm(cfg)
         try:
-            return await generate_topics(cfg, llm, None)
+            return await generate_topics(cfg, llm)
         finally:
             await llm.close()
 
@@ -630,9 +601,12 @@ class TopicsService:
                 self.controllers.pop(job_id, None)  # lost the lease (we were too slow)
                 continue
             await ctl.tick()
+            if not ctl.finished:
+                await self.post(job_id, "running")  # a Redis that lost it has it again
         for job_id, ctl in list(self.controllers.items()):
             if ctl.finished:
                 self.controllers.pop(job_id, None)
+                await self.post(job_id, ctl.outcome.status if ctl.outcome else "failed")
                 await self.store.release_lease(job_id, self.owner)
         await self.retry_exports()
 

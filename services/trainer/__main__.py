@@ -4,8 +4,8 @@ import asyncio
 import sys
 
 from airoboros import telemetry
-from airoboros.cli import setup_logging
 from airoboros.errors import ConfigError
+from airoboros.logs import setup_logging
 from airoboros.settings import TrainerSettings
 from airoboros.trainer.worker import run_worker
 

@@ -10,9 +10,9 @@ import os
 import sys
 
 from airoboros import telemetry
-from airoboros.cli import setup_logging
 from airoboros.contracts import DatasetExported
 from airoboros.errors import ConfigError
+from airoboros.logs import setup_logging
 from airoboros.settings import TrainerSettings
 from airoboros.store import SqlStore
 from airoboros.trainer.pipeline import check_base_model

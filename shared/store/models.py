@@ -49,6 +49,8 @@ class Job(Base):
     #: the job has ended and its export has yet to be written (retried while it fails)
     export_pending: Mapped[bool] = mapped_column(Boolean, default=False)
     export_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: why the budget stopped a batch (the meter refused a call), until a resume
+    budget_note: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now
@@ -100,6 +102,8 @@ class InstructorProgress(Base):
     wasted_tokens: Mapped[float] = mapped_column(Float, default=0.0)
     last_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     skipped: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: places dealt from the instructor's deck of material (documents' passages)
+    cursor: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Row(Base):
@@ -162,7 +166,7 @@ class DedupeVector(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-class DeadLetter(Base):
+class DeadLetterRow(Base):
     """A message that failed every delivery, kept so the job's status can show it."""
 
     __tablename__ = "dead_letters"

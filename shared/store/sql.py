@@ -31,7 +31,7 @@ from airoboros.errors import NotFoundError, StoreError
 from airoboros.store.models import (
     AdapterRecord,
     ArtifactRow,
-    DeadLetter,
+    DeadLetterRow,
     DedupeVector,
     InstructorProgress,
     Job,
@@ -84,6 +84,8 @@ class JobRecord:
     #: its export is still to be written (the object store was unavailable)
     export_pending: bool = False
     export_error: str | None = None
+    #: why the budget stopped a batch of the job (until it is resumed)
+    budget_note: str | None = None
 
 
 #: The counters of one instructor of a job (the name the store's callers know them by).
@@ -259,7 +261,7 @@ class SqlStore:
 
     async def delete_job(self, job_id: str) -> None:
         async with self._s() as s, s.begin():
-            for table in (Row, Task, ProcessedMessage, DedupeVector, DeadLetter, ArtifactRow):
+            for table in (Row, Task, ProcessedMessage, DedupeVector, DeadLetterRow, ArtifactRow):
                 await s.execute(delete(table).where(table.job_id == job_id))
             # Instructors' own dedupe indexes are namespaced "<job_id>:<instructor>".
             await s.execute(
@@ -449,6 +451,14 @@ class SqlStore:
                         )
                     )
                     _write(prog, counts)
+                    if error == "budget_exhausted":
+                        # A call the budget could not fit: the job ends once its batches
+                        # in flight are in, whichever replica drives it.
+                        await s.execute(
+                            update(Job)
+                            .where(Job.id == job_id)
+                            .values(budget_note=error_message or "budget exhausted")
+                        )
                     await s.execute(
                         update(Task)
                         .where(Task.task_id == task_id, Task.status == "in_flight")
@@ -700,6 +710,15 @@ class SqlStore:
             prog = await self._progress(s, job_id, instructor)
             prog.skipped = reason
 
+    async def advance_cursor(self, job_id: str, instructor: str, n: int) -> int:
+        """Move the instructor's cursor ``n`` places on; returns where it was (the places
+        ``start .. start + n - 1`` are the caller's, whatever other writers do)."""
+        async with self._s() as s, s.begin():
+            prog = await self._progress(s, job_id, instructor)
+            start = prog.cursor or 0
+            prog.cursor = start + n
+            return start
+
     async def resume_job(self, job_id: str) -> JobRecord:
         """Start a stopped (or rerun) job again from its stored counts: running, no
         cancel, and no verdict of an earlier run kept (streaks and skips reset)."""
@@ -709,6 +728,7 @@ class SqlStore:
                 raise NotFoundError(f"no job {job_id!r}")
             job.status, job.detail, job.finished_at = "running", None, None
             job.cancel_requested = False
+            job.budget_note = None
             job.updated_at = datetime.now(UTC)
             progs = (
                 await s.execute(
@@ -872,14 +892,18 @@ class SqlStore:
     ) -> None:
         async with self._s() as s, s.begin():
             s.add(
-                DeadLetter(queue=queue, body=body, job_id=job_id, message_id=message_id, kind=kind)
+                DeadLetterRow(
+                    queue=queue, body=body, job_id=job_id, message_id=message_id, kind=kind
+                )
             )
 
     async def dead_letters(self, job_id: str) -> list[dict[str, Any]]:
         async with self._s() as s:
             rows = (
                 await s.execute(
-                    select(DeadLetter).where(DeadLetter.job_id == job_id).order_by(DeadLetter.id)
+                    select(DeadLetterRow)
+                    .where(DeadLetterRow.job_id == job_id)
+                    .order_by(DeadLetterRow.id)
                 )
             ).scalars()
             return [
@@ -966,6 +990,7 @@ def _job_record(job: Job) -> JobRecord:
         job.owner,
         bool(job.export_pending),
         job.export_error,
+        job.budget_note,
     )
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from airoboros.cli.embedded import Generation
 from airoboros.config import load_config
 from airoboros.contracts import BatchStats, GenerateBatch
 from airoboros.generator.instructors.base import Ctx
 from airoboros.generator.instructors.inline import TRIVIA_DETAIL, Trivia
-from airoboros.pipeline import Generation
 from tests.e2e.helpers import cli_env, read_rows, run_cli, write_config
 from tests.fakes.llm_server import REFUSAL_TEXT
 

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from airoboros.cli.embedded import Generation
 from airoboros.config import load_config
 from airoboros.embeddings import l2_threshold_to_cosine
 from airoboros.generator.instructors.contextual import valid_block
 from airoboros.generator.instructors.inline import TRIVIA_DETAIL
-from airoboros.pipeline import Generation
 from airoboros.store import SqlStore
 from tests.e2e.helpers import ALL_INSTRUCTORS, read_rows, write_config
 

@@ -1,4 +1,4 @@
-"""Answers the cull judge (services/generator/prompts/judge.txt) for the scripted server.
+"""Answers the cull judge (services/topics/cull/judge.txt) for the scripted server.
 
 Deterministic from the row: BAD when the reply contains ``BADANSWER``, a reply that is
 neither word when it contains ``JUDGEGARBLE``, GOOD otherwise.

@@ -147,7 +147,7 @@ async def test_unknown_unfinished_and_bad_body(env: Env) -> None:
 
 
 async def test_a_cull_whose_task_died_is_resumed_by_the_next_tick(env: Env) -> None:
-    from airoboros.topics import cull as cull_mod
+    from airoboros.topics.cull import ledger as cull_mod
 
     saved: list[int] = []
     real_save = cull_mod.StoreLedger.save

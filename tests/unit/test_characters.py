@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from airoboros.cli.embedded import Generation
 from airoboros.config import load_config
 from airoboros.generator.instructors.characters import (
     RpTurnError,
@@ -18,7 +19,6 @@ from airoboros.generator.instructors.characters import (
     parse_cards,
     parse_turn,
 )
-from airoboros.pipeline import Generation
 from airoboros.store import SqlStore
 from tests.e2e.helpers import read_rows, write_config
 

@@ -1,4 +1,4 @@
-"""airoboros.generator.cull: clusters, the judge, the decisions, resume, bad input.
+"""airoboros.topics.cull: clusters, the judge, the decisions, resume, bad input.
 
 Uses the real all-MiniLM-L6-v2 embedder and the scripted server, whose judge answerer
 (tests/fakes/answer_judge.py) says BAD to a reply holding BADANSWER, GOOD otherwise.
@@ -18,19 +18,19 @@ import numpy as np
 import pytest
 
 from airoboros.config import Config, parse_config
-from airoboros.generator.cull import (
+from airoboros.topics.cull.engine import (
     CullInputError,
     CullRow,
     CullStateError,
-    FileLedger,
     Judge,
     build_plan,
-    cull_files,
     greedy_clusters,
     judge_threshold,
     parse_verdict,
     read_jsonl,
 )
+from airoboros.topics.cull.files import cull_files
+from airoboros.topics.cull.ledger import FileLedger
 from tests.e2e.helpers import REPO, airoboros_cmd, cli_env, run_cli
 
 FRANCE = [

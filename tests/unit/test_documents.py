@@ -11,23 +11,23 @@ from typing import Any
 
 import pytest
 
+from airoboros.cli.embedded import Generation
 from airoboros.config import Config, load_config, parse_config
 from airoboros.contracts import BatchStats, GenerateBatch
+from airoboros.documents import DocumentsError, load_passages, split_document, split_sentences
 from airoboros.errors import ConfigError
 from airoboros.generator.instructors.base import Ctx
 from airoboros.generator.instructors.contextual import valid_block
 from airoboros.generator.instructors.documents import (
     QA,
     Documents,
-    DocumentsError,
     grounding_problem,
-    load_passages,
     normalize,
     parse_qa,
-    split_document,
-    split_sentences,
 )
-from airoboros.pipeline import Generation
+from airoboros.store import SqlStore
+from airoboros.topics.controller import StoreSources
+from airoboros.topics.inputs import batch_inputs
 from tests.e2e.helpers import read_rows, write_config
 from tests.fakes.answer_documents import GROUNDED_PREFIX
 
@@ -222,36 +222,71 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
 # --- handing passages to batches --------------------------------------------------------
 
 
+async def sources(tmp_path: Path, job_id: str = "job") -> tuple[SqlStore, StoreSources]:
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'store.sqlite'}")
+    await store.connect()
+    await store.ensure_job(job_id, config={}, targets={"documents": 100})
+    return store, StoreSources(store, job_id)
+
+
 async def test_batch_inputs_cover_every_passage_before_repeating(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
     for f in range(3):
-        write(tmp_path, f"doc{f}.txt", "\n\n".join(para(f * 10 + i) for i in range(4)))
-    cfg = config_for(tmp_path, passage_words=50, questions_per_passage=2)
-    total = len(load_passages(tmp_path, 50))
+        write(docs, f"doc{f}.txt", "\n\n".join(para(f * 10 + i) for i in range(4)))
+    cfg = config_for(docs, passage_words=50, questions_per_passage=2)
+    total = len(load_passages(docs, 50))
     assert total >= 6
     rng = random.Random(3)
+    store, src = await sources(tmp_path)
     seen: list[str] = []
     for _ in range(total // 2):
-        inputs = await Documents.batch_inputs(cfg, "documents", None, 4, rng)  # type: ignore[arg-type]
+        inputs = await batch_inputs(cfg, "documents", src, 4, rng, job_id="job")
         assert inputs is not None and len(inputs) == 2  # ceil(4 questions / 2 per passage)
         seen.extend(f"{d['source']}#{d['index']}" for d in inputs)
     assert len(seen) == len(set(seen)) == total - total % 2
     # The next round starts over once everything was handed out.
     more: list[str] = []
     for _ in range(total):
-        inputs = await Documents.batch_inputs(cfg, "documents", None, 4, rng)  # type: ignore[arg-type]
+        inputs = await batch_inputs(cfg, "documents", src, 4, rng, job_id="job")
         assert inputs is not None
         assert len({(d["source"], d["index"]) for d in inputs}) == len(inputs)
         more.extend(f"{d['source']}#{d['index']}" for d in inputs)
-    assert set(seen + more) == {f"{p.source}#{p.index}" for p in load_passages(tmp_path, 50)}
+    assert set(seen + more) == {f"{p.source}#{p.index}" for p in load_passages(docs, 50)}
     # Random order, not file order.
     assert seen != sorted(seen)
+    await store.close()
+
+
+async def test_the_deck_survives_a_restart(tmp_path: Path) -> None:
+    """Where the deck stands is in the store: a new controller (a restart, another
+    replica) deals on from there, never handing a passage out twice in a round."""
+    docs = tmp_path / "docs"
+    for f in range(2):
+        write(docs, f"doc{f}.txt", "\n\n".join(para(f * 10 + i) for i in range(4)))
+    cfg = config_for(docs, passage_words=50, questions_per_passage=1)
+    total = len(load_passages(docs, 50))
+    store, src = await sources(tmp_path)
+    first = await batch_inputs(cfg, "documents", src, 2, random.Random(1), job_id="job")
+    await store.close()
+    store, again = await sources(tmp_path)  # the same store, opened anew
+    dealt = [*(first or [])]
+    while len(dealt) < total:
+        dealt += (
+            await batch_inputs(cfg, "documents", again, 1, random.Random(2), job_id="job") or []
+        )
+    keys = [f"{d['source']}#{d['index']}" for d in dealt]
+    assert len(keys) == len(set(keys)) == total
+    await store.close()
 
 
 async def test_batch_inputs_without_material_is_none(tmp_path: Path) -> None:
-    write(tmp_path, "a.txt", para(1, sentences=5))
-    cfg = config_for(tmp_path)
-    (tmp_path / "a.txt").unlink()
-    assert await Documents.batch_inputs(cfg, "documents", None, 4, random.Random(1)) is None  # type: ignore[arg-type]
+    docs = tmp_path / "docs"
+    write(docs, "a.txt", para(1, sentences=5))
+    cfg = config_for(docs)
+    (docs / "a.txt").unlink()
+    store, src = await sources(tmp_path)
+    assert await batch_inputs(cfg, "documents", src, 4, random.Random(1), job_id="job") is None
+    await store.close()
 
 
 # --- parsing and grounding ------------------------------------------------------------

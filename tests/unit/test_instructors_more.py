@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from airoboros.catalog import validate_instructor
+from airoboros.cli.embedded import Generation
 from airoboros.config import InstructorConfig, load_config, parse_config
 from airoboros.contracts import BatchStats, GenerateBatch, Item
 from airoboros.generator.instructors.base import PROMPTS_DIR, Ctx, Filtered, Instructor
@@ -31,8 +33,8 @@ from airoboros.generator.instructors.longform import (
     load_seeds,
     parse_experience,
 )
-from airoboros.generator.registry import create, implemented_instructors, validate_instructor
-from airoboros.pipeline import Generation, make_llm
+from airoboros.generator.registry import create, implemented_instructors
+from airoboros.llm.factory import make_llm
 from tests.e2e.helpers import read_rows, write_config
 from tests.fakes.llm_server import ServerThread
 
@@ -115,7 +117,7 @@ async def test_prompts_render_fully_and_rows_have_the_right_shape(name, llm_serv
     if name == "detailed_writing":
         keys["word_count"] = 150
     inst = made(name, srv.base_url, language="Klingon", **keys)
-    topics = ["tide pools", "old maps", "glass bells"] if inst.uses_topics else None
+    topics = ["tide pools", "old maps", "glass bells"] if inst.spec.uses_topics else None
     rows, stats = await rows_of(inst, 3, topics=topics)
 
     assert rows, stats

@@ -67,14 +67,14 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 
 
 def test_default_map_covers_every_category_the_generator_makes() -> None:
-    from airoboros.generator.registry import implemented_instructors, known_instructors
+    from airoboros.catalog import CATALOG, known_instructors
 
     m = load_expert_map(None)
     assert m.names == ["qa", "creative", "code", "reasoning", "function", "general"]
     row_categories = known_instructors() - NON_ROW_CATEGORIES
     assert {c for c in row_categories if m.expert_for(c) is None} == set()
     # the only categories that never become rows are the card-making instructors
-    cards = {n for n, cls in implemented_instructors().items() if cls.phase == "cards"}
+    cards = {n for n, s in CATALOG.items() if s.phase == "cards"}
     assert cards == set(NON_ROW_CATEGORIES)
 
 

@@ -14,9 +14,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from airoboros import metrics, telemetry
 from airoboros.bus import InMemoryBus
-from airoboros.cli import JsonFormatter
 from airoboros.contracts import BatchCompleted, GenerateBatch
 from airoboros.health import HealthServer
+from airoboros.logs import JsonFormatter
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ import pytest
 from airoboros.config import parse_config
 from airoboros.contracts import Item
 from airoboros.errors import ConfigError
-from airoboros.generator.instructors.base import parse_pairs, parse_tasks, render
+from airoboros.generator.instructors.base import parse_pairs, parse_tasks
 from airoboros.generator.instructors.contextual import valid_block
 from airoboros.store import SqlStore
+from airoboros.templates import render
 from airoboros.topics.sink import JsonlSink
 from airoboros.topics.topics import (
     TopicPicker,

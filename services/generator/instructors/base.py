@@ -20,12 +20,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from airoboros.catalog import CATALOG, InstructorSpec
 from airoboros.config import Config, InstructorConfig
 from airoboros.contracts import Artifact, BatchStats, Candidate, GenerateBatch, Item
 from airoboros.llm import LLMClient, ResponseFilter
 from airoboros.llm.filters import REFUSAL_OPENINGS
+from airoboros.templates import render
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +35,6 @@ log = logging.getLogger(__name__)
 current_batch: ContextVar[BatchStats | None] = ContextVar("current_batch", default=None)
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
-
-
-def render(template: str, **values: Any) -> str:
-    """Fill ``{name}`` placeholders that have a value; leave every other brace alone
-    (prompts may contain JSON or code examples)."""
-    return _PLACEHOLDER.sub(
-        lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template
-    )
 
 
 def load_prompt(name_or_path: str) -> str:
@@ -80,27 +73,6 @@ def parse_pairs(text: str, start: str = "QUESTION", end: str = "ANSWER") -> list
         if q and a:
             pairs.append((q, a))
     return pairs
-
-
-#: The phases of a job, in order. An instructor's batches are dispatched only once every
-#: instructor of the earlier phases is done: editor needs writing rows, the card-based
-#: instructors need the cards, and the cards come after the main phase (as the original).
-PHASES = ("main", "editor", "cards", "characters")
-
-
-class Sources(Protocol):
-    """What the controller can hand an instructor's batches (read from the job's store)."""
-
-    async def rows(
-        self, categories: list[str], n: int, *, unused_by: str | None = None
-    ) -> list[Item]:
-        """Up to ``n`` random dataset rows of these categories; with ``unused_by``, only
-        rows whose response no row of that category has as its response yet."""
-        ...
-
-    async def cards(self) -> list[Artifact]:
-        """Every character card of the job."""
-        ...
 
 
 @dataclass
@@ -206,25 +178,10 @@ class Instructor:
     """Base class. Subclasses set ``name`` and implement ``propose``/``respond``."""
 
     name: ClassVar[str]
-    #: does this instructor's prompt take topics (``{topics}``/``{topic}``)?
-    uses_topics: ClassVar[bool] = False
     #: apply response_filters and the refusal check to its calls
     filter_responses: ClassVar[bool] = True
     #: prompt file name in prompts/ (without the path)
     prompt_file: ClassVar[str] = ""
-    #: how topics are picked per batch: "rotate" (sequential from a random start) or "sample"
-    topic_mode: ClassVar[str] = "rotate"
-    #: the job phase this instructor runs in (see PHASES)
-    phase: ClassVar[str] = "main"
-    #: which dedupe index candidates are screened against: "dataset" (the job's, shared by
-    #: every instructor), "own" (one for this instructor alone: a re-answered row must not
-    #: be rejected as a copy of its source) or "none"
-    dedupe_scope: ClassVar[str] = "dataset"
-    #: what batch_inputs needs, for the message when there is none ("writing rows")
-    needs: ClassVar[str] = "source material"
-    #: counted rows one requested item is expected to make before any batch has finished
-    #: (the controller learns the true yield from then on): batches are sized by it
-    rows_per_item: ClassVar[float] = 1.0
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -232,30 +189,10 @@ class Instructor:
         path = ctx.inst.prompt_path or self.prompt_file or f"{self.name}.txt"
         self.prompt_template = load_prompt(path) if prompt_exists(path) else ""
 
-    # --- configuration ----------------------------------------------------------------
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        """Problems with instructor-specific keys, each as 'key: message'."""
-        problems: list[str] = []
-        if cfg.prompt_path and not prompt_exists(cfg.prompt_path):
-            problems.append(f"prompt_path: file not found: {cfg.prompt_path}")
-        if cfg.response_prompt_path and not prompt_exists(cfg.response_prompt_path):
-            problems.append(f"response_prompt_path: file not found: {cfg.response_prompt_path}")
-        return problems
-
-    @classmethod
-    def implied(cls, config: Config) -> list[str]:
-        """Categories this one needs that the config may not list (cards for rp)."""
-        return []
-
-    @classmethod
-    async def batch_inputs(
-        cls, config: Config, name: str, sources: Sources, batch_size: int, rng: random.Random
-    ) -> list[dict[str, Any]] | None:
-        """Controller side: the material one batch needs, carried in
-        ``GenerateBatch.inputs``. An empty list: none needed. None: nothing to work
-        from (no writing rows for editor), so the instructor is skipped."""
-        return []
+    @property
+    def spec(self) -> InstructorSpec:
+        """What planning knows of this instructor (phase, topics, dedupe scope, ...)."""
+        return CATALOG[self.name]
 
     # --- LLM helpers ------------------------------------------------------------------
     def params(self, **overrides: Any) -> dict[str, Any]:
@@ -431,7 +368,6 @@ class TaskListInstructor(Instructor):
     """Step 1: a ``TSK n.`` list. Step 2: one response per accepted task, with the
     ``<name>_response.txt`` prompt when one exists, else the raw task."""
 
-    uses_topics = True
     response_prompt_file: ClassVar[str | None] = None
     #: filter the responses (step 2) as well as the task list
     filter_task_responses: ClassVar[bool] = True

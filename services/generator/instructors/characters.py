@@ -10,33 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import hashlib
-import json
 import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from airoboros.config import Config, InstructorConfig
+from airoboros.cards import CARD_KIND, card_data, card_name
 from airoboros.contracts import Artifact, BatchStats, Candidate, GenerateBatch, Item
-from airoboros.generator.instructors.base import (
-    Filtered,
-    Instructor,
-    Sources,
-    load_prompt,
-    render,
-)
-
-CARD_KIND = "character"
-#: the categories that need cards; a config with any of them gets a `character` phase
-CARD_USERS = ("stylized_response", "gtkm", "awareness", "rp")
-
-FIRST_NAMES = [
-    "Ava", "Ben", "Chloe", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
-    "Kira", "Liam", "Maya", "Nikolai", "Olivia", "Pavel", "Quinn", "Rosa", "Sam", "Tariq",
-    "Uma", "Victor", "Wen", "Ximena", "Yusuf", "Zoe",
-]  # fmt: skip
+from airoboros.generator.instructors.base import Filtered, Instructor, load_prompt
+from airoboros.templates import render
 
 #: rules appended to every in-character system prompt (never stored in the dataset)
 CHARACTER_RULES = (
@@ -44,59 +27,6 @@ CHARACTER_RULES = (
     "Respect the character's era and knowledge. If a warning is truly needed, put it at the "
     "very end after the word REMINDER:."
 )
-
-
-def card_name(card: Artifact | dict[str, Any]) -> str:
-    return card.name if isinstance(card, Artifact) else str(card["name"])
-
-
-def card_data(card: Artifact | dict[str, Any]) -> dict[str, Any]:
-    return card.data if isinstance(card, Artifact) else dict(card.get("data", card))
-
-
-def card_file_name(card: Artifact) -> str:
-    """The original's file name: the md5 of the description."""
-    description = str(card.data.get("description", card.name))
-    return hashlib.md5(description.encode("utf-8")).hexdigest() + ".json"
-
-
-def card_json(card: Artifact) -> str:
-    """The original's card file: {description, stay_in_character, name}."""
-    return json.dumps(
-        {
-            "description": card.data.get("description", ""),
-            "stay_in_character": card.data.get("stay_in_character", ""),
-            "name": card.name,
-        },
-        ensure_ascii=False,
-        indent=2,
-    )
-
-
-def read_card_files(folder: Path) -> list[Artifact]:
-    """Cards saved by an earlier run (ours or the original's) in ``folder``."""
-    cards = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(raw, dict) and raw.get("name") and raw.get("description"):
-            cards.append(
-                Artifact(
-                    kind=CARD_KIND,
-                    name=str(raw["name"]),
-                    data={
-                        "description": str(raw["description"]),
-                        "stay_in_character": str(raw.get("stay_in_character", "")),
-                    },
-                )
-            )
-    return cards
-
-
-def card_inputs(cards: Sequence[Artifact]) -> list[dict[str, Any]]:
-    return [{"name": c.name, "data": c.data} for c in cards]
 
 
 # --- character ----------------------------------------------------------------------------
@@ -119,25 +49,8 @@ class Character(Instructor):
     as the job's artifacts, unique by name, never written as rows."""
 
     name = "character"
-    phase = "cards"
     prompt_file = "character.txt"
     filter_responses = False
-    dedupe_scope = "own"
-
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        seed = cfg.extra("seed_path")
-        if seed is not None and not Path(str(seed)).is_dir():
-            problems.append(f"seed_path: not a folder: {seed}")
-        return problems
-
-    @classmethod
-    async def batch_inputs(
-        cls, config: Config, name: str, sources: Sources, batch_size: int, rng: random.Random
-    ) -> list[dict[str, Any]] | None:
-        taken = [c.name for c in await sources.cards()]
-        return [{"taken": taken[-200:]}]
 
     def _example(self) -> str:
         seed = self.ctx.inst.extra("seed_path")
@@ -196,13 +109,7 @@ def parse_cards(text: str) -> list[tuple[str, str]]:
 
 
 class _CardUser(Instructor):
-    phase = "characters"
     filter_responses = False
-    needs = "character cards"
-
-    @classmethod
-    def implied(cls, config: Config) -> list[str]:
-        return ["character"]
 
     @staticmethod
     def system_for(card: dict[str, Any]) -> str:
@@ -215,7 +122,6 @@ class _CardUser(Instructor):
 
 # --- stylized_response -------------------------------------------------------------------
 
-DEFAULT_STYLIZED_CATEGORIES = ["experience", "general", "joke", "riddle", "trivia"]
 SKIP_RULE = (
     "If answering in this character would not change the answer in any way, reply with "
     "only the word SKIP."
@@ -227,32 +133,6 @@ class StylizedResponse(_CardUser):
     the character alone (rules and the SKIP escape hatch are not stored)."""
 
     name = "stylized_response"
-    dedupe_scope = "own"  # one character answers one instruction once
-    needs = "character cards and rows of the chosen categories"
-
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        cats = cfg.extra("categories")
-        if cats is not None and (
-            not isinstance(cats, list) or not all(isinstance(c, str) for c in cats)
-        ):
-            problems.append("categories: must be a list of category names")
-        return problems
-
-    @classmethod
-    async def batch_inputs(
-        cls, config: Config, name: str, sources: Sources, batch_size: int, rng: random.Random
-    ) -> list[dict[str, Any]] | None:
-        cards = await sources.cards()
-        cats = config.instructors[name].extra("categories") or DEFAULT_STYLIZED_CATEGORIES
-        rows = await sources.rows(list(cats), batch_size)
-        if not cards or not rows:
-            return None
-        return [
-            {"instruction": r.instruction, "card": card_inputs([rng.choice(cards)])[0]}
-            for r in rows
-        ]
 
     async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
         return [
@@ -291,16 +171,6 @@ class Gtkm(_CardUser):
 
     name = "gtkm"
     prompt_file = "gtkm.txt"
-    dedupe_scope = "none"
-
-    @classmethod
-    async def batch_inputs(
-        cls, config: Config, name: str, sources: Sources, batch_size: int, rng: random.Random
-    ) -> list[dict[str, Any]] | None:
-        cards = await sources.cards()
-        if not cards:
-            return None
-        return [{"card": card_inputs([rng.choice(cards)])[0], "user": rng.choice(FIRST_NAMES)}]
 
     async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
         card, user = task.inputs[0]["card"], task.inputs[0]["user"]
@@ -374,8 +244,6 @@ _AWARE_BLOCK = re.compile(
     r"CONTEXTUALANSWER:\s*(?P<ca>.*?)\s*(?=QUESTION:|\Z)",
     re.S,
 )
-AI_CARD = re.compile(r"\b(AI|artificial intelligence)\b", re.I)
-CHARACTER_ASPECTS = ["their body and physical sensations", "their surroundings", "their senses"]
 
 
 def parse_awareness(text: str, *, with_context: bool) -> list[dict[str, str]]:
@@ -396,26 +264,6 @@ class Awareness(_CardUser):
     character variant gives the plain row and an in-character transcript row."""
 
     name = "awareness"
-    dedupe_scope = "dataset"
-
-    @classmethod
-    async def batch_inputs(
-        cls, config: Config, name: str, sources: Sources, batch_size: int, rng: random.Random
-    ) -> list[dict[str, Any]] | None:
-        cards = [c for c in await sources.cards() if not AI_CARD.search(str(c.data))]
-        roll = rng.random()
-        if roll < 0.2:
-            return [{"variant": "location"}]
-        if roll < 0.4 or not cards:
-            return [{"variant": "temporal"}]
-        return [
-            {
-                "variant": "character",
-                "card": card_inputs([rng.choice(cards)])[0],
-                "user": rng.choice(FIRST_NAMES),
-                "aspect": rng.choice(CHARACTER_ASPECTS),
-            }
-        ]
 
     async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
         spec: dict[str, Any] = task.inputs[0] if task.inputs else {"variant": "temporal"}
@@ -516,30 +364,7 @@ class Rp(_CardUser):
     far as the instruction, skip_prompt_formatting); the chat counts once."""
 
     name = "rp"
-    uses_topics = True
     prompt_file = "rp_setting.txt"
-    dedupe_scope = "own"  # on the setting: no two chats from the same scene
-    needs = "at least two character cards"
-
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        turns = cfg.extra("turn_count", 50)
-        if not isinstance(turns, int) or turns < 2:
-            problems.append("turn_count: must be an integer of at least 2")
-        return problems
-
-    @classmethod
-    async def batch_inputs(
-        cls, config: Config, name: str, sources: Sources, batch_size: int, rng: random.Random
-    ) -> list[dict[str, Any]] | None:
-        cards = await sources.cards()
-        if len(cards) < 2:
-            return None
-        n = rng.choices([2, 3, 4], weights=[0.85, 0.12, 0.03])[0]
-        picked = rng.sample(cards, min(n, len(cards)))
-        delimiter = rng.choice(["*", "~"]) if rng.random() < 2 / 3 else None
-        return [{"cards": card_inputs(picked), "delimiter": delimiter}]
 
     def _training_system(self, cards: list[dict[str, Any]], setting: str, delim: str | None) -> str:
         names = [c["name"] for c in cards]

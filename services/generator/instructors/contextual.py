@@ -5,14 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from airoboros.config import InstructorConfig
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch
-from airoboros.generator.instructors.base import (
-    Filtered,
-    TaskListInstructor,
-    gather_candidates,
-    render,
-)
+from airoboros.generator.instructors.base import Filtered, TaskListInstructor, gather_candidates
+from airoboros.templates import render
 
 # A body is any text that does not itself contain a marker (so a missing ENDCONTEXT or
 # ENDINPUT cannot be papered over by the next block's markers).
@@ -52,15 +47,6 @@ class Contextual(TaskListInstructor):
     name = "contextual"
     response_prompt_file = "contextual_response.txt"
     topic_label = "Text"
-
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        for key in ("context_styles", "formatting_options"):
-            v = cfg.extra(key)
-            if v is not None and (not isinstance(v, list) or not v):
-                problems.append(f"{key}: must be a non-empty list")
-        return problems
 
     def _values(self, topic: str | None) -> dict[str, Any]:
         rng = self.ctx.rng

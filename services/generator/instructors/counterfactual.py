@@ -22,13 +22,9 @@ import re
 from dataclasses import dataclass
 
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
-from airoboros.generator.instructors.base import (
-    Ctx,
-    Instructor,
-    load_prompt,
-    render,
-)
+from airoboros.generator.instructors.base import Ctx, Instructor, load_prompt
 from airoboros.generator.instructors.contextual import valid_block
+from airoboros.templates import render
 
 #: requests for the source, one added to about half of the questions (the same one on
 #: both versions of a fact, so that the two rows differ only in the context)
@@ -111,8 +107,6 @@ def wrap(text: str, question: str, source: str | None) -> str:
 
 class CounterfactualContextual(Instructor):
     name = "counterfactual_contextual"
-    #: each fact makes two rows: the true and the falsified version
-    rows_per_item = 2.0
     response_prompt_file = "counterfactual_contextual_response.txt"
 
     def __init__(self, ctx: Ctx) -> None:

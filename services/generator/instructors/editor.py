@@ -7,12 +7,9 @@ teaches the reverse: the damaged text in, the original out.
 
 from __future__ import annotations
 
-import random
-from typing import Any
-
-from airoboros.config import Config
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
-from airoboros.generator.instructors.base import Filtered, Instructor, Sources, render
+from airoboros.generator.instructors.base import Filtered, Instructor
+from airoboros.templates import render
 
 DEFECTS = [
     "a few misspelled words",
@@ -28,24 +25,7 @@ EDIT_INSTRUCTION = "Rewrite the following text to improve/correct it.\n\nText: {
 
 class Editor(Instructor):
     name = "editor"
-    phase = "editor"
     prompt_file = "editor.txt"
-    #: sources are chosen unused first (below); a dedupe reservation would lose a writing
-    #: row for good whenever its edit failed
-    dedupe_scope = "none"
-    needs = "writing rows"
-
-    @classmethod
-    async def batch_inputs(
-        cls, config: Config, name: str, sources: Sources, batch_size: int, rng: random.Random
-    ) -> list[dict[str, Any]] | None:
-        # Writing rows not edited yet first; once all are, any (each edit differs).
-        rows = await sources.rows(["writing"], batch_size, unused_by=name)
-        if not rows:
-            rows = await sources.rows(["writing"], batch_size)
-        if not rows:
-            return None
-        return [{"text": r.response} for r in rows]
 
     async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
         return [Candidate(instruction=i["text"], dedupe_text=i["text"]) for i in task.inputs]

@@ -6,7 +6,6 @@ import re
 import string
 from typing import Any
 
-from airoboros.config import InstructorConfig
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
 from airoboros.generator.instructors.base import Filtered, InlineInstructor
 
@@ -23,8 +22,6 @@ class Trivia(InlineInstructor):
     second time without it, for an answer with context (an extra row)."""
 
     name = "trivia"
-    #: about half the questions are asked again for a detail row
-    rows_per_item = 1.5
 
     def accept_pair(self, instruction: str, response: str) -> bool:
         answer = response.strip().strip(".!\"'").lower()
@@ -90,15 +87,6 @@ class MultipleChoice(InlineInstructor):
     must appear verbatim among the question's options."""
 
     name = "multiple_choice"
-    uses_topics = True
-
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        ratio = cfg.extra("contextual_ratio", 0.2)
-        if not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
-            problems.append("contextual_ratio: must be a number between 0 and 1")
-        return problems
 
     @property
     def flesch_default(self) -> str:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from airoboros.config import InstructorConfig
+from airoboros.catalog import read_seed_tasks
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
 from airoboros.generator.instructors.base import (
     PROMPTS_DIR,
@@ -21,18 +21,8 @@ from airoboros.generator.instructors.base import (
     Instructor,
     gather_candidates,
     load_prompt,
-    render,
 )
-
-
-def positive_int_problem(cfg: InstructorConfig, key: str) -> str | None:
-    v = cfg.extra(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        return f"{key}: must be a positive whole number of words"
-    return None
-
+from airoboros.templates import render
 
 # --- experience -------------------------------------------------------------------------
 
@@ -73,13 +63,6 @@ class Experience(Instructor):
 
     name = "experience"
     filter_responses = False
-
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        if p := positive_int_problem(cfg, "word_count"):
-            problems.append(p)
-        return problems
 
     @property
     def word_count(self) -> int:
@@ -140,9 +123,9 @@ DEFAULT_SEEDS = "detailed_writing_seeds.txt"
 
 
 def load_seeds(path: str) -> list[str]:
-    """Seed tasks, without their BEGINEXAMPLE/ENDEXAMPLE markers. ``path`` is a folder of
-    ``*.txt`` files, one seed each (the original's layout), or one file of
-    BEGINEXAMPLE ... ENDEXAMPLE blocks; a user path wins over the packaged file."""
+    """Seed tasks (airoboros.catalog.read_seed_tasks) from ``path``: a folder of ``*.txt``
+    files or one file of BEGINEXAMPLE ... ENDEXAMPLE blocks; a user path wins over the
+    packaged file."""
     p = Path(path)
     source = next(
         (c for c in (p, PROMPTS_DIR / p.name, PROMPTS_DIR / f"{p.stem}.txt") if c.exists()),
@@ -150,16 +133,7 @@ def load_seeds(path: str) -> list[str]:
     )
     if source is None:
         raise FileNotFoundError(f"seed path not found: {path}")
-    files = sorted(source.glob("*.txt")) if source.is_dir() else [source]
-    seeds: list[str] = []
-    for f in files:
-        text = f.read_text(encoding="utf-8")
-        blocks = _EXAMPLE.findall(text)
-        if blocks:
-            seeds.extend(b.strip() for b in blocks)
-        else:
-            seeds.append(text.strip())
-    return [s for s in seeds if s]
+    return read_seed_tasks(source)
 
 
 def clean_task(text: str) -> str:
@@ -179,7 +153,6 @@ class DetailedWriting(Instructor):
     times. The stored instruction says how long the answer actually is."""
 
     name = "detailed_writing"
-    uses_topics = True
     filter_responses = False
     response_prompt_file: ClassVar[str] = "detailed_writing_response.txt"
     #: tries per call of step 2 (an empty or truncated answer is asked again)
@@ -193,23 +166,6 @@ class DetailedWriting(Instructor):
         if not self.seeds:
             raise ValueError(f"{self.name}: no seed tasks found")
         self._seed_index = ctx.rng.randrange(len(self.seeds))
-
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        if p := positive_int_problem(cfg, "word_count"):
-            problems.append(p)
-        seed_path = cfg.extra("seed_path")
-        if seed_path is not None:
-            if not isinstance(seed_path, str):
-                problems.append("seed_path: must be a path")
-            else:
-                try:
-                    if not load_seeds(seed_path):
-                        problems.append(f"seed_path: no seed tasks in {seed_path}")
-                except FileNotFoundError:
-                    problems.append(f"seed_path: not found: {seed_path}")
-        return problems
 
     @property
     def word_count(self) -> int:

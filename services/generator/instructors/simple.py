@@ -27,7 +27,6 @@ from airoboros.generator.instructors.base import InlineInstructor, Instructor, T
 
 class Cot(TaskListInstructor):
     name = "cot"
-    uses_topics = False
     response_prompt_file = "cot_response.txt"
     filter_responses = False
     filter_task_responses = False
@@ -35,19 +34,16 @@ class Cot(TaskListInstructor):
 
 class Plan(TaskListInstructor):
     name = "plan"
-    uses_topics = False
     filter_responses = False
     filter_task_responses = False
 
 
 class Roleplay(TaskListInstructor):
     name = "roleplay"
-    uses_topics = False
 
 
 class Song(TaskListInstructor):
     name = "song"
-    uses_topics = False
 
 
 class Misconception(InlineInstructor):

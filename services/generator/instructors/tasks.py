@@ -5,19 +5,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from airoboros.config import InstructorConfig
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
 from airoboros.generator.instructors.base import Filtered, TaskListInstructor
 
 
 class General(TaskListInstructor):
     name = "general"
-    topic_mode = "sample"
 
 
 class WordGame(TaskListInstructor):
     name = "wordgame"
-    uses_topics = False
 
 
 DEFAULT_STYLES = [
@@ -42,16 +39,6 @@ class Writing(TaskListInstructor):
         )
         return {"style_extra": style_extra}
 
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        styles = cfg.extra("styles")
-        if styles is not None and (
-            not isinstance(styles, list) or not all(isinstance(s, str) for s in styles)
-        ):
-            problems.append("styles: must be a list of strings")
-        return problems
-
 
 _FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
@@ -66,22 +53,7 @@ class Coding(TaskListInstructor):
     instruction ends with " PLAINFORMAT" and the response is bare code."""
 
     name = "coding"
-    uses_topics = False
     filter_task_responses = False
-
-    @classmethod
-    def validate(cls, cfg: InstructorConfig) -> list[str]:
-        problems = super().validate(cfg)
-        langs = cfg.extra("coding_languages")
-        if not langs or not isinstance(langs, list):
-            problems.append("coding_languages: required, a list of programming languages")
-        rs = cfg.extra("related_software")
-        if rs is not None and not isinstance(rs, list):
-            problems.append("related_software: must be a list")
-        ratio = cfg.extra("plain_ratio", 0.5)
-        if not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
-            problems.append("plain_ratio: must be a number between 0 and 1")
-        return problems
 
     @property
     def plain_ratio(self) -> float:

@@ -137,8 +137,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from airoboros.cli import setup_logging
     from airoboros.errors import ConfigError
+    from airoboros.logs import setup_logging
 
     args = parse_args(argv)
     setup_logging(args.debug)

@@ -63,7 +63,7 @@ def _read_rows(paths: list[Path]) -> Iterator[Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from airoboros.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+    from airoboros.cli.codes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
     from airoboros.exports import FORMATS, ExportError, export_rows, resolve_format
 
     def fail(message: str, code: int) -> int:

@@ -1,5 +1,5 @@
 """The cull step of the topics API: ``POST /v1/jobs/{id}/cull`` culls a finished job's
-rows (airoboros.generator.cull) into a new job, whose rows are the kept rows.
+rows (airoboros.topics.cull.engine) into a new job, whose rows are the kept rows.
 
 The new job is an ordinary job record (status running, then done; rows, items and export
 as for any job) whose config is the source's plus ``cull_of: <source id>``. It runs in the
@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,17 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from airoboros.contracts import JobEvent
 from airoboros.errors import AiroborosError, BudgetExhausted, NotFoundError
-from airoboros.generator.cull import (
-    INSTRUCTOR,
+from airoboros.topics.cull.engine import (
     LEGACY_CATEGORIES,
     PASS_THROUGH,
-    CullCounts,
-    CullPlan,
     CullRow,
-    CullStateError,
-    Decision,
     Judge,
-    Verdict,
     build_plan,
     fingerprint,
     judge_concurrency,
@@ -45,13 +38,13 @@ from airoboros.generator.cull import (
     make_judge_llm,
     run_units,
 )
-from airoboros.llm.accounting import Usage
+from airoboros.topics.cull.ledger import StoreLedger
+from airoboros.topics.lifecycle import preload_usage, record_usage
 from airoboros.web import Principal
 from airoboros.worker import job_config
 
 if TYPE_CHECKING:
     from airoboros.ports import Embedder
-    from airoboros.store import StoredItem
     from airoboros.topics.service import TopicsService
 
 log = logging.getLogger(__name__)
@@ -84,94 +77,6 @@ class CullUnavailable(AiroborosError):
 
 def is_cull_job(config: dict[str, Any]) -> bool:
     return bool(config.get(CULL_OF))
-
-
-class StoreLedger:
-    """A cull job's progress: the plan and ``progress.json`` in the object store, the
-    kept rows in the SQL store (one per cluster, by source_id)."""
-
-    def __init__(
-        self,
-        svc: TopicsService,
-        job_id: str,
-        items: Sequence[StoredItem],
-        rows: Sequence[CullRow],
-        save_every: float = 2.0,
-    ) -> None:
-        self.svc = svc
-        self.job_id = job_id
-        self.items = items
-        self.rows = rows
-        self.prefix = f"jobs/{job_id}/cull"
-        self.save_every = save_every
-        self.committed = 0
-        self.verdicts: dict[int, Verdict] = {}
-        self.counts = CullCounts()
-        self.plan: CullPlan | None = None
-        self._saved_at = 0.0
-        self._saved = -1
-
-    async def load_plan(self, fp: str) -> CullPlan | None:
-        key = f"{self.prefix}/plan.json"
-        if not await self.svc.objects.exists(key):
-            return None
-        plan = CullPlan.from_json(json.loads(await self.svc.objects.get_bytes(key)))
-        if plan.fingerprint != fp:
-            raise CullStateError(
-                "the source job's rows or the cull settings changed since this cull started"
-            )
-        return plan
-
-    async def save_plan(self, plan: CullPlan) -> None:
-        await self.svc.objects.put_bytes(
-            f"{self.prefix}/plan.json", json.dumps(plan.to_json()).encode()
-        )
-
-    async def open(self) -> None:
-        key = f"{self.prefix}/progress.json"
-        if not await self.svc.objects.exists(key):
-            return
-        data = json.loads(await self.svc.objects.get_bytes(key))
-        self.committed = int(data["committed"])
-        self.counts = CullCounts.from_json(data["counts"])
-        self.verdicts = {int(k): Verdict(bool(g), e) for k, (g, e) in data["verdicts"].items()}
-        self._saved = self.committed
-
-    async def save(self) -> None:
-        """Write the progress (the rows of every decision counted in it are already in
-        the store, so a resume from it repeats no row)."""
-        if self._saved == self.committed and self._saved_at:
-            return
-        data = {
-            "committed": self.committed,
-            "counts": self.counts.to_json(),
-            "verdicts": {str(k): [int(v.good), v.error] for k, v in self.verdicts.items()},
-        }
-        await self.svc.objects.put_bytes(f"{self.prefix}/progress.json", json.dumps(data).encode())
-        self._saved = self.committed
-        self._saved_at = time.monotonic()
-
-    async def record_verdict(self, index: int, verdict: Verdict) -> None:
-        pass  # saved with the next progress
-
-    async def commit(self, decisions: Sequence[Decision]) -> None:
-        assert self.plan is not None
-        batch = []
-        for d in decisions:
-            # One source_id per decision: a decision repeated after a crash (whose judge may
-            # pick another member) still writes at most one row.
-            leader = self.items[self.plan.units[d.unit].members[0]].seq
-            for i in d.write:
-                item = self.items[i].item
-                if item.category != self.rows[i].category:  # a legacy category name
-                    item = item.model_copy(update={"category": self.rows[i].category})
-                batch.append((f"cull:{leader}", item))
-        await self.svc.store.add_items(self.job_id, batch, cap=False)
-        for d in decisions:
-            d.apply(self.counts)
-        self.committed = decisions[-1].unit + 1
-        if time.monotonic() - self._saved_at >= self.save_every:
-            await self.save()
 
 
 class CullJobs:
@@ -289,19 +194,7 @@ class CullJobs:
             for it in items
         ]
         llm = make_judge_llm(cfg, judge_model(cfg))
-        before = (await store.stats(job_id)).get(INSTRUCTOR)
-        if before is not None:
-            llm.meter.preload(
-                INSTRUCTOR,
-                Usage(
-                    requests=before.requests,
-                    prompt_tokens=before.prompt_tokens,
-                    completion_tokens=before.completion_tokens,
-                    cost=before.cost,
-                ),
-            )
-        start = llm.meter.by_instructor.get(INSTRUCTOR) or Usage()
-        start = Usage(start.requests, start.prompt_tokens, start.completion_tokens, start.cost)
+        await preload_usage(store, job_id, llm.meter)
         ledger = StoreLedger(self.svc, job_id, items, rows)
         try:
             await self.svc.bus.publish(JobEvent(job_id=job_id, status="running"))
@@ -342,17 +235,8 @@ class CullJobs:
                 await ledger.save()
             await self._finish(job_id, "failed", f"{type(exc).__name__}: {exc}")
         finally:
-            u = llm.meter.by_instructor.get(INSTRUCTOR)
-            if u is not None:
-                with contextlib.suppress(Exception):
-                    await store.add_stats(
-                        job_id,
-                        INSTRUCTOR,
-                        requests=u.requests - start.requests,
-                        prompt_tokens=u.prompt_tokens - start.prompt_tokens,
-                        completion_tokens=u.completion_tokens - start.completion_tokens,
-                        cost=u.cost - start.cost,
-                    )
+            with contextlib.suppress(Exception):
+                await record_usage(store, job_id, llm.meter)
             await llm.close()
 
 

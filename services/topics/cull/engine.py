@@ -1,6 +1,7 @@
 """Culling: drop near-duplicates and poor rows from finished datasets with an LLM judge.
 
-``airoboros cull-instructions`` and the topics API's cull step share this engine:
+The engine of ``airoboros cull-instructions`` (airoboros.topics.cull.files) and of the
+topics API's cull step (airoboros.topics.cull.worker):
 
 1. Rows are grouped by category (the legacy ``reasoning_or_math`` is read as ``orca``).
    Categories whose rows are transcripts, multi-part or derived from other rows
@@ -10,7 +11,7 @@
    unclustered row of its category at least as similar as the category's threshold
    (``min_docsearch_score`` as a cosine), at most ``cull_max_k`` rows in all. Coding rows
    with and without the `` PLAINFORMAT`` suffix never share a cluster.
-3. The judge (prompts/judge.txt) answers GOOD or BAD for every member of every cluster,
+3. The judge (judge.txt, beside this module) answers GOOD or BAD for every member of every cluster,
    singletons included. A cluster keeps its longest good member (instruction + response)
    and is dropped when no member is good. A judge call that fails after the client's
    retries counts as good, and is counted; auth and unknown-model errors stop the run,
@@ -29,25 +30,23 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from airoboros.config import DEFAULT_API_PARAMS, Config
 from airoboros.embeddings import l2_threshold_to_cosine
 from airoboros.errors import AiroborosError, AuthError, ConfigError, LLMError, ModelNotFoundError
+from airoboros.templates import render
 
 if TYPE_CHECKING:
     from airoboros.llm import LLMClient
-    from airoboros.llm.accounting import Usage
     from airoboros.ports import Embedder
 
 log = logging.getLogger(__name__)
@@ -357,16 +356,19 @@ def judge_model(config: Config) -> str:
     return str(params.get("model") or config.scoring.get("model") or config.model)
 
 
-def judge_prompt_template(config: Config) -> str:
-    from airoboros.generator.instructors.base import load_prompt, prompt_exists
+#: The judge's own prompt, shipped beside this module.
+JUDGE_PROMPT = Path(__file__).resolve().parent / DEFAULT_PROMPT
 
-    path = str(config.scoring.get("prompt_path") or DEFAULT_PROMPT)
-    if not prompt_exists(path):
-        if Path(path).name == ORIGINAL_PROMPT:
-            path = DEFAULT_PROMPT
-        else:
-            raise ConfigError([f"scoring.prompt_path: file not found: {path}"])
-    return load_prompt(path)
+
+def judge_prompt_template(config: Config) -> str:
+    """``scoring.prompt_path`` (a user file), else ours; the original's ``filter.txt``,
+    or our own file's name, without such a file, gets ours."""
+    path = Path(str(config.scoring.get("prompt_path") or DEFAULT_PROMPT))
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.name in (DEFAULT_PROMPT, ORIGINAL_PROMPT):
+        return JUDGE_PROMPT.read_text(encoding="utf-8")
+    raise ConfigError([f"scoring.prompt_path: file not found: {path}"])
 
 
 class Judge:
@@ -393,8 +395,6 @@ class Judge:
         }
 
     def messages(self, row: CullRow) -> list[dict[str, str]]:
-        from airoboros.generator.instructors.base import render
-
         has_system = bool(row.system and row.system.strip())
         system = (row.system or "").strip()
         prompt = render(
@@ -436,7 +436,7 @@ class Judge:
 
 
 @dataclass
-class CategoryCounts:
+class CategoryTally:
     kept: int = 0
     dropped: int = 0
     passed: int = 0
@@ -448,13 +448,13 @@ class CategoryCounts:
 class CullCounts:
     """Rows kept, dropped and passed through, judge errors, and clusters, per category."""
 
-    by_category: dict[str, CategoryCounts] = field(default_factory=dict)
+    by_category: dict[str, CategoryTally] = field(default_factory=dict)
 
-    def cat(self, category: str) -> CategoryCounts:
-        return self.by_category.setdefault(category, CategoryCounts())
+    def cat(self, category: str) -> CategoryTally:
+        return self.by_category.setdefault(category, CategoryTally())
 
-    def total(self) -> CategoryCounts:
-        t = CategoryCounts()
+    def total(self) -> CategoryTally:
+        t = CategoryTally()
         for c in self.by_category.values():
             for k in ("kept", "dropped", "passed", "judge_errors", "clusters"):
                 setattr(t, k, getattr(t, k) + getattr(c, k))
@@ -465,7 +465,7 @@ class CullCounts:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CullCounts:
-        return cls({k: CategoryCounts(**v) for k, v in data.items()})
+        return cls({k: CategoryTally(**v) for k, v in data.items()})
 
     def summary(self) -> str:
         t = self.total()
@@ -586,152 +586,6 @@ async def run_units(
     return ledger.counts
 
 
-# --- files: the CLI -------------------------------------------------------------------------
-
-
-def _fsync(f: IO[Any]) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        _fsync(f)
-    os.replace(tmp, path)
-
-
-class FileLedger:
-    """Progress beside the output: ``<output>.cull-plan.json`` (the clusters, written once)
-    and ``<output>.cull-journal`` (JSON lines: verdicts as they arrive, and after each
-    batch of decisions the output's length, the counts and the usage so far).
-
-    A commit appends rows to the output and fsyncs it before the journal records the new
-    length; a resume truncates the output to the last recorded length, so rows written
-    after it (by a run killed before recording them) are written again exactly once."""
-
-    def __init__(self, output: Path, source: Sequence[SourceLine]) -> None:
-        self.output = output
-        self.plan_path = output.with_name(output.name + ".cull-plan.json")
-        self.journal_path = output.with_name(output.name + ".cull-journal")
-        self.source = source
-        self.committed = 0
-        self.verdicts: dict[int, Verdict] = {}
-        self.counts = CullCounts()
-        self.usage: dict[str, float] = {}
-        self.usage_fn: Callable[[], dict[str, float]] | None = None
-        self._offset = 0
-        self._out: IO[bytes] | None = None
-        self._journal: IO[bytes] | None = None
-
-    @property
-    def state_files(self) -> list[Path]:
-        return [self.plan_path, self.journal_path]
-
-    def load_plan(self, fingerprint: str) -> CullPlan | None:
-        """The stored plan, None when there is none. Raises CullStateError when it was
-        made from other inputs or settings, or when the output is not the one it wrote."""
-        if not self.plan_path.exists():
-            if self.output.exists() and self.output.stat().st_size > 0:
-                raise CullInputError(
-                    f"{self.output}: exists and holds rows this cull did not write; "
-                    "remove it or choose another --output"
-                )
-            return None
-        try:
-            plan = CullPlan.from_json(json.loads(self.plan_path.read_text(encoding="utf-8")))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CullStateError(
-                f"{self.plan_path}: unreadable ({exc}); delete it, {self.journal_path.name} "
-                "and the output to start over"
-            ) from None
-        if plan.fingerprint != fingerprint:
-            raise CullStateError(
-                f"{self.plan_path}: a cull with other inputs or settings was started here; "
-                f"rerun it as it was, or delete {self.plan_path.name}, "
-                f"{self.journal_path.name} and {self.output.name} to start over"
-            )
-        return plan
-
-    def save_plan(self, plan: CullPlan) -> None:
-        self.journal_path.unlink(missing_ok=True)
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.plan_path, json.dumps(plan.to_json()).encode())
-
-    def open(self) -> None:
-        """Replay the journal, then truncate the output to its last committed length."""
-        good_len = 0
-        if self.journal_path.exists():
-            with self.journal_path.open("rb") as f:
-                for raw in f:
-                    try:
-                        rec = json.loads(raw)
-                    except ValueError:
-                        break  # a line torn by the kill: everything after it is dropped
-                    if not raw.endswith(b"\n"):
-                        break
-                    good_len += len(raw)
-                    if "v" in rec:
-                        self.verdicts[int(rec["v"])] = Verdict(bool(rec["g"]), rec.get("e"))
-                    elif "c" in rec:
-                        self.committed = int(rec["c"])
-                        self._offset = int(rec["o"])
-                        self.counts = CullCounts.from_json(rec["n"])
-                        self.usage = dict(rec.get("u") or {})
-        self._journal = self.journal_path.open("ab")
-        self._journal.truncate(good_len)
-        if not self.output.exists():
-            self.output.touch()
-        size = self.output.stat().st_size
-        if size < self._offset:
-            raise CullStateError(
-                f"{self.output}: shorter than the rows already committed to it; it was "
-                f"changed since. Delete it with {self.plan_path.name} and "
-                f"{self.journal_path.name} to start over"
-            )
-        self._out = self.output.open("r+b")
-        self._out.truncate(self._offset)
-        self._out.seek(self._offset)
-
-    def close(self) -> None:
-        for f in (self._out, self._journal):
-            if f is not None:
-                f.close()
-        self._out = self._journal = None
-
-    def _append(self, rec: dict[str, Any], *, sync: bool) -> None:
-        assert self._journal is not None
-        self._journal.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
-        if sync:
-            _fsync(self._journal)
-        else:
-            self._journal.flush()
-
-    async def record_verdict(self, index: int, verdict: Verdict) -> None:
-        rec: dict[str, Any] = {"v": index, "g": int(verdict.good)}
-        if verdict.error is not None:
-            rec["e"] = verdict.error
-        self._append(rec, sync=False)
-
-    async def commit(self, decisions: Sequence[Decision]) -> None:
-        assert self._out is not None
-        data = b"".join(
-            (self.source[i].output_line() + "\n").encode() for d in decisions for i in d.write
-        )
-        if data:
-            self._out.write(data)
-            _fsync(self._out)
-            self._offset += len(data)
-        for d in decisions:
-            d.apply(self.counts)
-        self.committed = decisions[-1].unit + 1
-        rec: dict[str, Any] = {"c": self.committed, "o": self._offset, "n": self.counts.to_json()}
-        if self.usage_fn is not None:
-            rec["u"] = self.usage_fn()
-        self._append(rec, sync=True)
-
-
 def fingerprint(
     lines: Iterable[str], rows: Sequence[CullRow], config: Config, extra: dict[str, Any]
 ) -> str:
@@ -753,20 +607,6 @@ def fingerprint(
     return h.hexdigest()
 
 
-@dataclass
-class CullResult:
-    output: Path
-    counts: CullCounts
-    rows_in: int
-    usage: Usage | None = None
-    #: row verdicts taken from an earlier, interrupted run
-    reused_verdicts: int = 0
-    #: units that were already decided when this run started
-    resumed_from: int = 0
-    units: int = 0
-    state_files: list[Path] = field(default_factory=list)
-
-
 def judge_concurrency(config: Config) -> int:
     """``judge.batch_size`` (the original's key) when set, else ``max_concurrency``; the
     LLM client's limiter bounds calls in flight either way."""
@@ -779,7 +619,7 @@ def judge_concurrency(config: Config) -> int:
 def make_judge_llm(config: Config, model: str) -> LLMClient:
     """The config's LLM client, with the judge's model priced for ``max_cost``."""
     from airoboros.llm import UsageMeter
-    from airoboros.pipeline import make_llm, prices_for
+    from airoboros.llm.factory import make_llm, prices_for
 
     prices = prices_for(config)
     if (p := config.price_for(model)) is not None:
@@ -788,212 +628,9 @@ def make_judge_llm(config: Config, model: str) -> LLMClient:
     return make_llm(config, meter=meter)
 
 
-async def cull_files(
-    config: Config,
-    inputs: Sequence[str | Path],
-    output: str | Path,
-    *,
-    embedder: Embedder | None = None,
-    llm: LLMClient | None = None,
-    threshold: int | None = None,
-    on_progress: ProgressFn | None = None,
-) -> CullResult:
-    """Cull ``inputs`` into ``output`` (see the module docstring), resuming the progress
-    kept beside ``output`` when there is one. ``embedder`` and ``llm`` default to the
-    config's; an ``llm`` given is not closed here."""
-    from airoboros.llm.accounting import Usage
-
-    out = Path(output)
-    source = read_jsonl(inputs)
-    for p in inputs:
-        if Path(p).resolve() == out.resolve():
-            raise CullInputError(f"{out}: the output cannot also be an input")
-    rows = [s.row for s in source]
-    own_llm = llm is None
-    client = llm or make_judge_llm(config, judge_model(config))
-    try:
-        judge = Judge(config, client, threshold=threshold)
-        ledger = FileLedger(out, source)
-        fp = fingerprint((s.raw for s in source), rows, config, {"judge": judge.settings_key()})
-        plan = ledger.load_plan(fp)
-        if plan is None:
-            if embedder is None and any(r.category not in PASS_THROUGH for r in rows):
-                embedder = await asyncio.to_thread(load_embedder, config)
-            if embedder is not None:
-                plan = await asyncio.to_thread(
-                    build_plan, rows, embedder=embedder, config=config, on_progress=on_progress
-                )
-            else:
-                plan = CullPlan([Unit(r.category, [i], judged=False) for i, r in enumerate(rows)])
-            plan.fingerprint = fp
-            ledger.save_plan(plan)
-        ledger.open()
-        try:
-            resumed_from = ledger.committed
-            reused = len(ledger.verdicts)
-            if ledger.usage:
-                client.meter.preload(
-                    INSTRUCTOR,
-                    Usage(
-                        requests=int(ledger.usage.get("requests", 0)),
-                        prompt_tokens=int(ledger.usage.get("prompt_tokens", 0)),
-                        completion_tokens=int(ledger.usage.get("completion_tokens", 0)),
-                        cost=float(ledger.usage.get("cost", 0.0)),
-                    ),
-                )
-
-            def usage_now() -> dict[str, float]:
-                u = client.meter.by_instructor.get(INSTRUCTOR)
-                if u is None:
-                    return {}
-                return {
-                    "requests": u.requests,
-                    "prompt_tokens": u.prompt_tokens,
-                    "completion_tokens": u.completion_tokens,
-                    "cost": u.cost,
-                }
-
-            ledger.usage_fn = usage_now
-            if resumed_from < len(plan.units):
-                if resumed_from:
-                    log.info(
-                        "resuming: %d of %d decisions already made, %d verdicts kept",
-                        resumed_from, len(plan.units), reused,
-                    )  # fmt: skip
-                if any(u.judged for u in plan.units[resumed_from:]):
-                    warning = await client.preflight(judge.model)
-                    if warning:
-                        log.warning(warning)
-                await run_units(
-                    plan,
-                    rows,
-                    judge,
-                    ledger,
-                    concurrency=judge_concurrency(config),
-                    on_progress=on_progress,
-                )
-            if on_progress is not None:
-                on_progress(Progress("done", len(plan.units), len(plan.units), ledger.counts))
-        finally:
-            ledger.close()
-        return CullResult(
-            out,
-            ledger.counts,
-            len(rows),
-            client.meter.by_instructor.get(INSTRUCTOR),
-            reused,
-            resumed_from,
-            len(plan.units),
-            ledger.state_files,
-        )
-    finally:
-        if own_llm:
-            await client.close()
-
-
 def load_embedder(config: Config) -> Embedder:
     from airoboros.embeddings import SentenceTransformerEmbedder
 
     return SentenceTransformerEmbedder(
         config.embedding_model, config.embedding_device, dtype=config.embedding_dtype
     )
-
-
-# --- progress and summary for the command line --------------------------------------------
-
-
-class PlainCullProgress:
-    """A log line at most every ``interval`` seconds (and at each phase's end)."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last = 0.0
-
-    def __call__(self, p: Progress) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval and p.done < p.total and p.phase != "done":
-            return
-        self._last = now
-        tail = f" · {p.counts.summary()}" if p.counts is not None else ""
-        log.info("cull %s: %d/%d%s", p.phase, p.done, p.total, tail)
-
-    def close(self) -> None:
-        pass
-
-
-class LiveCullProgress:
-    """A rich progress bar per phase, redrawn in place."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-        from rich.progress import Progress as Bar
-
-        self.bar = Bar(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[detail]}"),
-            console=Console(stderr=True),
-        )
-        self.bar.start()
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, p: Progress) -> None:
-        phase = "judging" if p.phase == "done" else p.phase
-        if phase not in self.tasks:
-            self.tasks[phase] = self.bar.add_task(phase, total=p.total, detail="")
-        detail = p.counts.summary() if p.counts is not None else ""
-        self.bar.update(self.tasks[phase], completed=p.done, total=p.total, detail=detail)
-
-    def close(self) -> None:
-        self.bar.stop()
-
-
-def make_cull_progress(force_plain: bool = False) -> PlainCullProgress | LiveCullProgress:
-    if not force_plain and sys.stderr.isatty():
-        return LiveCullProgress()
-    return PlainCullProgress()
-
-
-def summary_lines(result: CullResult) -> list[str]:
-    t = result.counts.total()
-    u = result.usage
-    lines = [
-        f"done: {t.kept + t.passed} of {result.rows_in} rows in {result.output} · "
-        f"kept {t.kept}, dropped {t.dropped}, passed through {t.passed}, "
-        f"judge errors {t.judge_errors}"
-        + (
-            f" · {u.requests} requests · {u.total_tokens:,} tokens · ${u.cost:.4f}"
-            if u is not None
-            else ""
-        )
-    ]
-    if result.resumed_from:
-        lines.append(
-            f"  resumed at decision {result.resumed_from} of {result.units} "
-            f"({result.reused_verdicts} verdicts reused)"
-        )
-    for name, c in sorted(result.counts.by_category.items()):
-        if c.passed:
-            lines.append(f"  {name:<26} {c.passed} passed through")
-        else:
-            lines.append(
-                f"  {name:<26} {c.clusters} clusters: {c.kept} kept, {c.dropped} dropped, "
-                f"{c.judge_errors} judge errors"
-            )
-    return lines
-
-
-def dry_run_lines(inputs: Iterable[str | Path], output: str | Path) -> list[str]:
-    """What a run would do, without embedding or calling the LLM."""
-    source = read_jsonl(list(inputs))
-    per: dict[str, int] = {}
-    for s in source:
-        per[s.row.category] = per.get(s.row.category, 0) + 1
-    lines = [f"would cull {len(source)} rows into {output}"]
-    for name, n in sorted(per.items()):
-        what = "passed through" if name in PASS_THROUGH else "clustered and judged"
-        lines.append(f"  {name:<26} {n:>6} rows  {what}")
-    return lines

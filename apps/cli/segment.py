@@ -46,7 +46,7 @@ def add_segment_parser(sub: Any) -> None:
 
 
 def cmd_segment_experts(args: argparse.Namespace) -> int:
-    from airoboros.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+    from airoboros.cli.codes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
     from airoboros.trainer.segment import (
         SegmentError,
         load_expert_map,

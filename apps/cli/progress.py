@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from airoboros.pipeline import Generation
+    from airoboros.cli.embedded import Generation
 
 log = logging.getLogger("airoboros.progress")
 
@@ -106,7 +106,7 @@ class LiveProgress:
         from rich.table import Table
 
         ctl: Any = gen.controller
-        table = Table(title=f"airoboros · {gen.plan.output_path}", expand=False)
+        table = Table(title=f"airoboros · {gen.config.output_path}", expand=False)
         for col in (
             "instructor",
             "accepted/target",
