@@ -22,8 +22,6 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from airoboros.contracts import JobEvent
 from airoboros.errors import AiroborosError, BudgetExhausted, NotFoundError
 from airoboros.generator.cull import (
@@ -46,6 +44,7 @@ from airoboros.generator.cull import (
     run_units,
 )
 from airoboros.llm.accounting import Usage
+from airoboros.protocol import CullRequest
 from airoboros.web import Principal
 from airoboros.worker import job_config
 
@@ -60,14 +59,6 @@ log = logging.getLogger(__name__)
 CULL_OF = "cull_of"
 #: Source statuses that can be culled: the job ended and its dataset was exported.
 CULLABLE = ("done", "budget_exhausted")
-
-
-class CullRequest(BaseModel):
-    """Body of ``POST /v1/jobs/{id}/cull`` (all optional)."""
-
-    model_config = ConfigDict(extra="forbid")
-    #: the judge keeps rows scoring at least this (0-100); default: the job's config
-    threshold: int | None = Field(default=None, ge=0, le=100)
 
 
 class JobNotFinished(AiroborosError):
