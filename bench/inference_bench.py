@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from airoboros.inference.backend import GenerationRequest, Sampling  # noqa: E402
+from airoboros.inference.backend import GenerationRequest, SamplingParams  # noqa: E402
 from airoboros.inference.engine import LocalEngine  # noqa: E402
 from airoboros.inference.settings import InferenceSettings  # noqa: E402
 from tests.fakes.tiny_llama import build_tiny_llama  # noqa: E402
@@ -204,7 +204,7 @@ async def run_ours(
                 adapter=adapter,
                 prompt=prompt,
                 max_tokens=max_tokens,
-                sampling=Sampling(temperature=0),
+                sampling=SamplingParams(temperature=0),
             )
         )
         text = "".join([c.text async for c in gen])

@@ -54,7 +54,7 @@ DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from airoboros.router.routing import RULES, Expert, Router, RoutingIndex  # noqa: E402
+from airoboros.router.routing import RULES, IndexedExpert, Router, RoutingIndex  # noqa: E402
 from tests.fakes import routing_samples  # noqa: E402
 
 EXPERTS = list(routing_samples.DOMAINS)
@@ -87,7 +87,9 @@ class Embeddings:
 
 
 def build(train: dict[str, list[str]], emb: Embeddings, k: int) -> RoutingIndex:
-    return RoutingIndex({n: Expert(n, n, emb(texts)) for n, texts in train.items() if texts}, k=k)
+    return RoutingIndex(
+        {n: IndexedExpert(n, n, emb(texts)) for n, texts in train.items() if texts}, k=k
+    )
 
 
 def accuracy(
@@ -164,7 +166,7 @@ def rule_latency(k: int, size: int, dim: int, n: int = 500) -> dict[str, list[fl
         v = rng.standard_normal((m, dim)).astype(np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
-    index = RoutingIndex({e: Expert(e, e, unit(size)) for e in EXPERTS}, k=k)
+    index = RoutingIndex({e: IndexedExpert(e, e, unit(size)) for e in EXPERTS}, k=k)
     queries = unit(n)
     out: dict[str, list[float]] = {}
     for rule in RULES:
@@ -243,7 +245,7 @@ def run_decision(embedder: Any, args: argparse.Namespace) -> None:
             reps = real[rng.integers(0, len(real), args.index_size - len(real))]
             noisy = reps + rng.normal(0, 0.05, reps.shape).astype(np.float32)
             noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
-            experts[e] = Expert(e, e, np.concatenate([real, noisy]).astype(np.float32))
+            experts[e] = IndexedExpert(e, e, np.concatenate([real, noisy]).astype(np.float32))
         router._index = RoutingIndex(experts, k=args.k)
         for t in texts[:10]:  # warm up
             await router.route(t)

@@ -1,10 +1,17 @@
 """One exception tree for the whole system.
 
 Edges (the CLI, HTTP routes, queue handlers) translate these into one error shape;
-nothing below the edges formats user-facing errors itself.
+nothing below the edges formats user-facing errors itself. Each class says how an HTTP
+API answers it (``http_status``, OpenAI's error ``type``, ``code``, ``param``); the one
+envelope builder is ``airoboros.web.error_response`` (the body: ``airoboros.protocol``).
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+#: statuses a client may retry (the OpenAI SDK's own list): ``x-should-retry`` is true
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class AiroborosError(Exception):
@@ -12,16 +19,51 @@ class AiroborosError(Exception):
 
     #: short machine-readable code, used in HTTP error bodies and job events
     code = "error"
+    #: the status an HTTP API answers with: an error raised on purpose is, unless a class
+    #: says otherwise, about what the caller sent
+    http_status = 400
+    #: OpenAI's error ``type``; None: ``invalid_request_error`` below 500, else
+    #: ``server_error``
+    error_type: str | None = None
+    #: the request field at fault, when there is one
+    param: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The envelope's ``type``."""
+        if self.error_type is not None:
+            return self.error_type
+        return "invalid_request_error" if self.http_status < 500 else "server_error"
+
+    def public_message(self) -> str:
+        """What an HTTP answer says (a class may say less than ``str()`` does)."""
+        return str(self)
+
+    def public_details(self) -> dict[str, Any]:
+        """Fields the envelope carries beside message, type, param and code."""
+        return {}
+
+    def http_headers(self) -> dict[str, str]:
+        """Headers of the answer (Retry-After, ...)."""
+        return {}
+
+    def should_retry(self) -> bool:
+        """The ``x-should-retry`` header: whether retrying the same request can help."""
+        return self.http_status in RETRYABLE_STATUSES
 
 
 class ConfigError(AiroborosError):
     """The configuration is invalid. ``problems`` lists every problem, each naming its key."""
 
     code = "invalid_config"
+    http_status = 422
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("; ".join(problems))
+
+    def public_details(self) -> dict[str, Any]:
+        return {"problems": self.problems}
 
     def __str__(self) -> str:
         # One line, whatever the number of problems: it is what the CLI prints.
@@ -48,6 +90,10 @@ class DependencyUnavailable(AiroborosError):
     Retry-After; a queue handler keeps its message and tries again."""
 
     code = "unavailable"
+    http_status = 503
+
+    def public_message(self) -> str:
+        return f"{self}; try again shortly"
 
 
 class BusError(AiroborosError):
@@ -64,6 +110,7 @@ class BusUnavailable(BusError, DependencyUnavailable):
 
 class NotFoundError(AiroborosError):
     code = "not_found"
+    http_status = 404
 
 
 class StoreError(AiroborosError):
@@ -152,10 +199,18 @@ class LLMError(AiroborosError):
 
     code = "llm_error"
     retryable = False
+    #: to an API's caller the LLM endpoint is an upstream server that failed
+    http_status = 502
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
+        #: the endpoint's HTTP status (not ours)
         self.status = status
+
+    def public_message(self) -> str:
+        # What the endpoint said, or which error it was, is not repeated: the answer must
+        # not tell a caller anything about an address (open port or not, what answered).
+        return f"the LLM endpoint failed ({self.code})"
 
 
 class RateLimitError(LLMError):
@@ -208,3 +263,165 @@ class BudgetExhausted(AiroborosError):
     """The job's token or money budget is spent; no new call may be made."""
 
     code = "budget_exhausted"
+
+
+# --- what the HTTP APIs answer (topics, router, inference) --------------------------------
+
+
+class ApiError(AiroborosError):
+    """An answer of an HTTP API in OpenAI's envelope ``{"error": {"message", "type",
+    "param", "code"}}``. The class gives the defaults (``http_status``, ``code``,
+    ``error_type``); one raise may set each of them, the headers of the answer, extra
+    envelope fields and whether the client should retry."""
+
+    code = "invalid_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+        retry: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.http_status = status
+        if type is not None:
+            self.error_type = type
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+        self.details = dict(details or {})
+        self._retry = retry
+
+    def public_details(self) -> dict[str, Any]:
+        return self.details
+
+    def http_headers(self) -> dict[str, str]:
+        return self.headers
+
+    def should_retry(self) -> bool:
+        return super().should_retry() if self._retry is None else self._retry
+
+
+class InvalidRequest(ApiError):
+    """The request cannot be served as sent (a 400 naming the field at fault)."""
+
+    code = "invalid_request"
+    http_status = 400
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (with the completion asked for) does not fit the model's context."""
+
+    code = "context_length_exceeded"
+
+
+class Unsupported(InvalidRequest):
+    """A request feature this server does not implement (rather than silently ignore)."""
+
+    code = "unsupported"
+
+
+class AdapterRejected(InvalidRequest):
+    """An adapter name, path, URI or its files are not acceptable."""
+
+    code = "invalid_adapter"
+
+
+class Unauthorized(ApiError):
+    """No API key, or not one of the server's."""
+
+    code = "invalid_api_key"
+    http_status = 401
+
+
+class UnknownModel(ApiError):
+    """The ``model`` (or expert) a request names is not served here. (Not the LLM client's
+    ``ModelNotFoundError``, which is an endpoint refusing our own request.)"""
+
+    code = "model_not_found"
+    http_status = 404
+
+
+class Conflict(AiroborosError):
+    """What is asked does not fit the state of what it is asked of (a job that is not
+    finished, a name that is taken): asking again will not change that."""
+
+    code = "conflict"
+    http_status = 409
+
+    def should_retry(self) -> bool:
+        return False  # the OpenAI SDK would retry a 409 by default
+
+
+class AdapterConflict(Conflict, ApiError):
+    """An adapter of that name is registered already (and ``replace`` was not asked)."""
+
+    code = "adapter_exists"
+
+
+class PayloadTooLarge(ApiError):
+    """The request body is larger than the server takes."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class RateLimited(ApiError):
+    """The caller's key used its requests per minute; ``retry-after`` says when to retry."""
+
+    code = "rate_limit_exceeded"
+    http_status = 429
+    error_type = "requests"
+
+
+class Overloaded(ApiError):
+    """The server has too many requests waiting."""
+
+    code = "overloaded"
+    http_status = 429
+
+
+class InternalError(ApiError):
+    """A failure no class above foresaw: the service's log has the details."""
+
+    code = "internal_error"
+    http_status = 500
+
+
+class BackendFailure(ApiError):
+    """Generation failed inside the generation backend (a crash, the TGI server failing)."""
+
+    code = "backend_error"
+    http_status = 500
+
+
+class BadGateway(ApiError):
+    """The server this one forwards to failed (5xx, or the connection broke after the
+    request was sent)."""
+
+    code = "backend_error"
+    http_status = 502
+
+
+class ServiceUnavailable(ApiError):
+    """The service cannot take the request now (starting, no backend reachable, the
+    routing index still loading); answered with Retry-After."""
+
+    code = "service_unavailable"
+    http_status = 503
+
+
+class AdapterUnavailable(ApiError):
+    """The adapter could not be loaded from its source (a store or file went away)."""
+
+    code = "adapter_unavailable"
+    http_status = 503

@@ -1,15 +1,36 @@
-"""What the HTTP APIs (topics, router, inference) share at their edge: the API-key check
-and the size-limited request body. Each API raises its own error type; these only decide."""
+"""What the HTTP APIs (topics, router, inference) share at their edge: the API-key check,
+the size-limited request body, and the one translation of errors into OpenAI's envelope
+(``error_response``), so that every API answers every error in the same shape."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+from airoboros.errors import (
+    AiroborosError,
+    ApiError,
+    InternalError,
+    ServiceUnavailable,
+    is_unavailable,
+)
+from airoboros.protocol import error_body
+
+if TYPE_CHECKING:
+    from starlette.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+#: seconds a client is told to wait (Retry-After) when a 503 names no time of its own
+RETRY_AFTER = 5
+#: the codes of the web framework's own errors (no route, wrong method)
+ROUTE_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 def bearer_token(authorization: str, keys: Sequence[bytes]) -> str | None:
@@ -74,3 +95,47 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
 
     content = {"application/json": {"schema": inline(schema)}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def error_envelope(exc: AiroborosError) -> dict[str, Any]:
+    """``exc`` as OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``
+    (plus the fields the error adds, such as a config's ``problems``): the body of an
+    error answer, or of the error event that ends a stream."""
+    return error_body(exc.public_message(), exc.kind, exc.code, exc.param, **exc.public_details())
+
+
+def error_response(exc: AiroborosError) -> JSONResponse:
+    """The one HTTP answer to an error of the tree: its status, the envelope,
+    ``x-should-retry`` (true only where a retry can help: the OpenAI SDK otherwise retries
+    every 408, 409, 429 and 5xx by itself), and Retry-After on every 503."""
+    from starlette.responses import JSONResponse
+
+    headers = {"x-should-retry": "true" if exc.should_retry() else "false"}
+    if exc.http_status == 503:
+        headers["retry-after"] = str(RETRY_AFTER)
+    headers.update(exc.http_headers())
+    return JSONResponse(error_envelope(exc), status_code=exc.http_status, headers=headers)
+
+
+def route_error(status: int, detail: Any, codes: dict[int, str] | None = None) -> ApiError:
+    """The web framework's own errors (no such route, wrong method, ...) as the tree's."""
+    code = {**ROUTE_CODES, **(codes or {})}.get(status, "error")
+    return ApiError(str(detail), status=status, code=code)
+
+
+def unexpected_error(
+    exc: BaseException, message: str, *, where: str = "", internal: type[ApiError] = InternalError
+) -> ApiError:
+    """An exception outside the tree: a 503 (Retry-After) when it says a dependency is down
+    (``is_unavailable``: the database, the broker, the object store), else a 500 with
+    ``message`` (``internal``'s code); logged either way, the traceback only for the 500."""
+    if is_unavailable(exc):
+        log.warning("%s: a dependency is down: %r", where or "request", exc)
+        return ServiceUnavailable(
+            "a dependency of the service is down; try again shortly", code="unavailable"
+        )
+    log.error("%s failed", where or "request", exc_info=exc)
+    return internal(message)

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from airoboros.errors import NotFoundError, StoreError
-from airoboros.inference.backend import AdapterRejected, AdapterUnavailable
+from airoboros.errors import AdapterRejected, AdapterUnavailable, NotFoundError, StoreError
 from airoboros.inference.settings import InferenceSettings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -24,49 +24,46 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airoboros import metrics, telemetry
-from airoboros.errors import ConfigError
-from airoboros.inference.adapters import check_name
-from airoboros.inference.backend import (
-    Backend,
+from airoboros.errors import (
+    AiroborosError,
     BackendFailure,
-    InferenceError,
+    ConfigError,
     InvalidRequest,
-    ModelNotFound,
     PayloadTooLarge,
+    Unauthorized,
 )
-from airoboros.inference.schemas import (
+from airoboros.inference.adapters import check_name
+from airoboros.inference.backend import GenerationBackend
+from airoboros.inference.service import InferenceService
+from airoboros.inference.settings import InferenceSettings
+from airoboros.protocol import (
+    ERROR_RESPONSES,
+    AdapterCard,
+    AdapterList,
     AdapterLoadRequest,
+    ChatCompletion,
     ChatCompletionRequest,
     CompletionRequest,
+    DeletedModel,
+    ModelCard,
+    ModelList,
+    TextCompletion,
+    completion_responses,
 )
-from airoboros.inference.service import InferenceService, error_body
-from airoboros.inference.settings import InferenceSettings
-from airoboros.web import bearer_token, json_body, read_body
+from airoboros.web import (
+    bearer_token,
+    error_response,
+    json_body,
+    read_body,
+    route_error,
+    unexpected_error,
+)
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
-def error_response(exc: InferenceError) -> JSONResponse:
-    headers = {}
-    if 400 <= exc.status < 500 and exc.status != 429:
-        headers["x-should-retry"] = "false"  # the OpenAI SDK would retry a 409
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
-
-
-class _Unauthorized(InferenceError):
-    code = "invalid_api_key"
-    status = 401
-
-
-class _RouteError(InferenceError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
-
-
-def make_backend(settings: InferenceSettings) -> Backend:
+def make_backend(settings: InferenceSettings) -> GenerationBackend:
     """The configured backend (not started). Raises ``ConfigError`` for settings that
     cannot work, before anything is loaded."""
     if settings.backend == "tgi":
@@ -87,24 +84,6 @@ def make_backend(settings: InferenceSettings) -> Backend:
     return LocalEngine(settings)
 
 
-#: A completion answers in JSON, or with ``stream: true`` as server-sent events: each one's
-#: data a JSON chunk, the last ``[DONE]`` (``itemSchema``: one event, as OpenAPI 3.2 has it).
-COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The completion; with ``stream``, its chunks as server-sent events.",
-        "content": {
-            "text/event-stream": {
-                "itemSchema": {
-                    "type": "object",
-                    "required": ["data"],
-                    "properties": {"data": {"type": "string"}},
-                }
-            }
-        },
-    }
-}
-
-
 def parse(model: type[M], body: bytes) -> M:
     if not body.strip():
         raise InvalidRequest("the request body is empty: send a JSON object")
@@ -122,7 +101,7 @@ def parse(model: type[M], body: bytes) -> M:
         raise InvalidRequest(problems, param=loc) from None
 
 
-def create_app(settings: InferenceSettings, engine: Backend | None = None) -> FastAPI:
+def create_app(settings: InferenceSettings, engine: GenerationBackend | None = None) -> FastAPI:
     """The composition root of the inference process. ``engine`` may be given by tests;
     it is started with the app and closed with it."""
     backend = engine if engine is not None else make_backend(settings)
@@ -165,8 +144,8 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
     app.state.service = service
     app.state.backend = backend
 
-    @app.exception_handler(InferenceError)
-    async def inference_error(_: Request, exc: InferenceError) -> JSONResponse:
+    @app.exception_handler(AiroborosError)
+    async def known_error(_: Request, exc: AiroborosError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -177,19 +156,20 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
         return error_response(InvalidRequest(problems))
 
     @app.exception_handler(StarletteHTTPException)
-    async def route_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(_RouteError(exc.status_code, str(exc.detail)))
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(route_error(exc.status_code, exc.detail))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return error_response(BackendFailure(f"internal error: {type(exc).__name__}"))
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        message = f"internal error: {type(exc).__name__}"
+        where = f"inference: {request.method} {request.url.path}"
+        return error_response(unexpected_error(exc, message, where=where, internal=BackendFailure))
 
     def authorize(request: Request) -> None:
         if not keys:
             return
         if bearer_token(request.headers.get("authorization", ""), keys) is None:
-            raise _Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
+            raise Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
 
     async def body_of(request: Request, model: type[M]) -> M:
         authorize(request)
@@ -197,9 +177,9 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
         too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
         return parse(model, await read_body(request, limit, too_large))
 
-    def respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
-        if isinstance(result, dict):
-            return JSONResponse(result)
+    def respond(result: BaseModel | AsyncIterator[str]) -> Response:
+        if isinstance(result, BaseModel):
+            return Response(result.model_dump_json(), media_type="application/json")
         return StreamingResponse(
             result,
             media_type="text/event-stream",
@@ -231,23 +211,20 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "starting"}, status_code=503)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def models(request: Request) -> ModelList:
         authorize(request)
         return service.models()
 
-    @app.get("/v1/models/{model_id}")
-    async def model(request: Request, model_id: str) -> dict[str, Any]:
+    @app.get("/v1/models/{model_id}", responses=ERROR_RESPONSES)
+    async def model(request: Request, model_id: str) -> ModelCard:
         authorize(request)
-        for m in service.models()["data"]:
-            if m["id"] == model_id:
-                return dict(m)
-        raise ModelNotFound(model_id)
+        return service.model(model_id)
 
     @app.post(
         "/v1/chat/completions",
         openapi_extra=json_body(ChatCompletionRequest),
-        responses=COMPLETION_RESPONSES,
+        responses=completion_responses(ChatCompletion),
     )
     async def chat(request: Request) -> Response:
         req = await body_of(request, ChatCompletionRequest)
@@ -259,7 +236,7 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
     @app.post(
         "/v1/completions",
         openapi_extra=json_body(CompletionRequest),
-        responses=COMPLETION_RESPONSES,
+        responses=completion_responses(TextCompletion),
     )
     async def completions(request: Request) -> Response:
         req = await body_of(request, CompletionRequest)
@@ -268,18 +245,20 @@ def create_app(settings: InferenceSettings, engine: Backend | None = None) -> Fa
         result = await unless_gone(request, service.completion(req))
         return Response(status_code=499) if result is None else respond(result)
 
-    @app.get("/v1/adapters")
-    async def list_adapters(request: Request) -> dict[str, Any]:
+    @app.get("/v1/adapters", responses=ERROR_RESPONSES)
+    async def list_adapters(request: Request) -> AdapterList:
         authorize(request)
         return service.adapters()
 
-    @app.post("/v1/adapters", openapi_extra=json_body(AdapterLoadRequest))
-    async def add_adapter(request: Request) -> dict[str, Any]:
+    @app.post(
+        "/v1/adapters", openapi_extra=json_body(AdapterLoadRequest), responses=ERROR_RESPONSES
+    )
+    async def add_adapter(request: Request) -> AdapterCard:
         req = await body_of(request, AdapterLoadRequest)
         return await service.add_adapter(req)
 
-    @app.delete("/v1/adapters/{name}")
-    async def remove_adapter(request: Request, name: str) -> dict[str, Any]:
+    @app.delete("/v1/adapters/{name}", responses=ERROR_RESPONSES)
+    async def remove_adapter(request: Request, name: str) -> DeletedModel:
         authorize(request)
         check_name(name)
         return await service.remove_adapter(name)

@@ -1,6 +1,11 @@
-"""What the OpenAI front end needs from a generation backend, and the errors it may raise.
+"""What the OpenAI front end needs from a generation backend.
 
-Two backends implement ``Backend``: ``airoboros.inference.engine.LocalEngine`` (the base
+Its errors are the tree's (``airoboros.errors``: ``InvalidRequest``,
+``ContextLengthExceeded``, ``Unsupported``, ``UnknownModel``, ``AdapterRejected``,
+``AdapterConflict``, ``AdapterUnavailable``, ``Overloaded``, ``BackendFailure``), each
+with the HTTP status and code the API answers with.
+
+Two backends implement ``GenerationBackend``: ``airoboros.inference.engine.LocalEngine`` (the base
 model and its adapters in this process, with a continuous-batching scheduler) and
 ``airoboros.inference.tgi.TGIBackend`` (a text-generation-inference server).
 """
@@ -13,90 +18,28 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from airoboros.contracts import AdapterPublished
-from airoboros.errors import AiroborosError
+from airoboros.errors import ApiError, UnknownModel
 
 FinishReason = Literal["stop", "length"]
 
 
-# --- errors ------------------------------------------------------------------------------
+# --- errors (the tree's: airoboros.errors) -------------------------------------------------
 
 
-class InferenceError(AiroborosError):
-    """An error the HTTP edge shows as ``{"error": {message, type, param, code}}``."""
-
-    code = "server_error"
-    status = 500
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class InvalidRequest(InferenceError):
-    code = "invalid_request"
-    status = 400
-
-
-class ContextLengthExceeded(InvalidRequest):
-    code = "context_length_exceeded"
-
-
-class Unsupported(InvalidRequest):
-    code = "unsupported"
-
-
-class ModelNotFound(InferenceError):
-    code = "model_not_found"
-    status = 404
-
-    def __init__(self, model: str) -> None:
-        super().__init__(
-            f"The model '{model}' does not exist: GET /v1/models lists the base model and "
-            "the adapters served here",
-            param="model",
-        )
-
-
-class AdapterRejected(InvalidRequest):
-    """An adapter name, path, URI or its files are not acceptable."""
-
-    code = "invalid_adapter"
-
-
-class AdapterConflict(InferenceError):
-    code = "adapter_exists"
-    status = 409
-
-
-class AdapterUnavailable(InferenceError):
-    """The adapter could not be loaded from its source (a store or file went away)."""
-
-    code = "adapter_unavailable"
-    status = 503
-
-
-class Overloaded(InferenceError):
-    code = "overloaded"
-    status = 429
-
-
-class PayloadTooLarge(InferenceError):
-    code = "payload_too_large"
-    status = 413
-
-
-class BackendFailure(InferenceError):
-    """Generation failed inside the backend (a crash, the TGI server failing)."""
-
-    code = "backend_error"
-    status = 500
+def unknown_model(model: str) -> UnknownModel:
+    """The 404 for a ``model`` that is neither the base model nor a registered adapter."""
+    return UnknownModel(
+        f"The model '{model}' does not exist: GET /v1/models lists the base model and "
+        "the adapters served here",
+        param="model",
+    )
 
 
 # --- requests and results ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Sampling:
+class SamplingParams:
     """Per-request sampling. ``temperature == 0`` is greedy; ``top_k == 0`` disables it."""
 
     temperature: float = 1.0
@@ -117,7 +60,7 @@ class GenerationRequest:
     add_bos: bool = True
     #: requested completion length; None: as much as the context and the cap allow
     max_tokens: int | None = None
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     #: the text is cut before the first occurrence of any of these; finish_reason "stop"
     stop: tuple[str, ...] = ()
     n: int = 1
@@ -134,10 +77,10 @@ class Chunk:
     #: tokens generated so far for this choice (EOS included when it ended the choice)
     completion_tokens: int = 0
     #: set when generation failed; the stream ends after this chunk
-    error: InferenceError | None = None
+    error: ApiError | None = None
 
 
-class Generation:
+class ChoiceStream:
     """One choice being generated: iterate it for ``Chunk``s; ``cancel()`` when the client
     goes away. Backends push chunks with ``put`` from the event loop's thread."""
 
@@ -175,7 +118,9 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class AdapterInfo:
+class ServedAdapter:
+    """An adapter a backend serves: where it comes from, and whether it is in memory."""
+
     name: str
     source: str
     description: str = ""
@@ -183,12 +128,12 @@ class AdapterInfo:
     created: int = 0
 
 
-class Backend(Protocol):
+class GenerationBackend(Protocol):
     """A generation backend behind the OpenAI API.
 
     ``submit`` validates the request (model, context length) before anything is generated
-    and raises an ``InferenceError`` for a bad one, so that the HTTP edge can answer with a
-    status code even for streamed requests; it returns one ``Generation`` per choice.
+    and raises an ``ApiError`` for a bad one, so that the HTTP edge can answer with a
+    status code even for streamed requests; it returns one ``ChoiceStream`` per choice.
     """
 
     @property
@@ -205,13 +150,13 @@ class Backend(Protocol):
 
     def ready(self) -> bool: ...
 
-    def adapters(self) -> list[AdapterInfo]: ...
+    def adapters(self) -> list[ServedAdapter]: ...
 
     def has_adapter(self, name: str) -> bool: ...
 
-    async def submit(self, request: GenerationRequest) -> list[Generation]: ...
+    async def submit(self, request: GenerationRequest) -> list[ChoiceStream]: ...
 
-    async def load_adapter(self, name: str, source: str, *, replace: bool = False) -> AdapterInfo:
+    async def load_adapter(self, name: str, source: str, *, replace: bool = False) -> ServedAdapter:
         """Register adapter ``name`` from ``source`` (a path or file:// / s3:// URI) and load
         it if a slot is free. Raises ``AdapterRejected`` (bad name, path outside the roots,
         not safetensors), ``AdapterConflict`` (the name is taken and not ``replace``)."""

@@ -53,7 +53,17 @@ from typing import Any, TypeVar
 
 from airoboros import metrics
 from airoboros.contracts import AdapterPublished
-from airoboros.errors import ConfigError
+from airoboros.errors import (
+    AdapterConflict,
+    AdapterRejected,
+    AdapterUnavailable,
+    ApiError,
+    BackendFailure,
+    ConfigError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    Overloaded,
+)
 from airoboros.inference.adapters import (
     AdapterSources,
     ObjectStoreFactory,
@@ -63,21 +73,13 @@ from airoboros.inference.adapters import (
     package_adapters,
 )
 from airoboros.inference.backend import (
-    AdapterConflict,
-    AdapterInfo,
-    AdapterRejected,
-    AdapterUnavailable,
-    BackendFailure,
+    ChoiceStream,
     Chunk,
-    ContextLengthExceeded,
     FinishReason,
-    Generation,
     GenerationRequest,
-    InferenceError,
-    InvalidRequest,
-    ModelNotFound,
-    Overloaded,
-    Sampling,
+    SamplingParams,
+    ServedAdapter,
+    unknown_model,
 )
 from airoboros.inference.settings import InferenceSettings
 from airoboros.inference.text import IncrementalDecoder, StopMatcher
@@ -105,11 +107,11 @@ class _Adapter:
 
 @dataclass(eq=False)
 class _Seq:
-    gen: Generation
+    gen: ChoiceStream
     adapter: _Adapter | None
     prompt: list[int]
     max_new: int
-    sampling: Sampling
+    sampling: SamplingParams
     generator: Any  # torch.Generator, for sampled sequences
     decoder: IncrementalDecoder
     stops: StopMatcher
@@ -173,7 +175,7 @@ class LocalEngine:
         #: distinct adapters (the base counting as one) in one forward pass
         self.stats = {"steps": 0, "max_batch": 0, "max_adapters": 0, "loads": 0, "evictions": 0}
 
-    # --- the Backend surface ---------------------------------------------------------------
+    # --- the GenerationBackend surface -----------------------------------------------------
 
     @property
     def model_id(self) -> str:
@@ -186,9 +188,9 @@ class LocalEngine:
     def ready(self) -> bool:
         return self._ready
 
-    def adapters(self) -> list[AdapterInfo]:
+    def adapters(self) -> list[ServedAdapter]:
         return [
-            AdapterInfo(
+            ServedAdapter(
                 name=a.name,
                 source=a.resolved.source,
                 description=a.resolved.description,
@@ -226,7 +228,7 @@ class LocalEngine:
         for entry in list(self._registry.values())[: self.settings.max_resident_adapters]:
             try:
                 await self._make_resident(entry)
-            except InferenceError as exc:
+            except ApiError as exc:
                 log.error("adapter %s does not load and is not served: %s", entry.name, exc)
                 del self._registry[entry.name]
         self._ready = True
@@ -255,14 +257,14 @@ class LocalEngine:
         self._batch = None
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
-    async def submit(self, request: GenerationRequest) -> list[Generation]:
+    async def submit(self, request: GenerationRequest) -> list[ChoiceStream]:
         if not self._ready:
             raise BackendFailure("the model is still loading; retry shortly")
         entry = None
         if request.adapter is not None:
             entry = self._registry.get(request.adapter)
             if entry is None:
-                raise ModelNotFound(request.adapter)
+                raise unknown_model(request.adapter)
         if isinstance(request.prompt, str) and len(request.prompt) > 20_000:
             ids = await asyncio.to_thread(self._encode, request)  # keep the event loop free
         else:
@@ -295,7 +297,7 @@ class LocalEngine:
             if s.temperature > 0:
                 seed = s.seed + i if s.seed is not None else secrets.randbits(63)
                 generator = torch.Generator().manual_seed(seed % (2**63))
-            gen = Generation(n_prompt, index=i)
+            gen = ChoiceStream(n_prompt, index=i)
             self._waiting.append(
                 _Seq(
                     gen=gen,
@@ -314,7 +316,7 @@ class LocalEngine:
 
     async def load_adapter(
         self, name: str, source: str, *, replace: bool = False, description: str = ""
-    ) -> AdapterInfo:
+    ) -> ServedAdapter:
         check_name(name, reserved=[self._model_id])
         resolved = await self._sources.resolve(source)
         if description and not resolved.description:
@@ -341,14 +343,14 @@ class LocalEngine:
         await self._reap()
         self._wake.set()
         log.info("adapter %s registered from %s", name, resolved.source)
-        return AdapterInfo(
+        return ServedAdapter(
             name, resolved.source, resolved.description, entry.slot is not None, entry.created
         )
 
     async def unload_adapter(self, name: str) -> None:
         entry = self._registry.pop(name, None)
         if entry is None:
-            raise ModelNotFound(name)
+            raise unknown_model(name)
         entry.removed = True
         await self._reap()
         self._wake.set()
@@ -623,7 +625,7 @@ class LocalEngine:
                 if replacement is None:
                     self._waiting.remove(seq)
                     seq.finished = True
-                    seq.gen.put(Chunk("", error=ModelNotFound(entry.name)))
+                    seq.gen.put(Chunk("", error=unknown_model(entry.name)))
                     continue
                 seq.adapter = entry = replacement
             if blocked and entry is not None:
@@ -636,7 +638,7 @@ class LocalEngine:
                 except Exception as exc:
                     err = (
                         exc
-                        if isinstance(exc, InferenceError)
+                        if isinstance(exc, ApiError)
                         else AdapterUnavailable(f"adapter {entry.name!r} failed to load: {exc}")
                     )
                     self._fail_waiting(entry, err)
@@ -652,7 +654,7 @@ class LocalEngine:
             tokens += len(seq.prompt)
         return admitted
 
-    def _fail_waiting(self, entry: _Adapter, exc: InferenceError) -> None:
+    def _fail_waiting(self, entry: _Adapter, exc: ApiError) -> None:
         log.error("adapter %s failed to load: %s", entry.name, exc)
         for seq in [s for s in self._waiting if s.adapter is entry]:
             self._waiting.remove(seq)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from airoboros.inference.backend import InvalidRequest
+from airoboros.errors import InvalidRequest
 
 DEFAULT_SYSTEM = "A chat."
 
@@ -24,12 +24,15 @@ Role = Literal["system", "user", "assistant"]
 
 
 @dataclass(frozen=True)
-class Turn:
+class PromptTurn:
+    """One message of a chat as the prompt is built from it (``developer`` is ``system``;
+    content parts joined into one text)."""
+
     role: Role
     content: str
 
 
-def check_turns(turns: Sequence[Turn]) -> None:
+def check_turns(turns: Sequence[PromptTurn]) -> None:
     """Raise ``InvalidRequest`` unless the roles run ``[system] user (assistant user)*``."""
     if not turns:
         raise InvalidRequest("messages must not be empty", param="messages")
@@ -62,7 +65,7 @@ def check_turns(turns: Sequence[Turn]) -> None:
         )
 
 
-def airoboros_prompt(turns: Sequence[Turn]) -> str:
+def airoboros_prompt(turns: Sequence[PromptTurn]) -> str:
     check_turns(turns)
     system = DEFAULT_SYSTEM
     body = list(turns)
@@ -80,7 +83,7 @@ def has_template(tokenizer: Any | None) -> bool:
 
 
 def render_chat(
-    turns: Sequence[Turn],
+    turns: Sequence[PromptTurn],
     tokenizer: Any | None,
     mode: Literal["auto", "airoboros", "template"] = "auto",
 ) -> tuple[str, bool]:

@@ -1,5 +1,5 @@
 """The inference use cases, free of HTTP: OpenAI requests in, OpenAI responses (or stream
-chunks) out, over any ``Backend``."""
+chunks) out (``airoboros.protocol``), over any ``GenerationBackend``."""
 
 from __future__ import annotations
 
@@ -8,43 +8,51 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from airoboros.contracts import AdapterPublished
+from airoboros.errors import AdapterRejected, InvalidRequest, Unsupported
 from airoboros.inference.backend import (
-    AdapterRejected,
-    Backend,
+    ChoiceStream,
     Chunk,
-    Generation,
+    FinishReason,
+    GenerationBackend,
     GenerationRequest,
-    InferenceError,
-    InvalidRequest,
-    ModelNotFound,
-    Sampling,
-    Unsupported,
+    SamplingParams,
+    unknown_model,
 )
-from airoboros.inference.prompt import Turn, render_chat
-from airoboros.inference.schemas import (
+from airoboros.inference.prompt import PromptTurn, render_chat
+from airoboros.inference.settings import InferenceSettings
+from airoboros.protocol import (
+    AdapterCard,
+    AdapterList,
     AdapterLoadRequest,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
+    ChoiceDelta,
+    CompletionParams,
     CompletionRequest,
-    _Sampling,
+    DeletedModel,
+    ModelCard,
+    ModelList,
+    TextChoice,
+    TextCompletion,
+    Usage,
+    error_event,
+    stream_event,
 )
-from airoboros.inference.settings import InferenceSettings
+from airoboros.web import error_envelope
 
 log = logging.getLogger(__name__)
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def error_body(exc: InferenceError) -> dict[str, Any]:
-    """OpenAI's error envelope."""
-    kind = "invalid_request_error" if exc.status < 500 else "server_error"
-    return {"error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.code}}
-
-
-async def merge(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
+async def merge(gens: Sequence[ChoiceStream]) -> AsyncIterator[tuple[int, Chunk]]:
     """The chunks of several generations as they come, each with its position in ``gens``.
     Leaving early (or being cancelled) cancels the generations."""
     if len(gens) == 1:
@@ -56,7 +64,7 @@ async def merge(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
         return
     queue: asyncio.Queue[tuple[int, Chunk | None]] = asyncio.Queue()
 
-    async def pump(i: int, gen: Generation) -> None:
+    async def pump(i: int, gen: ChoiceStream) -> None:
         try:
             async for chunk in gen:
                 queue.put_nowait((i, chunk))
@@ -79,113 +87,90 @@ async def merge(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
             t.cancel()
 
 
-def stream_chunk(
-    kind: str,
-    rid: str,
-    created: int,
-    model: str,
-    choices: list[dict[str, Any]],
-    include_usage: bool,
-) -> dict[str, Any]:
-    """One streamed event of a chat or text completion (``object`` is ``kind``); with
-    ``include_usage``, ``usage`` is null until the last event, as OpenAI sends it."""
-    body: dict[str, Any] = {
-        "id": rid,
-        "object": kind,
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "system_fingerprint": None,
-    }
-    if include_usage:
-        body["usage"] = None
-    return body
-
-
 class InferenceService:
-    def __init__(self, backend: Backend, settings: InferenceSettings) -> None:
+    def __init__(self, backend: GenerationBackend, settings: InferenceSettings) -> None:
         self.backend = backend
         self.settings = settings
         self.created = int(time.time())
 
     # --- models and adapters ----------------------------------------------------------------
 
-    def models(self) -> dict[str, Any]:
+    def models(self) -> ModelList:
+        """The base model, then every registered adapter (``parent``: the base model)."""
         base = self.backend.model_id
-        data: list[dict[str, Any]] = [
-            {
-                "id": base,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "airoboros",
-                "parent": None,
-                "root": base,
-            }
+        data = [
+            ModelCard(id=base, created=self.created, owned_by="airoboros", parent=None, root=base)
         ]
         for a in self.backend.adapters():
             data.append(
-                {
-                    "id": a.name,
-                    "object": "model",
-                    "created": a.created,
-                    "owned_by": "airoboros",
-                    "parent": base,
-                    "root": base,
-                    "description": a.description,
-                }
+                ModelCard(
+                    id=a.name,
+                    created=a.created,
+                    owned_by="airoboros",
+                    parent=base,
+                    root=base,
+                    description=a.description,
+                )
             )
-        return {"object": "list", "data": data}
+        return ModelList(data=data)
 
-    def adapters(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": a.name,
-                    "object": "adapter",
-                    "source": a.source,
-                    "description": a.description,
-                    "resident": a.resident,
-                    "created": a.created,
-                    "parent": self.backend.model_id,
-                }
+    def model(self, model_id: str) -> ModelCard:
+        for m in self.models().data:
+            if m.id == model_id:
+                return m
+        raise unknown_model(model_id)
+
+    def adapters(self) -> AdapterList:
+        return AdapterList(
+            data=[
+                AdapterCard(
+                    id=a.name,
+                    source=a.source,
+                    description=a.description,
+                    resident=a.resident,
+                    created=a.created,
+                    parent=self.backend.model_id,
+                )
                 for a in self.backend.adapters()
-            ],
-        }
+            ]
+        )
 
-    async def add_adapter(self, req: AdapterLoadRequest) -> dict[str, Any]:
+    async def add_adapter(self, req: AdapterLoadRequest) -> AdapterCard:
         if (req.path is None) == (req.uri is None):
             raise AdapterRejected('give exactly one of "path" and "uri"', param="path")
         source = req.path if req.path is not None else req.uri
         assert source is not None
         info = await self.backend.load_adapter(req.name, source, replace=req.replace)
-        return {
-            "id": info.name,
-            "object": "model",
-            "parent": self.backend.model_id,
-            "source": info.source,
-            "description": info.description,
-            "resident": info.resident,
-            "created": info.created,
-        }
+        return AdapterCard(
+            id=info.name,
+            object="model",
+            parent=self.backend.model_id,
+            source=info.source,
+            description=info.description,
+            resident=info.resident,
+            created=info.created,
+        )
 
-    async def remove_adapter(self, name: str) -> dict[str, Any]:
+    async def remove_adapter(self, name: str) -> DeletedModel:
         await self.backend.unload_adapter(name)
-        return {"id": name, "object": "model", "deleted": True}
+        return DeletedModel(id=name)
 
     async def on_adapter_published(self, msg: AdapterPublished) -> None:
         await self.backend.on_adapter_published(msg)
 
     # --- generation ---------------------------------------------------------------------------
 
-    def _adapter_for(self, model: str) -> str | None:
+    def _adapter_for(self, model: str | None) -> str | None:
+        if model is None:
+            # Only the router chooses a model for the client; this server needs one.
+            raise InvalidRequest("model: Field required", param="model")
         if model == self.backend.model_id:
             return None
         if self.backend.has_adapter(model):
             return model
-        raise ModelNotFound(model)
+        raise unknown_model(model)
 
-    def _sampling(self, req: _Sampling) -> Sampling:
+    def _sampling(self, req: CompletionParams) -> SamplingParams:
         if req.presence_penalty or req.frequency_penalty:
             raise Unsupported(
                 "presence_penalty and frequency_penalty are not supported by this server "
@@ -199,7 +184,7 @@ class InferenceService:
                 f"n is {req.n}; this server accepts at most {self.settings.max_n}", param="n"
             )
         top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
-        return Sampling(
+        return SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=top_k,
@@ -207,7 +192,7 @@ class InferenceService:
         )
 
     @staticmethod
-    def _turns(messages: list[ChatMessage]) -> list[Turn]:
+    def _turns(messages: list[ChatMessage]) -> list[PromptTurn]:
         turns = []
         for i, m in enumerate(messages):
             role = ROLES.get(m.role)
@@ -234,11 +219,11 @@ class InferenceService:
                         )
                     parts.append(part.text)
                 text = "".join(parts)
-            turns.append(Turn(role, text))  # type: ignore[arg-type]
+            turns.append(PromptTurn(role, text))  # type: ignore[arg-type]
         return turns
 
-    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
-        """A ``chat.completion`` body, or (``stream``) an iterator of SSE ``data:`` lines."""
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
+        """A ``chat.completion``, or (``stream``) an iterator of SSE ``data:`` lines."""
         if req.logprobs:
             raise Unsupported("logprobs are not supported by this server", param="logprobs")
         if req.tools:
@@ -249,6 +234,7 @@ class InferenceService:
                 f"response_format {fmt!r} is not supported (only 'text')", param="response_format"
             )
         adapter = self._adapter_for(req.model)
+        assert req.model is not None
         max_tokens = req.max_completion_tokens or req.max_tokens
         sampling = self._sampling(req)
         prompt, add_bos = render_chat(
@@ -263,34 +249,31 @@ class InferenceService:
                 sampling=sampling,
                 stop=req.stop_list(),
                 n=req.n,
-                stream=req.stream,
+                stream=bool(req.stream),
             )
         )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._chat_stream(rid, created, req.model, gens, include_usage)
+            return self._chat_stream(rid, created, req.model, gens, req.include_usage)
         texts, reasons = await self._collect(gens)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": req.model,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": texts[i]},
-                    "finish_reason": reasons[i],
-                    "logprobs": None,
-                }
+        return ChatCompletion(
+            id=rid,
+            created=created,
+            model=req.model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=texts[i]),
+                    finish_reason=reasons[i],
+                )
                 for i in range(len(gens))
             ],
-            "usage": self._usage(gens[0].prompt_tokens, gens),
-            "system_fingerprint": None,
-        }
+            usage=self._usage(gens[0].prompt_tokens, gens),
+        )
 
-    async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def completion(self, req: CompletionRequest) -> TextCompletion | AsyncIterator[str]:
+        """A ``text_completion``, or (``stream``) an iterator of SSE ``data:`` lines."""
         if req.logprobs is not None:
             raise Unsupported("logprobs are not supported by this server", param="logprobs")
         if req.suffix:
@@ -298,6 +281,7 @@ class InferenceService:
         if req.best_of is not None and req.best_of != req.n:
             raise Unsupported("best_of (other than n) is not supported", param="best_of")
         adapter = self._adapter_for(req.model)
+        assert req.model is not None
         sampling = self._sampling(req)
         prompts: list[str | list[int]]
         p = req.prompt
@@ -315,7 +299,7 @@ class InferenceService:
                 f"limit of {self.settings.max_n}",
                 param="prompt",
             )
-        gens: list[Generation] = []
+        gens: list[ChoiceStream] = []
         prompt_tokens = 0
         try:
             for one in prompts:
@@ -327,7 +311,7 @@ class InferenceService:
                         sampling=sampling,
                         stop=req.stop_list(),
                         n=req.n,
-                        stream=req.stream,
+                        stream=bool(req.stream),
                     )
                 )
                 gens.extend(got)
@@ -343,44 +327,38 @@ class InferenceService:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._completion_stream(
-                rid, created, req.model, gens, prompt_tokens, include_usage, echoes
+                rid, created, req.model, gens, prompt_tokens, req.include_usage, echoes
             )
         texts, reasons = await self._collect(gens)
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "choices": [
-                {
-                    "index": i,
-                    "text": echoes[i] + texts[i],
-                    "finish_reason": reasons[i],
-                    "logprobs": None,
-                }
+        return TextCompletion(
+            id=rid,
+            created=created,
+            model=req.model,
+            choices=[
+                TextChoice(index=i, text=echoes[i] + texts[i], finish_reason=reasons[i])
                 for i in range(len(gens))
             ],
-            "usage": self._usage(prompt_tokens, gens),
-            "system_fingerprint": None,
-        }
+            usage=self._usage(prompt_tokens, gens),
+        )
 
     # --- helpers ---------------------------------------------------------------------------
 
     @staticmethod
-    def _usage(prompt_tokens: int, gens: Sequence[Generation]) -> dict[str, int]:
+    def _usage(prompt_tokens: int, gens: Sequence[ChoiceStream]) -> Usage:
         completion = sum(g.completion_tokens for g in gens)
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-        }
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=prompt_tokens + completion,
+        )
 
     @staticmethod
-    async def _collect(gens: Sequence[Generation]) -> tuple[list[str], list[str | None]]:
+    async def _collect(
+        gens: Sequence[ChoiceStream],
+    ) -> tuple[list[str], list[FinishReason | None]]:
         texts = [""] * len(gens)
-        reasons: list[str | None] = [None] * len(gens)
+        reasons: list[FinishReason | None] = [None] * len(gens)
         async for i, chunk in merge(gens):
             if chunk.error is not None:
                 raise chunk.error
@@ -389,43 +367,37 @@ class InferenceService:
                 reasons[i] = chunk.finish_reason
         return texts, reasons
 
-    @staticmethod
-    def _sse(payload: dict[str, Any]) -> str:
-        import json
-
-        return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
     async def _chat_stream(
         self,
         rid: str,
         created: int,
         model: str,
-        gens: list[Generation],
+        gens: list[ChoiceStream],
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            return stream_chunk(
-                "chat.completion.chunk", rid, created, model, choices, include_usage
+        def event(*choices: ChatChunkChoice, usage: Usage | None = None) -> str:
+            chunk = ChatCompletionChunk(
+                id=rid, created=created, model=model, choices=list(choices), usage=usage
             )
-
-        def choice(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return stream_event(chunk, include_usage)
 
         try:
             for i in range(len(gens)):
-                yield self._sse(chunk([choice(i, {"role": "assistant", "content": ""})]))
+                first = ChoiceDelta(role="assistant", content="")
+                yield event(ChatChunkChoice(index=i, delta=first))
             async for i, c in merge(gens):
                 if c.error is not None:
-                    yield self._sse(error_body(c.error))
+                    yield error_event(error_envelope(c.error))
                     return
                 if c.text:
-                    yield self._sse(chunk([choice(i, {"content": c.text})]))
+                    yield event(ChatChunkChoice(index=i, delta=ChoiceDelta(content=c.text)))
                 if c.finish_reason is not None:
-                    yield self._sse(chunk([choice(i, {}, c.finish_reason)]))
+                    done = ChatChunkChoice(
+                        index=i, delta=ChoiceDelta(), finish_reason=c.finish_reason
+                    )
+                    yield event(done)
             if include_usage:
-                final = chunk([])
-                final["usage"] = self._usage(gens[0].prompt_tokens, gens)
-                yield self._sse(final)
+                yield event(usage=self._usage(gens[0].prompt_tokens, gens))
             yield "data: [DONE]\n\n"
         finally:
             for g in gens:
@@ -436,31 +408,29 @@ class InferenceService:
         rid: str,
         created: int,
         model: str,
-        gens: list[Generation],
+        gens: list[ChoiceStream],
         prompt_tokens: int,
         include_usage: bool,
         echoes: list[str],
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            return stream_chunk("text_completion", rid, created, model, choices, include_usage)
-
-        def choice(i: int, text: str, finish: str | None = None) -> dict[str, Any]:
-            return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+        def event(*choices: TextChoice, usage: Usage | None = None) -> str:
+            chunk = TextCompletion(
+                id=rid, created=created, model=model, choices=list(choices), usage=usage
+            )
+            return stream_event(chunk, include_usage)
 
         try:
             for i, echo in enumerate(echoes):
                 if echo:
-                    yield self._sse(chunk([choice(i, echo)]))
+                    yield event(TextChoice(index=i, text=echo))
             async for i, c in merge(gens):
                 if c.error is not None:
-                    yield self._sse(error_body(c.error))
+                    yield error_event(error_envelope(c.error))
                     return
                 if c.text or c.finish_reason is not None:
-                    yield self._sse(chunk([choice(i, c.text, c.finish_reason)]))
+                    yield event(TextChoice(index=i, text=c.text, finish_reason=c.finish_reason))
             if include_usage:
-                final = chunk([])
-                final["usage"] = self._usage(prompt_tokens, gens)
-                yield self._sse(final)
+                yield event(usage=self._usage(prompt_tokens, gens))
             yield "data: [DONE]\n\n"
         finally:
             for g in gens:

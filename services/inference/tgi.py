@@ -28,19 +28,21 @@ from typing import Any
 import httpx
 
 from airoboros.contracts import AdapterPublished
-from airoboros.inference.backend import (
-    AdapterInfo,
+from airoboros.errors import (
+    ApiError,
     BackendFailure,
-    Chunk,
     ContextLengthExceeded,
-    FinishReason,
-    Generation,
-    GenerationRequest,
-    InferenceError,
     InvalidRequest,
-    ModelNotFound,
     Overloaded,
     Unsupported,
+)
+from airoboros.inference.backend import (
+    ChoiceStream,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    ServedAdapter,
+    unknown_model,
 )
 from airoboros.inference.settings import InferenceSettings
 from airoboros.inference.text import StopMatcher
@@ -55,7 +57,7 @@ FINISH: dict[str, FinishReason] = {
 }
 
 
-def _error(status: int, payload: Any) -> InferenceError:
+def _error(status: int, payload: Any) -> ApiError:
     """TGI's ``{"error", "error_type"}`` (or anything else) as one of our errors."""
     from text_generation import errors as tgi_errors
 
@@ -106,7 +108,7 @@ class TGIBackend:
         # LORA_ADAPTERS entries are "org/id[@rev]" or "name=/path": the id a request
         # names is the part before "=" (TGI's adapter_id).
         self._adapters = {
-            entry.split("=", 1)[0].strip(): AdapterInfo(
+            entry.split("=", 1)[0].strip(): ServedAdapter(
                 name=entry.split("=", 1)[0].strip(), source=entry, resident=True
             )
             for entry in settings.tgi_adapter_list()
@@ -123,7 +125,7 @@ class TGIBackend:
     def ready(self) -> bool:
         return self._ready
 
-    def adapters(self) -> list[AdapterInfo]:
+    def adapters(self) -> list[ServedAdapter]:
         return [self._adapters[k] for k in sorted(self._adapters)]
 
     def has_adapter(self, name: str) -> bool:
@@ -165,7 +167,7 @@ class TGIBackend:
 
     async def load_adapter(
         self, name: str, source: str, *, replace: bool = False, description: str = ""
-    ) -> AdapterInfo:
+    ) -> ServedAdapter:
         raise Unsupported(
             "the TGI backend cannot load adapters at run time: TGI loads them only at start "
             "(LORA_ADAPTERS); add it there, restart TGI and list it in AIROBOROS_TGI_ADAPTERS"
@@ -212,7 +214,7 @@ class TGIBackend:
             params["adapter_id"] = req.adapter
         return params
 
-    async def submit(self, request: GenerationRequest) -> list[Generation]:
+    async def submit(self, request: GenerationRequest) -> list[ChoiceStream]:
         if not self._ready or self._http is None:
             raise BackendFailure("the TGI backend is not started")
         if not isinstance(request.prompt, str):
@@ -220,7 +222,7 @@ class TGIBackend:
                 "token-id prompts are not supported with the TGI backend", param="prompt"
             )
         if request.adapter is not None and request.adapter not in self._adapters:
-            raise ModelNotFound(request.adapter)
+            raise unknown_model(request.adapter)
         prompt_tokens = 0
         if self._tok is not None:
             prompt_tokens = len(self._tok(request.prompt)["input_ids"])
@@ -267,7 +269,7 @@ class TGIBackend:
 
     async def _generate(
         self, request: GenerationRequest, i: int, max_new: int, prompt_tokens: int
-    ) -> Generation:
+    ) -> ChoiceStream:
         from text_generation.types import Response
 
         raw = await self._post(request, i, max_new)
@@ -275,7 +277,7 @@ class TGIBackend:
         details = raw.get("details") or {}
         if not prompt_tokens:
             prompt_tokens = int(details.get("input_length") or len(parsed.details.prefill))
-        gen = Generation(prompt_tokens, index=i)
+        gen = ChoiceStream(prompt_tokens, index=i)
         stops = StopMatcher(request.stop)
         text, stopped = stops.push(parsed.generated_text)
         if not stopped:
@@ -286,7 +288,7 @@ class TGIBackend:
 
     async def _open_stream(
         self, request: GenerationRequest, i: int, max_new: int, prompt_tokens: int
-    ) -> Generation:
+    ) -> ChoiceStream:
         """Start ``/generate_stream`` and read up to its first event, so that a refused
         request raises here (an HTTP status for the client) rather than mid-stream."""
         assert self._http is not None
@@ -316,7 +318,7 @@ class TGIBackend:
             except BaseException:
                 await resp.aclose()
                 raise
-            gen = Generation(prompt_tokens, index=i)
+            gen = ChoiceStream(prompt_tokens, index=i)
             task = asyncio.create_task(self._pump(gen, resp, lines, first, request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -325,7 +327,7 @@ class TGIBackend:
 
     async def _pump(
         self,
-        gen: Generation,
+        gen: ChoiceStream,
         resp: httpx.Response,
         lines: AsyncIterator[str],
         first: Any,

@@ -26,24 +26,35 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from airoboros import metrics, telemetry
+from airoboros.errors import AiroborosError, PayloadTooLarge, RateLimited, Unauthorized
 from airoboros.ports import Embedder
+from airoboros.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    RoutedChatCompletion,
+    RoutedTextCompletion,
+    completion_responses,
+)
 from airoboros.router.agent import AgentRouter
 from airoboros.router.backends import BackendPool, Stream
-from airoboros.router.errors import RateLimited, RouterError, TooLarge, Unauthorized, error_body
-from airoboros.router.limits import RateLimiter
+from airoboros.router.limits import ClientRateLimiter
 from airoboros.router.package import Reader
 from airoboros.router.routing import Router
-from airoboros.router.service import ChatRequest, CompletionRequest, Kind, RouterService
+from airoboros.router.service import Kind, RouterService
 from airoboros.router.settings import RouterSettings
-from airoboros.web import bearer_token, json_body, read_body
+from airoboros.web import (
+    bearer_token,
+    error_response,
+    json_body,
+    read_body,
+    route_error,
+    unexpected_error,
+)
 
 log = logging.getLogger(__name__)
-RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-def error_response(exc: RouterError) -> JSONResponse:
-    headers = {"x-should-retry": "true" if exc.status in RETRYABLE else "false", **exc.headers}
-    return JSONResponse(exc.envelope(), status_code=exc.status, headers=headers)
 
 
 class ProxyStreamingResponse(StreamingResponse):
@@ -64,24 +75,6 @@ class ProxyStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.stream.aclose()
-
-
-#: A completion answers in JSON, or with ``stream: true`` as server-sent events: each one's
-#: data a JSON chunk, the last ``[DONE]`` (``itemSchema``: one event, as OpenAPI 3.2 has it).
-COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The completion; with ``stream``, its chunks as server-sent events.",
-        "content": {
-            "text/event-stream": {
-                "itemSchema": {
-                    "type": "object",
-                    "required": ["data"],
-                    "properties": {"data": {"type": "string"}},
-                }
-            }
-        },
-    }
-}
 
 
 def make_reader(settings: RouterSettings) -> Reader:
@@ -150,7 +143,7 @@ def create_app(
         default_expert=settings.default_expert,
         routing_max_chars=settings.routing_max_chars,
     )
-    limiter = RateLimiter(settings.rate_limit_per_minute)
+    limiter = ClientRateLimiter(settings.rate_limit_per_minute)
     state: dict[str, Any] = {"ready": service.router is not None, "bus": None, "bus_started": False}
 
     async def load() -> Router | None:
@@ -262,21 +255,19 @@ def create_app(
     app.state.service = service
     app.state.router_state = state
 
-    @app.exception_handler(RouterError)
-    async def router_error(_: Request, exc: RouterError) -> JSONResponse:
+    @app.exception_handler(AiroborosError)
+    async def known_error(_: Request, exc: AiroborosError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
-        return error_response(RouterError(str(exc.detail), status=exc.status_code, code=code))
+        return error_response(route_error(exc.status_code, exc.detail))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("router: unexpected error")
-        return JSONResponse(
-            error_body(f"internal error ({type(exc).__name__})", "server_error", "internal_error"),
-            status_code=500,
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        where = f"router: {request.method} {request.url.path}"
+        return error_response(
+            unexpected_error(exc, f"internal error ({type(exc).__name__})", where=where)
         )
 
     def authenticate(request: Request) -> str:
@@ -309,13 +300,13 @@ def create_app(
             body["error"] = service.loading_error
         return JSONResponse(body, status_code=200 if state["ready"] else 503)
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> Any:
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def list_models(request: Request) -> ModelList:
         authenticate(request)
-        return {"object": "list", "data": service.models()}
+        return ModelList(data=service.models())
 
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str, request: Request) -> Any:
+    @app.get("/v1/models/{name:path}", responses=ERROR_RESPONSES)
+    async def get_model(name: str, request: Request) -> ModelCard:
         authenticate(request)
         return service.model(name)
 
@@ -329,7 +320,9 @@ def create_app(
                 headers={"retry-after": str(max(1, round(wait + 0.5)))},
             )
         limit = settings.max_body_bytes
-        too_large = TooLarge(f"the request body is larger than {limit} bytes")
+        too_large = PayloadTooLarge(
+            f"the request body is larger than {limit} bytes", code="request_too_large"
+        )
         body = await read_body(request, limit, too_large)
         prepared = await service.prepare(kind, body)
         if prepared.stream:
@@ -346,7 +339,9 @@ def create_app(
         )
 
     @app.post(
-        "/v1/chat/completions", openapi_extra=json_body(ChatRequest), responses=COMPLETION_RESPONSES
+        "/v1/chat/completions",
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses=completion_responses(RoutedChatCompletion),
     )
     async def chat_completions(request: Request) -> Response:
         return await complete("chat", request)
@@ -354,7 +349,7 @@ def create_app(
     @app.post(
         "/v1/completions",
         openapi_extra=json_body(CompletionRequest),
-        responses=COMPLETION_RESPONSES,
+        responses=completion_responses(RoutedTextCompletion),
     )
     async def completions(request: Request) -> Response:
         return await complete("completions", request)

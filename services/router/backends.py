@@ -30,13 +30,8 @@ from typing import Any
 import aiohttp
 
 from airoboros import telemetry
-from airoboros.router.errors import (
-    BadGateway,
-    RouterError,
-    Unavailable,
-    error_body,
-    normalise_error,
-)
+from airoboros.errors import ApiError, BadGateway, ServiceUnavailable
+from airoboros.protocol import error_body
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +41,7 @@ _DONE = b"data: [DONE]"
 
 
 @dataclass
-class Backend:
+class BackendPod:
     """One OpenAI-compatible server; ``url`` is its API base (ending in ``/v1``)."""
 
     url: str
@@ -80,7 +75,7 @@ def api_base(url: str) -> str:
 
 
 @dataclass
-class Reply:
+class BackendReply:
     """A complete (non-streamed) answer of a backend."""
 
     status: int
@@ -90,6 +85,36 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.content)
+
+
+def normalise_error(status: int, content: bytes) -> dict[str, Any]:
+    """A backend's error body in OpenAI's envelope, whatever its shape: OpenAI's and
+    vLLM's (``{"error": {...}}``, code may be an int), TGI's and LoRAX's
+    (``{"error": "...", "error_type": "..."}``), FastAPI's (``{"detail": ...}``), text."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    try:
+        data: Any = json.loads(content)
+    except ValueError:
+        text = content.decode("utf-8", errors="replace").strip()
+        return error_body(text[:1000] or f"backend answered HTTP {status}", kind)
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            return error_body(
+                str(err.get("message") or f"backend answered HTTP {status}"),
+                str(err.get("type") or kind),
+                None if err.get("code") is None else str(err.get("code")),
+                None if err.get("param") is None else str(err.get("param")),
+            )
+        if isinstance(err, str):
+            return error_body(err, str(data.get("error_type") or kind))
+        if "detail" in data:
+            detail = data["detail"]
+            message = detail if isinstance(detail, str) else json.dumps(detail)[:1000]
+            return error_body(message, kind)
+        if isinstance(data.get("message"), str):
+            return error_body(data["message"], kind)
+    return error_body(json.dumps(data)[:1000], kind)
 
 
 def _pass_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -127,7 +152,7 @@ class Stream:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: BackendPod,
         status: int,
         headers: Mapping[str, str],
         chunks: AsyncIterator[bytes],
@@ -142,7 +167,7 @@ class Stream:
         self._closed = False
 
     @classmethod
-    def of(cls, backend: Backend, resp: aiohttp.ClientResponse) -> Stream:
+    def of(cls, backend: BackendPod, resp: aiohttp.ClientResponse) -> Stream:
         return cls(backend, resp.status, resp.headers, resp.content.iter_any(), resp.release)
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -201,7 +226,7 @@ class BackendPool:
         health_interval: float = 10.0,
         affinity_slack: int = 8,
     ) -> None:
-        self.backends = [Backend(api_base(u)) for u in dict.fromkeys(urls)]
+        self.backends = [BackendPod(api_base(u)) for u in dict.fromkeys(urls)]
         #: connect: a free connection and the TCP connect; sock_read: between two reads
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_read=read_timeout
@@ -263,7 +288,7 @@ class BackendPool:
     async def refresh(self) -> None:
         await asyncio.gather(*(self.check(b) for b in self.backends))
 
-    async def check(self, b: Backend) -> None:
+    async def check(self, b: BackendPod) -> None:
         """``GET /v1/models`` (healthy, and the models it serves); servers without that
         route (LoRAX) are asked ``/health`` or ``/healthz`` and their models stay unknown."""
         timeout = aiohttp.ClientTimeout(total=self.health_timeout)
@@ -296,7 +321,7 @@ class BackendPool:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self._mark(b, False, f"{type(exc).__name__}: {exc}")
 
-    def _mark(self, b: Backend, healthy: bool, error: str = "") -> None:
+    def _mark(self, b: BackendPod, healthy: bool, error: str = "") -> None:
         now = time.monotonic()
         if healthy != b.healthy:
             if healthy:
@@ -315,7 +340,7 @@ class BackendPool:
         """Every model some backend says it serves."""
         return {m for b in self.backends for m in (b.models or ())}
 
-    def order(self, model: str | None) -> list[Backend]:
+    def order(self, model: str | None) -> list[BackendPod]:
         """The pods to try for ``model``, best first."""
         if not self.backends:
             return []
@@ -329,7 +354,7 @@ class BackendPool:
         n = len(self.backends)
         position = {id(b): i for i, b in enumerate(self.backends)}
 
-        def key(b: Backend) -> tuple[bool, int, int]:
+        def key(b: BackendPod) -> tuple[bool, int, int]:
             preferred = b.holds(model) and b.outstanding <= least + self.affinity_slack
             return (not preferred, b.outstanding, (position[id(b)] - self._turn) % n)
 
@@ -339,10 +364,10 @@ class BackendPool:
 
     async def _send(
         self, path: str, body: bytes, model: str | None
-    ) -> tuple[Backend, aiohttp.ClientResponse]:
+    ) -> tuple[BackendPod, aiohttp.ClientResponse]:
         """Open the request on the first pod that takes it. Returns with the answer's
         status and headers read (not its body), the pod's in-flight count raised by one.
-        Raises ``Unavailable`` when no pod could be reached."""
+        Raises ``ServiceUnavailable`` when no pod could be reached."""
         tried: list[str] = []
         last_503: tuple[bytes, str] | None = None
         for b in self.order(model):
@@ -372,19 +397,21 @@ class BackendPool:
             return b, resp
         if last_503 is not None:
             env = normalise_error(503, last_503[0])["error"]
-            raise Unavailable(
+            raise ServiceUnavailable(
                 f"every backend is unavailable: {env['message']}",
                 headers={"retry-after": last_503[1]},
             )
         where = "; ".join(tried) or "no backends configured (AIROBOROS_BACKENDS)"
-        raise Unavailable(f"no backend could be reached: {where}", headers={"retry-after": "1"})
+        raise ServiceUnavailable(
+            f"no backend could be reached: {where}", headers={"retry-after": "1"}
+        )
 
-    def _fail(self, status: int, content: bytes, headers: dict[str, str]) -> RouterError:
+    def _fail(self, status: int, content: bytes, headers: dict[str, str]) -> ApiError:
         """A backend's error answer as the error the client gets: 4xx passed through in
         OpenAI's envelope, 5xx as 502."""
         env = normalise_error(status, content)["error"]
         if status < 500:
-            return RouterError(
+            return ApiError(
                 env["message"],
                 status=status,
                 type=env["type"],
@@ -394,9 +421,9 @@ class BackendPool:
             )
         return BadGateway(f"the backend failed (HTTP {status}): {env['message']}", headers=headers)
 
-    async def post(self, path: str, body: bytes, model: str | None) -> Reply:
+    async def post(self, path: str, body: bytes, model: str | None) -> BackendReply:
         """POST ``body`` to ``path`` (``/chat/completions``, ``/completions``) on the best
-        pod for ``model``; the whole answer. Raises ``RouterError`` for error answers."""
+        pod for ``model``; the whole answer. Raises ``ApiError`` for error answers."""
         b, resp = await self._send(path, body, model)
         try:
             content = await resp.read()
@@ -410,7 +437,7 @@ class BackendPool:
             raise self._fail(resp.status, content, headers)
         if model is not None:
             b.learn(model)
-        return Reply(resp.status, content, headers, b.url)
+        return BackendReply(resp.status, content, headers, b.url)
 
     async def open_stream(self, path: str, body: bytes, model: str | None) -> Stream:
         """Like ``post`` for ``stream: true``: returns once the pod has answered with a

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 
-class RateLimiter:
+class ClientRateLimiter:
     def __init__(self, per_minute: int, burst: int | None = None, max_keys: int = 100_000) -> None:
         self.rate = per_minute / 60.0
         self.capacity = float(burst if burst is not None else per_minute)

@@ -101,7 +101,7 @@ def prompt_routing_text(prompt: str, max_chars: int = 2000) -> str:
 
 
 @dataclass(frozen=True)
-class Expert:
+class IndexedExpert:
     name: str
     description: str
     #: [n, dim] unit vectors of the (sampled) routing samples; n may be 0
@@ -113,7 +113,7 @@ class Expert:
 
 
 @dataclass(frozen=True)
-class Decision:
+class RoutingDecision:
     expert: str
     #: how it was chosen: explicit, vote, mean, centroid, agent, default
     method: str
@@ -127,7 +127,7 @@ class RoutingIndex:
 
     def __init__(
         self,
-        experts: Mapping[str, Expert],
+        experts: Mapping[str, IndexedExpert],
         *,
         k: int = 20,
         temperature: float = 0.05,
@@ -135,7 +135,7 @@ class RoutingIndex:
     ) -> None:
         import faiss
 
-        self.experts: dict[str, Expert] = dict(experts)
+        self.experts: dict[str, IndexedExpert] = dict(experts)
         self.k = k
         self.temperature = temperature
         #: experts with routing samples, in index order
@@ -312,7 +312,7 @@ class Router:
         worker thread; requests keep routing on the previous index meanwhile. An expert
         whose sampled texts and description are unchanged costs nothing (a redelivered
         event, a rescan)."""
-        built: list[Expert] = []
+        built: list[IndexedExpert] = []
         for src in sources:
             texts = sample(src.samples, self.max_samples, self.seed, src.name)
             digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
@@ -323,7 +323,7 @@ class Router:
                 vecs = old.vectors
             else:
                 vecs = await asyncio.to_thread(self._embed, texts)
-            built.append(Expert(src.name, src.description, vecs, origin, digest))
+            built.append(IndexedExpert(src.name, src.description, vecs, origin, digest))
         if not built:
             return
         async with self._update:
@@ -367,7 +367,7 @@ class Router:
 
     # --- routing ----------------------------------------------------------------------------
 
-    async def route(self, text: str, rule: RoutingRule | None = None) -> Decision | None:
+    async def route(self, text: str, rule: RoutingRule | None = None) -> RoutingDecision | None:
         """The expert for ``text`` by the embedding rule; None when no expert has routing
         samples."""
         index = self._index
@@ -379,4 +379,4 @@ class Router:
         expert, scores = index.choose(vec, use)
         if expert is None:
             return None
-        return Decision(expert, use, time.perf_counter() - start, scores)
+        return RoutingDecision(expert, use, time.perf_counter() - start, scores)

@@ -17,43 +17,31 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from airoboros import metrics
+from airoboros.errors import InvalidRequest, ServiceUnavailable, UnknownModel
+from airoboros.protocol import (
+    AUTO,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ModelCard,
+    has_lone_surrogate,
+)
 from airoboros.router.agent import AgentRouter
-from airoboros.router.backends import BackendPool, Reply, Stream
-from airoboros.router.errors import ModelNotFound, RouterError, Unavailable
-from airoboros.router.routing import Decision, Router, chat_routing_text, prompt_routing_text
+from airoboros.router.backends import BackendPool, BackendReply, Stream
+from airoboros.router.routing import (
+    Router,
+    RoutingDecision,
+    chat_routing_text,
+    prompt_routing_text,
+)
 
-AUTO = "auto"
 Kind = Literal["chat", "completions"]
 PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
-
-
-# --- what the router reads of a request (everything else is passed on untouched) --------------
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    #: "auto" when absent: clients of the original server may leave it out
-    model: str = AUTO
-    stream: bool | None = False
-    #: the original LMoE server's extension: choose the expert directly
-    expert: str | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+#: what the router reads of a request (``airoboros.protocol``; every field goes on untouched)
+Request = ChatCompletionRequest | CompletionRequest
 
 
 def _problems(exc: ValidationError) -> tuple[str, str | None]:
@@ -67,19 +55,6 @@ def _problems(exc: ValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
-def _lone_surrogate(raw: bytes, data: Any) -> bool:
-    """Whether ``data`` (parsed from ``raw``) holds a string that is no Unicode text: a
-    lone surrogate, escaped (``\\ud800``) or as raw bytes, which ``json.loads`` lets
-    through and neither the embedding model's tokenizer nor a backend can take."""
-    if raw.isascii() and b"\\u" not in raw:
-        return False  # no escape and no byte beyond ASCII: nothing can be a surrogate
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def check_roles(messages: list[ChatMessage]) -> None:
     """The orders a chat prompt can be built from: system (or developer) messages only at
     the start, at least one user message, and the last message from the user (or a tool
@@ -88,7 +63,7 @@ def check_roles(messages: list[ChatMessage]) -> None:
     for i, m in enumerate(messages):
         if m.role in ("system", "developer"):
             if seen_other:
-                raise RouterError(
+                raise InvalidRequest(
                     f"messages[{i}]: a {m.role} message may only come before the conversation "
                     "(at the start)",
                     param=f"messages.{i}.role",
@@ -96,10 +71,10 @@ def check_roles(messages: list[ChatMessage]) -> None:
         else:
             seen_other = True
     if not any(m.role == "user" for m in messages):
-        raise RouterError("messages: there is no user message to answer", param="messages")
+        raise InvalidRequest("messages: there is no user message to answer", param="messages")
     last = messages[-1].role
     if last not in ("user", "tool", "function"):
-        raise RouterError(
+        raise InvalidRequest(
             f"messages: the last message must be from the user (or a tool result), not {last!r}",
             param=f"messages.{len(messages) - 1}.role",
         )
@@ -111,7 +86,7 @@ class Prepared:
 
     kind: Kind
     expert: str
-    decision: Decision
+    decision: RoutingDecision
     body: bytes
     stream: bool
 
@@ -151,7 +126,7 @@ class RouterService:
     def experts(self) -> list[str]:
         return self.router.experts() if self.router is not None else []
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelCard]:
         """``auto``, then every expert, then any other model a backend serves."""
         out = [self._model(AUTO, "airoboros-router")]
         experts = self.experts()
@@ -160,85 +135,82 @@ class RouterService:
         out += [self._model(m, "backend") for m in sorted(self.backends.models() - seen)]
         return out
 
-    def model(self, name: str) -> dict[str, Any]:
+    def model(self, name: str) -> ModelCard:
         for m in self.models():
-            if m["id"] == name:
+            if m.id == name:
                 return m
-        raise ModelNotFound(f"The model `{name}` does not exist", param="model")
+        raise UnknownModel(f"The model `{name}` does not exist", param="model")
 
-    def _model(self, name: str, owner: str) -> dict[str, Any]:
-        m: dict[str, Any] = {
-            "id": name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": owner,
-        }
+    def _model(self, name: str, owner: str) -> ModelCard:
+        card = ModelCard(id=name, created=self.created, owned_by=owner)
         if self.router is not None and name in self.router.index.experts:
-            m["description"] = self.router.index.experts[name].description
-        return m
+            card.description = self.router.index.experts[name].description
+        return card
 
     def known(self, name: str) -> bool:
         return (self.router is not None and self.router.has(name)) or name in self.backends.models()
 
     # --- requests -------------------------------------------------------------------------
 
-    def parse(
-        self, kind: Kind, raw: bytes
-    ) -> tuple[dict[str, Any], ChatRequest | CompletionRequest]:
+    def parse(self, kind: Kind, raw: bytes) -> tuple[dict[str, Any], Request]:
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            raise RouterError(f"the body is not valid JSON ({exc})") from None
+            raise InvalidRequest(f"the body is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
-            raise RouterError("the body must be a JSON object")
-        if _lone_surrogate(raw, data):
-            raise RouterError(
+            raise InvalidRequest("the body must be a JSON object")
+        if has_lone_surrogate(raw, data):
+            raise InvalidRequest(
                 "the body is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff), "
                 "which is no Unicode text"
             )
         try:
-            req: ChatRequest | CompletionRequest = (
-                ChatRequest.model_validate(data)
+            req: Request = (
+                ChatCompletionRequest.model_validate(data)
                 if kind == "chat"
                 else CompletionRequest.model_validate(data)
             )
         except ValidationError as exc:
             message, param = _problems(exc)
-            raise RouterError(message, param=param) from None
-        if isinstance(req, ChatRequest):
+            raise InvalidRequest(message, param=param) from None
+        if isinstance(req, ChatCompletionRequest):
             check_roles(req.messages)
         return data, req
 
-    def _explicit(self, req: ChatRequest | CompletionRequest) -> str | None:
+    def _explicit(self, req: Request) -> str | None:
         """The expert the request names, or None when the router should choose."""
-        routed = req.model in ("", AUTO) or req.model in self.base_models
+        model = req.model
+        routed = model is None or model == AUTO or model in self.base_models
         if req.expert is not None:
             if not self.known(req.expert):
-                raise ModelNotFound(
+                raise UnknownModel(
                     f"The expert `{req.expert}` does not exist; GET /v1/models lists them",
                     param="expert",
                 )
-            if not routed and req.model != req.expert:
-                raise RouterError(
+            if not routed and model != req.expert:
+                raise InvalidRequest(
                     f"`model` ({req.model}) and `expert` ({req.expert}) disagree; give one, or "
                     'set model to "auto"',
                     param="expert",
                 )
             return req.expert
-        if routed:
+        if model is None or routed:
             return None
-        if not self.known(req.model):
-            raise ModelNotFound(
-                f"The model `{req.model}` does not exist; GET /v1/models lists the experts "
+        if not self.known(model):
+            raise UnknownModel(
+                f"The model `{model}` does not exist; GET /v1/models lists the experts "
                 '(or use "auto")',
                 param="model",
             )
-        return req.model
+        return model
 
-    def routing_text(self, req: ChatRequest | CompletionRequest) -> str | None:
-        if isinstance(req, ChatRequest):
+    def routing_text(self, req: Request) -> str | None:
+        if isinstance(req, ChatCompletionRequest):
             return chat_routing_text(
-                [m.model_dump(include={"role", "content"}) for m in req.messages],
+                [
+                    m.model_dump(include={"role", "content"}, exclude_none=True)
+                    for m in req.messages
+                ],
                 self.routing_max_chars,
             )
         prompt = req.prompt
@@ -249,7 +221,7 @@ class RouterService:
         assert isinstance(prompt, str)
         return prompt_routing_text(prompt, self.routing_max_chars)
 
-    async def decide(self, text: str | None) -> Decision:
+    async def decide(self, text: str | None) -> RoutingDecision:
         """Choose for ``text`` (None: nothing to route on)."""
         start = time.perf_counter()
         router = self.router
@@ -257,25 +229,25 @@ class RouterService:
             if self.agent is not None:
                 choice = await self.agent.choose(text, router.descriptions())
                 if choice is not None:
-                    return Decision(choice, "agent", time.perf_counter() - start)
+                    return RoutingDecision(choice, "agent", time.perf_counter() - start)
             decision = await router.route(text)
             if decision is not None:
                 return decision
         if self.default_expert:
-            return Decision(self.default_expert, "default", time.perf_counter() - start)
+            return RoutingDecision(self.default_expert, "default", time.perf_counter() - start)
         if text is None:
-            raise RouterError(
+            raise InvalidRequest(
                 "a prompt of token ids cannot be routed: name the expert in `model`",
                 param="prompt",
             )
         if router is None:
-            raise Unavailable(
+            raise ServiceUnavailable(
                 "the routing index is still loading"
                 + (f" ({self.loading_error})" if self.loading_error else "")
                 + '; name an expert in `model` or retry "auto" shortly',
                 headers={"retry-after": "5"},
             )
-        raise Unavailable(
+        raise ServiceUnavailable(
             "no expert has routing samples yet: name an expert in `model`",
             headers={"retry-after": "5"},
         )
@@ -284,7 +256,7 @@ class RouterService:
         data, req = self.parse(kind, raw)
         explicit = self._explicit(req)
         if explicit is not None:
-            decision = Decision(explicit, "explicit")
+            decision = RoutingDecision(explicit, "explicit")
         else:
             decision = await self.decide(self.routing_text(req))
         metrics.ROUTING.labels(decision.expert, decision.method).inc()
@@ -297,7 +269,7 @@ class RouterService:
             kind, decision.expert, decision, json.dumps(data).encode(), bool(req.stream)
         )
 
-    async def complete(self, p: Prepared) -> Reply:
+    async def complete(self, p: Prepared) -> BackendReply:
         """Forward a non-streamed request; the answer gets a top-level ``expert`` field."""
         reply = await self.backends.post(PATHS[p.kind], p.body, p.expert)
         try:

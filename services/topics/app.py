@@ -2,78 +2,95 @@
 
 Every route but /healthz and /readyz needs ``Authorization: Bearer <key>`` with a key from
 AIROBOROS_API_KEYS (the OpenAPI spec and its pages too, unless AIROBOROS_PUBLIC_DOCS):
-a key sees the jobs it created, an admin key (AIROBOROS_ADMIN_API_KEYS) every job. Errors
-use one shape, 5xx included: {"error": {"message", "type", "code", ...}}; a database,
-broker or object store outage is a 503 with Retry-After, never a lost request.
+a key sees the jobs it created, an admin key (AIROBOROS_ADMIN_API_KEYS) every job. Bodies
+are ``airoboros.protocol``'s models. Errors use one shape, 5xx included:
+{"error": {"message", "type", "param", "code", ...}} (``airoboros.web.error_response``); a
+database, broker or object store outage is a 503 with Retry-After, never a lost request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airoboros import metrics, telemetry
 from airoboros.errors import (
     AiroborosError,
+    ApiError,
     ConfigError,
-    DependencyUnavailable,
-    LLMError,
-    NotFoundError,
-    is_unavailable,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
 )
 from airoboros.parsing import load_config_body
+from airoboros.protocol import (
+    ERROR_RESPONSES,
+    ConfigDocument,
+    CullCreated,
+    CullRequest,
+    DocumentsUploaded,
+    ItemsPage,
+    JobCreated,
+    JobList,
+    JobStatus,
+    TopicsGenerated,
+    TopicsRequest,
+)
 from airoboros.settings import TopicsSettings
-from airoboros.topics.cull.worker import CullRequest, JobNotFinished
-from airoboros.topics.service import JobConflict
-from airoboros.web import Principal, bearer_token, key_owner, read_body
+from airoboros.web import (
+    Principal,
+    bearer_token,
+    error_response,
+    key_owner,
+    read_body,
+    route_error,
+    unexpected_error,
+)
 
 log = logging.getLogger(__name__)
-#: seconds a client is told to wait when a dependency is down
-RETRY_AFTER = 5
 #: the largest row sequence number (the items table's id is a 32-bit integer)
 MAX_SEQ = 2**31 - 1
-
-#: A posted config: YAML or JSON, declared so that the spec (and fuzzers) know the body.
-#: Either way the document is a mapping (a YAML one is dumped from it, not a string).
-CONFIG_EXAMPLE: dict[str, Any] = {
-    "model": "gpt-4o-mini",
-    "topics": ["astronomy", "gardening"],
-    "instructors": {"joke": {"count": 2}},
-}
-#: what ``/v1/topics:generate`` needs: the prompt that asks for topics
-TOPICS_EXAMPLE: dict[str, Any] = {
-    "model": "gpt-4o-mini",
-    "topic_prompt": "Give me a numbered list of 20 completely random topics.",
-    "topic_request_count": 1,
-}
+B = TypeVar("B", bound=BaseModel)
 
 
-def config_body(example: dict[str, Any]) -> dict[str, Any]:
-    schema = {"type": "object", "additionalProperties": True}
+def config_body(model: type[ConfigDocument]) -> dict[str, Any]:
+    """A posted config, YAML or JSON, declared so that the spec (and fuzzers) know the body.
+    Either way the document is a mapping (a YAML one is dumped from it, not a string)."""
+    schema = model.model_json_schema()
+    example = schema.pop("examples")[0]
+    content = {"schema": schema, "example": example}
     return {
         "requestBody": {
             "required": True,
             "description": "An airoboros config (docs: example-config.yaml), as YAML or JSON.",
-            "content": {
-                "application/json": {"schema": schema, "example": example},
-                "application/yaml": {"schema": schema, "example": example},
-            },
+            "content": {"application/json": content, "application/yaml": content},
         }
     }
 
 
-CONFIG_BODY = config_body(CONFIG_EXAMPLE)
-TOPICS_BODY = config_body(TOPICS_EXAMPLE)
+CONFIG_BODY = config_body(ConfigDocument)
+TOPICS_BODY = config_body(TopicsRequest)
+
+
+def body_of(model: type[B], value: Any) -> B:
+    """What a use case returned (a mapping, from TopicsService) as the declared body; a
+    shape that does not fit is a bug of ours, and fails here rather than reaching a
+    client."""
+    if isinstance(value, model):
+        return value
+    return model.model_validate(value, from_attributes=not isinstance(value, Mapping))
 
 
 #: Documents to upload: one or more files in the multipart field ``files``.
@@ -103,7 +120,8 @@ EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
             "application/jsonl": {"schema": {"type": "string"}},
             "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+    },
+    **ERROR_RESPONSES,
 }
 
 
@@ -114,16 +132,6 @@ async def caller(request: Request) -> Principal:
 
 
 Caller = Annotated[Principal, Depends(caller)]
-
-
-def error(status: int, message: str, code: str, **extra: Any) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    headers = {"retry-after": str(RETRY_AFTER)} if status == 503 else None
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "code": code, **extra}},
-        status_code=status,
-        headers=headers,
-    )
 
 
 def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
@@ -196,54 +204,37 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     def svc() -> Any:
         s = state["service"]
         if s is None:
-            raise HTTPException(503, "starting")
+            raise ServiceUnavailable("starting", code="unavailable")
         return s
 
     def authenticate(request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         key = bearer_token(header, keys + admins)
         if key is None:
-            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
+            raise Unauthorized(
+                "missing or invalid API key (Authorization: Bearer <key>)", code="unauthorized"
+            )
         return Principal(key_owner(key), admin=bearer_token(header, admins) is not None)
 
     app.state.authenticate = authenticate
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found", 413: "too_large", 503: "unavailable"}
-        return error(exc.status_code, str(exc.detail), code.get(exc.status_code, "error"))
+    # Every error is the tree's, answered by its class (airoboros.errors: status, code) in
+    # the one envelope (airoboros.web.error_response).
+    @app.exception_handler(AiroborosError)
+    async def known_error(_: Request, exc: AiroborosError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(route_error(exc.status_code, exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return error(422, "; ".join(problems), "invalid_request", problems=problems)
-
-    @app.exception_handler(ConfigError)
-    async def config_error(_: Request, exc: ConfigError) -> JSONResponse:
-        return error(422, str(exc), exc.code, problems=exc.problems)
-
-    @app.exception_handler(JobNotFinished)
-    @app.exception_handler(JobConflict)
-    async def conflict(_: Request, exc: AiroborosError) -> JSONResponse:
-        return error(409, str(exc), exc.code)
-
-    @app.exception_handler(NotFoundError)
-    async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
-        return error(404, str(exc), exc.code)
-
-    @app.exception_handler(DependencyUnavailable)
-    async def unavailable(_: Request, exc: DependencyUnavailable) -> JSONResponse:
-        return error(503, f"{exc}; try again shortly", exc.code)
-
-    @app.exception_handler(LLMError)
-    async def llm_error(_: Request, exc: LLMError) -> JSONResponse:
-        # What the endpoint said, or which error it was, is not repeated: the answer must
-        # not tell a caller anything about an address (open port or not, what answered).
-        return error(502, f"the LLM endpoint failed ({exc.code})", exc.code)
-
-    @app.exception_handler(AiroborosError)
-    async def other_error(_: Request, exc: AiroborosError) -> JSONResponse:
-        return error(400, str(exc), exc.code)
+        invalid = ApiError(
+            "; ".join(problems), status=422, code="invalid_request", details={"problems": problems}
+        )
+        return error_response(invalid)
 
     # Driver and socket errors: a 503 when they mean a dependency is down (the database,
     # the broker), else a 500; in the one envelope either way.
@@ -251,13 +242,9 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     @app.exception_handler(OSError)
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        if is_unavailable(exc):
-            log.warning("%s %s: a dependency is down: %r", request.method, request.url.path, exc)
-            return error(
-                503, "a dependency of the service is down; try again shortly", "unavailable"
-            )
-        log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return error(500, "internal error; the service's log has the details", "internal_error")
+        where = f"{request.method} {request.url.path}"
+        message = "internal error; the service's log has the details"
+        return error_response(unexpected_error(exc, message, where=where))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -289,7 +276,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     async def read_config(request: Request) -> Any:
         """The body as a config: its size capped before it is read (413), YAML without
         aliases and JSON, both with depth and size limits (airoboros.parsing)."""
-        too_large = HTTPException(413, f"body larger than {limit} bytes")
+        too_large = PayloadTooLarge(f"body larger than {limit} bytes", code="too_large")
         body = await read_body(request, limit, too_large)
         config = load_config_body(body, request.headers.get("content-type", ""))
         if not isinstance(config, dict):  # a document of null, a list or a scalar
@@ -298,47 +285,48 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         return config
 
     # --- jobs ------------------------------------------------------------------------------
-    @app.post("/v1/jobs", status_code=201, openapi_extra=CONFIG_BODY)
-    async def create_job(request: Request, who: Caller) -> Any:
-        return await svc().create_job(await read_config(request), who)
+    @app.post("/v1/jobs", status_code=201, openapi_extra=CONFIG_BODY, responses=ERROR_RESPONSES)
+    async def create_job(request: Request, who: Caller) -> JobCreated:
+        return body_of(JobCreated, await svc().create_job(await read_config(request), who))
 
-    @app.get("/v1/jobs")
-    async def list_jobs(who: Caller) -> Any:
-        return {"data": await svc().list_jobs(who)}
+    @app.get("/v1/jobs", responses=ERROR_RESPONSES)
+    async def list_jobs(who: Caller) -> JobList:
+        return JobList(data=await svc().list_jobs(who))
 
-    @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, who: Caller) -> Any:
-        return await svc().status(job_id, who)
+    @app.get("/v1/jobs/{job_id}", responses=ERROR_RESPONSES)
+    async def get_job(job_id: str, who: Caller) -> JobStatus:
+        return body_of(JobStatus, await svc().status(job_id, who))
 
-    @app.post("/v1/jobs/{job_id}/cull", status_code=201)
-    async def cull_job(job_id: str, who: Caller, body: CullRequest | None = None) -> Any:
+    @app.post("/v1/jobs/{job_id}/cull", status_code=201, responses=ERROR_RESPONSES)
+    async def cull_job(job_id: str, who: Caller, body: CullRequest | None = None) -> CullCreated:
         """Cull a finished job's rows into a new job (docs/culling.md)."""
-        return await svc().cull(job_id, body or CullRequest(), who)
+        return body_of(CullCreated, await svc().cull(job_id, body or CullRequest(), who))
 
-    @app.post("/v1/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str, who: Caller) -> Any:
-        return await svc().cancel(job_id, who)
+    @app.post("/v1/jobs/{job_id}/cancel", responses=ERROR_RESPONSES)
+    async def cancel_job(job_id: str, who: Caller) -> JobStatus:
+        return body_of(JobStatus, await svc().cancel(job_id, who))
 
-    @app.post("/v1/jobs/{job_id}/resume")
-    async def resume_job(job_id: str, who: Caller) -> Any:
+    @app.post("/v1/jobs/{job_id}/resume", responses=ERROR_RESPONSES)
+    async def resume_job(job_id: str, who: Caller) -> JobStatus:
         """Run a stopped (incomplete, failed or cancelled) job again from its counts."""
-        return await svc().resume(job_id, who)
+        return body_of(JobStatus, await svc().resume(job_id, who))
 
-    @app.post("/v1/jobs/{job_id}/export")
-    async def export_job(job_id: str, who: Caller) -> Any:
+    @app.post("/v1/jobs/{job_id}/export", responses=ERROR_RESPONSES)
+    async def export_job(job_id: str, who: Caller) -> JobStatus:
         """Write a finished job's export to the object store again (or for the first time,
         when the store was down when the job ended)."""
-        return await svc().export_again(job_id, who)
+        return body_of(JobStatus, await svc().export_again(job_id, who))
 
-    @app.get("/v1/jobs/{job_id}/items")
+    @app.get("/v1/jobs/{job_id}/items", responses=ERROR_RESPONSES)
     async def items(
         job_id: str,
         who: Caller,
         category: str | None = Query(None, max_length=64),
         after: int = Query(0, ge=0, le=MAX_SEQ),
         limit: int = Query(100, ge=1, le=1000),
-    ) -> Any:
-        return await svc().items(job_id, who, category=category, after=after, limit=limit)
+    ) -> ItemsPage:
+        page = await svc().items(job_id, who, category=category, after=after, limit=limit)
+        return body_of(ItemsPage, page)
 
     @app.get(
         "/v1/jobs/{job_id}/export", response_class=StreamingResponse, responses=EXPORT_RESPONSES
@@ -366,14 +354,16 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         )
 
     # --- documents ---------------------------------------------------------------------------
-    @app.post("/v1/documents", status_code=201, openapi_extra=UPLOAD_BODY)
-    async def upload_documents(request: Request, who: Caller) -> Any:
+    @app.post(
+        "/v1/documents", status_code=201, openapi_extra=UPLOAD_BODY, responses=ERROR_RESPONSES
+    )
+    async def upload_documents(request: Request, who: Caller) -> DocumentsUploaded:
         """Documents for the ``documents`` instructor: .txt, .md or .pdf files (multipart,
         field ``files``), kept in the object store; a job names the upload by the ``id``
         returned here (``instructors.documents.documents_upload``)."""
         most = settings.max_upload_bytes
         body = await read_body(
-            request, most, HTTPException(413, f"upload larger than {most} bytes")
+            request, most, PayloadTooLarge(f"upload larger than {most} bytes", code="too_large")
         )
 
         async def receive() -> dict[str, Any]:
@@ -386,11 +376,11 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         except Exception as exc:  # a malformed multipart body (or too many parts)
             raise ConfigError([f"(body): not a usable multipart upload ({exc})"]) from None
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        return await svc().upload_documents(files, who)
+        return body_of(DocumentsUploaded, await svc().upload_documents(files, who))
 
-    @app.post("/v1/topics:generate", openapi_extra=TOPICS_BODY)
-    async def topics_generate(request: Request, who: Caller) -> Any:
+    @app.post("/v1/topics:generate", openapi_extra=TOPICS_BODY, responses=ERROR_RESPONSES)
+    async def topics_generate(request: Request, who: Caller) -> TopicsGenerated:
         topics = await svc().generate_topics(await read_config(request))
-        return {"topics": topics, "count": len(topics)}
+        return TopicsGenerated(topics=topics, count=len(topics))
 
     return app

@@ -31,7 +31,7 @@ from airoboros.contracts import (
     GenerateBatch,
     RespondToCandidates,
 )
-from airoboros.errors import AiroborosError, ConfigError, NotFoundError, is_unavailable
+from airoboros.errors import ConfigError, Conflict, NotFoundError, is_unavailable
 from airoboros.jobboard import InMemoryJobBoard, JobBoard
 from airoboros.llm.factory import make_llm
 from airoboros.policy import ServerPolicy
@@ -60,10 +60,8 @@ def _utf8(data: bytes) -> bool:
     return True
 
 
-class JobConflict(AiroborosError):
-    """The job is not in a state that allows this (409)."""
-
-    code = "conflict"
+class JobConflict(Conflict):
+    """The job is not in a state that allows this."""
 
 
 #: The queues of the pipeline, declared by topics so no message waits for a consumer

@@ -17,9 +17,9 @@ import torch
 
 from airoboros.contracts import AdapterPublished
 from airoboros.inference.app import create_app
-from airoboros.inference.backend import GenerationRequest, Sampling
+from airoboros.inference.backend import GenerationRequest, SamplingParams
 from airoboros.inference.engine import LocalEngine
-from airoboros.inference.prompt import Turn, airoboros_prompt
+from airoboros.inference.prompt import PromptTurn, airoboros_prompt
 from airoboros.inference.settings import InferenceSettings
 from airoboros.inference.text import IncrementalDecoder, StopMatcher
 from airoboros.objects import LocalObjectStore
@@ -111,17 +111,17 @@ def engine_of(srv: AppServer) -> LocalEngine:
 def test_prompt_matches_the_training_format() -> None:
     from airoboros.trainer.data import build_prompt
 
-    one = [Turn("user", "Add 2 and 3.")]
+    one = [PromptTurn("user", "Add 2 and 3.")]
     assert airoboros_prompt(one) == build_prompt({"instruction": "Add 2 and 3."})
-    with_system = [Turn("system", "Be brief."), Turn("user", "Hi")]
+    with_system = [PromptTurn("system", "Be brief."), PromptTurn("user", "Hi")]
     assert airoboros_prompt(with_system) == build_prompt(
         {"instruction": "Hi", "system": "Be brief."}
     )
     turns = [
-        Turn("system", "S."),
-        Turn("user", "u1"),
-        Turn("assistant", "a1"),
-        Turn("user", "u2"),
+        PromptTurn("system", "S."),
+        PromptTurn("user", "u1"),
+        PromptTurn("assistant", "a1"),
+        PromptTurn("user", "u2"),
     ]
     assert airoboros_prompt(turns) == "S.\nUSER: u1\nASSISTANT: a1\nUSER: u2\nASSISTANT: "
 
@@ -132,7 +132,7 @@ def test_chat_template_when_the_tokenizer_has_one(package: dict[str, Path]) -> N
     from airoboros.inference.prompt import render_chat
 
     tok = AutoTokenizer.from_pretrained(str(package["base"]))
-    turns = [Turn("user", "Hi")]
+    turns = [PromptTurn("user", "Hi")]
     assert render_chat(turns, tok) == ("A chat.\nUSER: Hi\nASSISTANT: ", True)
     tok.chat_template = (
         "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
@@ -219,7 +219,7 @@ def test_greedy_matches_transformers_generate_and_eos_stops(package: dict[str, P
 
     tok = AutoTokenizer.from_pretrained(str(package["base"]))
     model = AutoModelForCausalLM.from_pretrained(str(package["base"]))
-    prompt = airoboros_prompt([Turn("user", PROMPTS[1])])
+    prompt = airoboros_prompt([PromptTurn("user", PROMPTS[1])])
     ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
     with torch.inference_mode():
         out = model.generate(
@@ -623,7 +623,10 @@ async def test_adapter_published_hook(package: dict[str, Path]) -> None:
         assert [a.name for a in engine.adapters()] == ["writer"]
         (gen,) = await engine.submit(
             GenerationRequest(
-                adapter="writer", prompt="hello", max_tokens=5, sampling=Sampling(temperature=0)
+                adapter="writer",
+                prompt="hello",
+                max_tokens=5,
+                sampling=SamplingParams(temperature=0),
             )
         )
         chunks = [c async for c in gen]

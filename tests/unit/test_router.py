@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from airoboros.contracts import AdapterPublished
+from airoboros.errors import InvalidRequest
 from airoboros.router.agent import AgentRouter, agent_prompt, parse_choice
-from airoboros.router.backends import Backend, BackendPool, Stream, api_base
-from airoboros.router.errors import RouterError, normalise_error
-from airoboros.router.limits import RateLimiter
+from airoboros.router.backends import BackendPod, BackendPool, Stream, api_base, normalise_error
+from airoboros.router.limits import ClientRateLimiter
 from airoboros.router.package import Reader, parse_routing_jsonl
 from airoboros.router.routing import (
     RULES,
-    Expert,
+    IndexedExpert,
     Router,
     RoutingIndex,
     chat_routing_text,
@@ -72,13 +72,15 @@ def test_prompt_routing_text_reads_the_airoboros_format() -> None:
 # --- the index ----------------------------------------------------------------------------------
 
 
-def _clusters(rng: np.random.Generator, sizes: dict[str, int], dim: int = 16) -> dict[str, Expert]:
+def _clusters(
+    rng: np.random.Generator, sizes: dict[str, int], dim: int = 16
+) -> dict[str, IndexedExpert]:
     out = {}
     for i, (name, n) in enumerate(sizes.items()):
         center = np.zeros(dim, dtype=np.float32)
         center[i] = 1.0
         v = center + rng.normal(0, 0.1, (n, dim)).astype(np.float32)
-        out[name] = Expert(name, "", v / np.linalg.norm(v, axis=1, keepdims=True))
+        out[name] = IndexedExpert(name, "", v / np.linalg.norm(v, axis=1, keepdims=True))
     return out
 
 
@@ -107,7 +109,7 @@ def test_mean_rule_takes_k_nearest_of_each_expert() -> None:
 def test_experts_without_samples_are_known_but_not_routable() -> None:
     rng = np.random.default_rng(2)
     experts = _clusters(rng, {"a": 5})
-    experts["bare"] = Expert("bare", "", np.zeros((0, 16), dtype=np.float32))
+    experts["bare"] = IndexedExpert("bare", "", np.zeros((0, 16), dtype=np.float32))
     index = RoutingIndex(experts)
     assert index.routable == ["a"] and "bare" in index.experts
     assert RoutingIndex({}).choose(np.ones(4, dtype=np.float32))[0] is None
@@ -243,13 +245,13 @@ async def test_agent_router_asks_the_function_expert_and_falls_back_on_failure()
 
 
 def test_rate_limiter_allows_the_rate_and_says_when_to_retry() -> None:
-    limiter = RateLimiter(60)  # one a second, a burst of 60
+    limiter = ClientRateLimiter(60)  # one a second, a burst of 60
     assert all(limiter.check("k", now=0.0) is None for _ in range(60))
     wait = limiter.check("k", now=0.0)
     assert wait == pytest.approx(1.0)
     assert limiter.check("other", now=0.0) is None
     assert limiter.check("k", now=1.01) is None
-    assert RateLimiter(0).check("k") is None
+    assert ClientRateLimiter(0).check("k") is None
 
 
 @pytest.mark.parametrize(
@@ -300,9 +302,9 @@ def test_requests_are_checked_with_clear_messages() -> None:
     service = RouterService(BackendPool([]))
 
     def problem(body: dict[str, Any], kind: Any = "chat") -> str:
-        with pytest.raises(RouterError) as exc:
+        with pytest.raises(InvalidRequest) as exc:
             service.parse(kind, json.dumps(body).encode())
-        assert exc.value.status == 400
+        assert exc.value.http_status == 400
         return exc.value.message
 
     assert "messages" in problem({"model": "auto", "messages": []})
@@ -325,7 +327,7 @@ def test_requests_are_checked_with_clear_messages() -> None:
     )
     assert "role" in problem({"model": "auto", "messages": [{"role": "wizard", "content": "a"}]})
     assert "prompt" in problem({"model": "auto"}, "completions")
-    with pytest.raises(RouterError, match="not valid JSON"):
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
         service.parse("chat", b"{nope")
 
 
@@ -336,8 +338,8 @@ async def _chunks(parts: list[bytes], fail: bool) -> AsyncIterator[bytes]:
         raise aiohttp.ClientPayloadError("Response payload is not completed")
 
 
-async def _events(parts: list[bytes], fail: bool = False) -> tuple[list[bytes], Backend]:
-    backend = Backend("http://pod/v1", outstanding=1)
+async def _events(parts: list[bytes], fail: bool = False) -> tuple[list[bytes], BackendPod]:
+    backend = BackendPod("http://pod/v1", outstanding=1)
     released: list[bool] = []
     stream = Stream(
         backend,

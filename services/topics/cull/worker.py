@@ -21,10 +21,9 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from airoboros.contracts import JobEvent
-from airoboros.errors import AiroborosError, BudgetExhausted, NotFoundError
+from airoboros.errors import AiroborosError, BudgetExhausted, Conflict, NotFoundError
+from airoboros.protocol import CullRequest
 from airoboros.topics.cull.engine import (
     LEGACY_CATEGORIES,
     PASS_THROUGH,
@@ -55,16 +54,8 @@ CULL_OF = "cull_of"
 CULLABLE = ("done", "budget_exhausted")
 
 
-class CullRequest(BaseModel):
-    """Body of ``POST /v1/jobs/{id}/cull`` (all optional)."""
-
-    model_config = ConfigDict(extra="forbid")
-    #: the judge keeps rows scoring at least this (0-100); default: the job's config
-    threshold: int | None = Field(default=None, ge=0, le=100)
-
-
-class JobNotFinished(AiroborosError):
-    """The job to cull is still running (or ended without a dataset): HTTP 409."""
+class JobNotFinished(Conflict):
+    """The job to cull is still running (or ended without a dataset)."""
 
     code = "job_not_finished"
 
