@@ -121,19 +121,30 @@ class Bus(Protocol):
 
 
 class ObjectStore(Protocol):
-    """Blobs by key. A reader never sees a partially written object."""
+    """Blobs by key. A reader never sees a partially written object.
+
+    Keys are relative paths ("jobs/<id>/export/x.jsonl"); one that would leave the store
+    ("../x", "/etc/passwd", ".") raises ValueError."""
 
     async def put_bytes(self, key: str, data: bytes) -> str:
-        """Store ``data`` under ``key`` atomically; returns the object's URI."""
+        """Store ``data`` under ``key`` atomically, replacing what was there: readers see
+        the old object or the new one, whole, never a part nor (on overwrite) nothing.
+        Returns the object's URI."""
         ...
 
-    async def get_bytes(self, key: str) -> bytes: ...
+    async def get_bytes(self, key: str) -> bytes:
+        """The object's bytes; ``airoboros.errors.NotFoundError`` if there is none."""
+        ...
 
     async def exists(self, key: str) -> bool: ...
 
-    async def list(self, prefix: str = "") -> list[str]: ...
+    async def list(self, prefix: str = "") -> list[str]:
+        """Keys that start with ``prefix`` (a string prefix, not a folder), sorted."""
+        ...
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing key is no error."""
+        ...
 
 
 class VectorStore(Protocol):
