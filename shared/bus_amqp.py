@@ -13,7 +13,9 @@ Topology (all durable; ``P`` is the ``prefix``):
 Delivery is at least once. A message is acknowledged only after its handler returned;
 a handler that raises gets it back (``basic.nack`` with requeue) and the quorum queue
 counts the delivery: after ``max_deliveries`` deliveries it dead-letters the message. A
-body that does not decode is rejected at once (dead-lettered, never retried). The
+body this release refuses (``airoboros.bus.decode``: an unknown schema MAJOR, or a body
+that does not parse as the subscription's type) is rejected at once (dead-lettered, never
+retried), its reason logged. The
 broker also counts a delivery that was never settled because the consumer's channel went
 away (a crash, a shutdown, a broker restart), so these use up the budget too.
 
@@ -45,7 +47,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,15 +65,23 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelPreconditionFailed
 from yarl import URL
 
 from airoboros import metrics, telemetry
-from airoboros.bus import OUTAGE_BACKOFF, OUTAGE_PATIENCE, handle_through_outages
+from airoboros.bus import (
+    OUTAGE_BACKOFF,
+    OUTAGE_PATIENCE,
+    Refused,
+    Topology,
+    body_problem,
+    decode,
+    handle_through_outages,
+    partition_of,
+)
 from airoboros.contracts import Message
 from airoboros.errors import BusError, BusUnavailable
-from airoboros.ports import Bus, Handler, M
+from airoboros.ports import Bus, DeadLetterHandler, Handler, M
 
 log = logging.getLogger(__name__)
 
-#: ``handler(queue_name, body, headers)`` for ``AmqpBus.consume_dead_letters``
-DeadLetterHandler = Callable[[str, bytes, dict[str, Any]], Awaitable[None]]
+__all__ = ["AmqpBus", "BusError", "BusUnavailable", "DeadLetterHandler", "partition_of"]
 
 # What a publish attempt may fail with while the broker is away or the connection is
 # being restored; all of them are worth another try once the channel is back.
@@ -96,12 +105,6 @@ class _Subscription:
 
     def __post_init__(self) -> None:
         self.semaphore = asyncio.Semaphore(self.concurrency)
-
-
-def partition_of(key: str, partitions: int) -> int:
-    """The partition of ``key`` among ``partitions``: stable across processes and
-    Python versions (crc32, unlike ``hash``, is not salted per process)."""
-    return zlib.crc32(key.encode("utf-8")) % partitions
 
 
 def _redact(url: str) -> str:
@@ -148,14 +151,12 @@ class AmqpBus:
             raise ValueError("max_deliveries must be at least 1")
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
-        for topic, n in (partitions or {}).items():
-            if n < 1:
-                raise ValueError(f"partitions[{topic!r}] must be at least 1, got {n}")
         self.url = url
+        self.topology = Topology(prefix, partitions)
         self.prefix = prefix
         self.max_deliveries = max_deliveries
         self.prefetch = prefetch
-        self.partitions = {t: n for t, n in (partitions or {}).items() if n > 1}
+        self.partitions = self.topology.partitions
         self.publish_timeout = publish_timeout
         self.reconnect_interval = reconnect_interval
         self.close_timeout = close_timeout
@@ -206,22 +207,11 @@ class AmqpBus:
         return set(self._declared)
 
     def _queues_for(self, topic: str, group: str) -> list[tuple[str, str]]:
-        if not topic:
-            raise ValueError("message type has no topic")
-        base = f"{self.prefix}.{group}.{topic}"
-        n = self.partitions.get(topic, 1)
-        if n == 1:
-            return [(base, topic)]
-        return [(f"{base}.p{k}", f"{topic}.p{k}") for k in range(n)]
+        return self.topology.queues(topic, group)
 
     def routing_key(self, message: Message) -> str:
         """Where ``message`` is published: its topic, or its topic's partition."""
-        n = self.partitions.get(message.topic, 1)
-        if n == 1:
-            return message.topic
-        key = message.partition_key()
-        # Keyless messages of a partitioned topic still need one home: partition 0.
-        return f"{message.topic}.p{0 if key is None else partition_of(key, n)}"
+        return self.topology.routing_key(message)
 
     @property
     def connected(self) -> bool:
@@ -407,7 +397,9 @@ class AmqpBus:
         For each message calls ``handler(queue_name, body, headers)`` and acknowledges it
         (removing it from the queue) once the handler returned. The headers include the
         broker's ``x-death`` record (queue, reason: ``delivery_limit`` or ``rejected``,
-        count), ``x-first-death-reason`` and ``x-schema-version``. A handler that raises
+        count), ``x-first-death-reason`` and ``x-schema-version``, and the reason in words,
+        ``x-dead-letter-reason`` (for a rejection, what the body's refusal was; the errors
+        of a handler that kept failing are in its consumer's log). A handler that raises
         gets the message back into its queue after ``dead_letter_retry_delay`` seconds.
         Consumers of one dead-letter queue compete (each message goes to one of them).
         Runs until ``close``; returns the names of the queues consumed. Call after
@@ -651,10 +643,12 @@ class AmqpBus:
             # and it could not be acknowledged any more.
             return
         try:
-            message = sub.message_type.model_validate_json(incoming.body)
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            message = decode(sub.message_type, incoming.body)
+        except Refused as exc:
+            # Rejected, not requeued: the broker dead-letters it at once (reason
+            # "rejected"); no delivery of it could ever succeed.
             log.error(
-                "undecodable message on %s (message_id=%s): %s; dead-lettering it",
+                "refused a message on %s (message_id=%s): %s; dead-lettering it",
                 queue_name,
                 incoming.message_id,
                 exc,
@@ -727,6 +721,7 @@ class AmqpBus:
         if self._closing or not _channel_open(incoming):
             return
         headers = dict(incoming.headers)
+        headers.setdefault("x-dead-letter-reason", _dead_letter_reason(headers, incoming.body))
         try:
             # An outage (the store that records dead letters is down) is waited out in
             # place too: the message stays unacked, not spinning through its queue.
@@ -771,6 +766,21 @@ class AmqpBus:
             log.warning(
                 "could not %s a message of %s (%s); it will be redelivered", what, queue_name, exc
             )
+
+
+def _dead_letter_reason(headers: dict[str, Any], body: bytes) -> str:
+    """Why the broker dead-lettered a message, in words, from its ``x-death`` headers and
+    its body: a rejection is always ours (a refused body), and what made it refused is in
+    the body; a delivery limit means its handler kept failing (the errors are logged by
+    the consumer)."""
+    reason = headers.get("x-first-death-reason")
+    if isinstance(reason, bytes):
+        reason = reason.decode(errors="replace")
+    if reason == "rejected":
+        return body_problem(body) or "refused: the body does not parse as its queue's type"
+    if reason == "delivery_limit":
+        return "its handler failed on every delivery up to the delivery limit"
+    return f"dead-lettered by the broker ({reason or 'no reason given'})"
 
 
 def _delivery_count(incoming: AbstractIncomingMessage) -> int:

@@ -14,9 +14,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = 1
+#: "MAJOR.MINOR" of the messages this release writes. A MINOR step only adds optional
+#: fields, which readers of the same MAJOR ignore (tolerant readers); a MAJOR step changes
+#: meaning, and a bus refuses (dead-letters) a message whose MAJOR it does not know.
+SCHEMA_VERSION = "1.1"
 
 
 def new_id() -> str:
@@ -24,17 +27,50 @@ def new_id() -> str:
 
 
 class Message(BaseModel):
-    """Base of every bus message."""
+    """Base of every bus message.
 
-    model_config = ConfigDict(extra="forbid")
+    Readers are tolerant: fields this release does not know are ignored (a newer
+    producer's additions, during a rolling upgrade), so adding an optional field is a
+    MINOR step of ``schema_version``. ``schema_version`` is "MAJOR.MINOR"; the integer of
+    earlier releases (``1``) is read as "1.0". Which MAJOR a consumer accepts is the bus's
+    business (``airoboros.bus.decode``), not the model's: a message of an unknown MAJOR
+    still parses here, so that it can be dead-lettered with the reason. The models that
+    travel inside messages (``Item``, ``Candidate``, ``Artifact``, ``BatchStats``) are read
+    the same way.
+    """
+
+    model_config = ConfigDict(extra="ignore")
     #: bus topic this message type travels on
     topic: ClassVar[str] = ""
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: str = SCHEMA_VERSION
     message_id: str = Field(default_factory=new_id)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     #: W3C trace context, carried across hops
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _major_minor(cls, value: object) -> str:
+        major, minor = cls.version_parts(value)
+        return f"{major}.{minor}"
+
+    @staticmethod
+    def version_parts(value: object) -> tuple[int, int]:
+        """(MAJOR, MINOR) of a ``schema_version`` as found on the wire: "MAJOR.MINOR", or
+        an integer MAJOR (minor 0) as earlier releases wrote it. Raises ValueError."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            major, minor = value, 0
+        elif isinstance(value, str) and value.count(".") == 1:
+            head, tail = value.split(".")
+            if not (head.isascii() and head.isdigit() and tail.isascii() and tail.isdigit()):
+                raise ValueError(f"schema_version {value!r} is not MAJOR.MINOR")
+            major, minor = int(head), int(tail)
+        else:
+            raise ValueError(f"schema_version {value!r} is not MAJOR.MINOR")
+        if major < 0:
+            raise ValueError(f"schema_version {value!r} is not MAJOR.MINOR")
+        return major, minor
 
     def partition_key(self) -> str | None:
         """Messages with the same key are handled one at a time where the bus partitions
@@ -45,7 +81,7 @@ class Message(BaseModel):
 class Item(BaseModel):
     """One dataset row, in the original's output format."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     instruction: str
     response: str
@@ -77,7 +113,7 @@ class Candidate(BaseModel):
     """An instruction proposed by step 1, before dedupe (and before its response,
     for two-step instructors)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     candidate_id: str = Field(default_factory=new_id)
     instruction: str
@@ -102,7 +138,7 @@ class Artifact(BaseModel):
     """Something a job makes that is not a dataset row but later phases use (a character
     card). Unique per job by (kind, name), case-insensitively."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     kind: str
     name: str
@@ -113,7 +149,7 @@ class BatchStats(BaseModel):
     """What happened to one batch's items on the way (each item lost is counted once, by
     its cause), and what its calls cost."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     #: items asked for (the batch size sent)
     asked: int = 0

@@ -13,13 +13,15 @@ from airoboros.config import Config
 from airoboros.errors import ConfigError, NotFoundError, StoreUnavailable, is_unavailable
 from airoboros.health import HealthServer
 from airoboros.jobboard import JobBoard
+from airoboros.ports import Bus, ObjectStore
 from airoboros.settings import ServiceSettings
 from airoboros.store import SqlStore
 
 log = logging.getLogger(__name__)
 
 
-def make_bus(settings: ServiceSettings) -> Any:
+def make_bus(settings: ServiceSettings) -> Bus:
+    """The deployment's bus (RabbitMQ) from the AIROBOROS_AMQP_* and partition settings."""
     from airoboros.bus_amqp import AmqpBus
 
     return AmqpBus(
@@ -30,7 +32,7 @@ def make_bus(settings: ServiceSettings) -> Any:
     )
 
 
-def make_objects(settings: ServiceSettings) -> Any:
+def make_objects(settings: ServiceSettings) -> ObjectStore:
     """The deployment's object store (S3/MinIO) from the AIROBOROS_S3_* settings."""
     from airoboros.objects_s3 import S3ObjectStore
 
@@ -133,7 +135,7 @@ class JobStatusCache:
 Check = Callable[[], Awaitable[bool]]
 
 
-async def dependencies_ready(store: SqlStore | None, bus: Any | None, *checks: Check) -> bool:
+async def dependencies_ready(store: SqlStore | None, bus: Bus | None, *checks: Check) -> bool:
     """Whether a service's dependencies answer now, for its /readyz: the broker
     connection is up (``bus.connected``, state only), the SQL database answers a trivial
     query (``store.ping()``, at most 2 s), and each of ``checks`` returns True. Pass None
@@ -154,7 +156,7 @@ async def dependencies_ready(store: SqlStore | None, bus: Any | None, *checks: C
 
 async def serve(
     settings: ServiceSettings,
-    bus: Any,
+    bus: Bus,
     stop: asyncio.Event,
     banner: str,
     *,

@@ -1,4 +1,7 @@
-"""AmqpBus against the real RabbitMQ on 127.0.0.1:5672 (``AIROBOROS_TEST_AMQP_URL``).
+"""AmqpBus against the real RabbitMQ on 127.0.0.1:5672 (``AIROBOROS_TEST_AMQP_URL``):
+what the contract suite (tests/contract/test_bus_contract.py, on both buses) cannot
+show with one bus: replicas in separate processes, durability across buses and broker
+restarts, the AMQP properties of a message, raw bodies, the broker's own errors.
 
 Each test works under its own random prefix and deletes its exchanges and queues at
 the end. The broker-restart test stops and restarts the RabbitMQ application with
@@ -8,7 +11,6 @@ the end. The broker-restart test stops and restarts the RabbitMQ application wit
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import shutil
 import socket
@@ -167,28 +169,6 @@ async def test_round_trip_keeps_fields_id_and_trace_headers(buses: Buses) -> Non
     assert Ping.model_validate_json(raw.body) == sent
 
 
-async def test_concurrency_bounds_parallel_handlers(buses: Buses) -> None:
-    bus = buses(prefetch=2)  # prefetch is raised to the concurrency
-    active = 0
-    peak = 0
-    done: list[int] = []
-
-    async def handle(m: Ping) -> None:
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        await asyncio.sleep(0.05)
-        active -= 1
-        done.append(m.n)
-
-    bus.subscribe(Ping, handle, group="g", concurrency=4)
-    await bus.start()
-    await asyncio.gather(*(bus.publish(Ping(n=i)) for i in range(20)))
-    await wait_until(lambda: len(done) == 20, 15, "20 messages")
-    assert 1 < peak <= 4
-    assert sorted(done) == list(range(20))
-
-
 # --- groups -------------------------------------------------------------------------
 
 
@@ -224,22 +204,21 @@ async def test_same_group_shares_and_each_group_gets_every_message(buses: Buses)
 # --- failure and dead letters -------------------------------------------------------
 
 
-async def test_failing_handler_is_retried_then_dead_lettered(buses: Buses) -> None:
+async def test_a_body_that_is_not_json_is_dead_lettered_at_once(buses: Buses) -> None:
+    # The contract suite (tests/contract) covers redelivery and dead letters on both
+    # buses; only raw AMQP can put bytes on the queue that no bus would publish.
     bus = buses(max_deliveries=3)
     calls: Counter[str] = Counter()
 
     async def handle(m: Ping) -> None:
         calls[m.message_id] += 1
-        raise RuntimeError("boom")
 
     bus.subscribe(Ping, handle, group="g")
     await bus.start()
     (queue,) = bus.queue_names(Ping, "g")
     dlq = f"{queue}.dlq"
 
-    bad = Ping(n=1)
-    await bus.publish(bad)
-    # And a body that does not decode: dead-lettered at once, never given to the handler.
+    # A body that does not decode: dead-lettered at once, never given to the handler.
     conn = await aio_pika.connect(AMQP_URL, timeout=10)
     try:
         ch = await conn.channel()
@@ -250,16 +229,12 @@ async def test_failing_handler_is_retried_then_dead_lettered(buses: Buses) -> No
     finally:
         await conn.close()
 
-    async def dead_letter_count() -> int:
-        return await bus.message_count(dlq)
-
     deadline = time.monotonic() + 20
-    while await dead_letter_count() < 2:
-        assert time.monotonic() < deadline, f"dead letters: {await dead_letter_count()}"
+    while await bus.message_count(dlq) < 1:
+        assert time.monotonic() < deadline, "the garbage was not dead-lettered"
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
-
-    assert calls == {bad.message_id: 3}, "handled exactly max_deliveries times"
+    assert calls == {}
     assert await bus.message_count(queue) == 0
 
     letters: list[tuple[str, bytes, dict[str, Any]]] = []
@@ -268,14 +243,14 @@ async def test_failing_handler_is_retried_then_dead_lettered(buses: Buses) -> No
         letters.append((q, body, headers))
 
     assert await bus.consume_dead_letters(on_dead_letter) == [dlq]
-    await wait_until(lambda: len(letters) == 2, 10, "both dead letters")
-    by_reason = {h["x-first-death-reason"]: (q, body) for q, body, h in letters}
-    assert set(by_reason) == {"delivery_limit", "rejected"}
-    assert by_reason["delivery_limit"][0] == dlq
-    assert Ping.model_validate_json(by_reason["delivery_limit"][1]) == bad
-    assert by_reason["rejected"][1] == b"{not json"
+    await wait_until(lambda: len(letters) == 1, 10, "the dead letter")
+    [(name, body, headers)] = letters
+    assert name == dlq
+    assert headers["x-first-death-reason"] == "rejected"
+    assert body == b"{not json"
+    assert "not JSON" in headers["x-dead-letter-reason"]
     deadline = time.monotonic() + 5
-    while await dead_letter_count() != 0:  # acked: the queue is drained
+    while await bus.message_count(dlq) != 0:  # acked: the queue is drained
         assert time.monotonic() < deadline, "dead letters were not acknowledged"
         await asyncio.sleep(0.05)
 
@@ -302,16 +277,6 @@ async def test_messages_wait_durably_for_a_consumer_that_starts_later(buses: Bus
     await consumer.start()
     await wait_until(lambda: len(got) >= len(sent), 10, "the stored messages")
     assert sorted(got, key=lambda m: m.n) == sent
-
-
-async def test_publish_with_no_queue_bound_is_dropped_not_raised(
-    buses: Buses, caplog: pytest.LogCaptureFixture
-) -> None:
-    bus = buses()
-    await bus.start()
-    with caplog.at_level(logging.WARNING, logger="airoboros.bus_amqp"):
-        await bus.publish(Ping(n=1))  # a warning, as with InMemoryBus
-    assert "no queue bound for test.ping" in caplog.text
 
 
 async def test_start_fails_clearly_without_broker() -> None:

@@ -1,7 +1,8 @@
 """airoboros.objects_s3 against a real S3 server: moto's, in-process on a loopback port.
 
-The basic contract runs against both adapters (S3ObjectStore and LocalObjectStore), so
-code written against one behaves the same on the other.
+The ObjectStore contract, on this adapter and LocalObjectStore alike, is in
+tests/contract/test_object_store_contract.py (which uses the fixtures here); this file
+holds what only S3 has: buckets, multipart uploads, credentials, endpoints, the factory.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import threading
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,92 +74,6 @@ def make_s3(s3_endpoint: str) -> Callable[..., S3ObjectStore]:
 def raw(s3_endpoint: str) -> Minio:
     """A plain minio client, to look at the server behind the adapter's back."""
     return Minio(s3_endpoint, access_key=ACCESS, secret_key=SECRET, secure=False)
-
-
-@pytest.fixture(params=["local", "s3"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, make_s3: Callable[..., S3ObjectStore]
-) -> AsyncIterator[LocalObjectStore | S3ObjectStore]:
-    if request.param == "local":
-        yield LocalObjectStore(tmp_path / "objects")
-    else:
-        yield make_s3()
-
-
-# --- the contract, on both adapters ---------------------------------------------------------
-
-
-async def test_round_trip_returns_uri(store: LocalObjectStore | S3ObjectStore) -> None:
-    data = b"\x00weights\xff" * 100
-    uri = await store.put_bytes("runs/1/model.bin", data)
-    assert uri == store.uri("runs/1/model.bin")
-    assert uri.endswith("runs/1/model.bin")
-    if isinstance(store, S3ObjectStore):
-        assert uri == f"s3://{store.bucket}/runs/1/model.bin"
-    assert await store.get_bytes("runs/1/model.bin") == data
-
-
-async def test_empty_object(store: LocalObjectStore | S3ObjectStore) -> None:
-    await store.put_bytes("empty", b"")
-    assert await store.exists("empty")
-    assert await store.get_bytes("empty") == b""
-
-
-async def test_overwrite(store: LocalObjectStore | S3ObjectStore) -> None:
-    await store.put_bytes("k", b"old")
-    await store.put_bytes("k", b"new, and longer")
-    assert await store.get_bytes("k") == b"new, and longer"
-    assert await store.list() == ["k"]
-
-
-async def test_exists_list_prefix_delete(store: LocalObjectStore | S3ObjectStore) -> None:
-    assert await store.list() == []
-    await store.put_bytes("runs/1/model.bin", b"1")
-    await store.put_bytes("runs/2/model.bin", b"2")
-    await store.put_bytes("runs10/x", b"x")
-    await store.put_bytes("datasets/a.jsonl", b"{}\n")
-    assert await store.exists("runs/1/model.bin")
-    assert not await store.exists("runs/1/other.bin")
-    assert await store.list() == [
-        "datasets/a.jsonl",
-        "runs/1/model.bin",
-        "runs/2/model.bin",
-        "runs10/x",
-    ]
-    assert await store.list("runs/") == ["runs/1/model.bin", "runs/2/model.bin"]
-    # A string prefix, not a folder: "runs" matches "runs10/x" too.
-    assert await store.list("runs") == ["runs/1/model.bin", "runs/2/model.bin", "runs10/x"]
-    assert await store.list("nothing/") == []
-
-    await store.delete("runs/1/model.bin")
-    assert not await store.exists("runs/1/model.bin")
-    await store.delete("runs/1/model.bin")  # deleting twice is fine
-    await store.delete("never/was")
-    assert await store.list("runs/") == ["runs/2/model.bin"]
-
-
-async def test_missing_key_is_not_found(store: LocalObjectStore | S3ObjectStore) -> None:
-    with pytest.raises(NotFoundError, match=re.escape("nope/missing.bin")):
-        await store.get_bytes("nope/missing.bin")
-    assert not await store.exists("nope/missing.bin")
-
-
-@pytest.mark.parametrize("key", ["../outside.bin", "a/../../outside.bin", "/etc/passwd", "."])
-async def test_keys_outside_the_store_are_refused(
-    store: LocalObjectStore | S3ObjectStore, key: str
-) -> None:
-    with pytest.raises(ValueError):
-        await store.put_bytes(key, b"x")
-    with pytest.raises(ValueError):
-        await store.get_bytes(key)
-
-
-async def test_concurrent_puts_and_gets(store: LocalObjectStore | S3ObjectStore) -> None:
-    keys = [f"batch/{i:02d}" for i in range(24)]
-    await asyncio.gather(*(store.put_bytes(k, k.encode() * 1000) for k in keys))
-    got = await asyncio.gather(*(store.get_bytes(k) for k in keys))
-    assert got == [k.encode() * 1000 for k in keys]
-    assert await store.list("batch/") == keys
 
 
 # --- S3 only ----------------------------------------------------------------------------------
@@ -265,21 +180,6 @@ async def test_reader_never_sees_a_partial_upload(
     await upload
     assert missing > 0, "the reader never ran while the upload was in progress"
     assert await store.get_bytes("big.bin") == data
-
-
-async def test_reader_during_overwrite_sees_old_or_new_whole(
-    make_s3: Callable[..., S3ObjectStore],
-) -> None:
-    store = make_s3()
-    old, new = os.urandom(8 * MB), os.urandom(12 * MB)
-    await store.put_bytes("model.bin", old)
-
-    upload = asyncio.create_task(store.put_bytes("model.bin", new))
-    missing, found = await _poll_while(store, "model.bin", upload, [old, new])
-    await upload
-    assert missing == 0, "an overwritten object must never disappear"
-    assert found > 0
-    assert await store.get_bytes("model.bin") == new
 
 
 # --- failures ---------------------------------------------------------------------------------

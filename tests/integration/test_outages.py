@@ -11,7 +11,6 @@ them with ``-m "not db_restart"``.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import shlex
 import shutil
@@ -68,54 +67,9 @@ def flaky(failures: int, effects: list[str], attempts: list[str]) -> Callable[[P
     return handle
 
 
-# --- InMemoryBus ----------------------------------------------------------------------
-
-
-async def test_in_memory_bus_retries_an_outage_in_place(caplog: pytest.LogCaptureFixture) -> None:
-    # Two deliveries only: were each outage a redelivery, the second would dead-letter it.
-    bus = InMemoryBus(max_deliveries=2)
-    bus.outage_backoff = FAST
-    effects: list[str] = []
-    attempts: list[str] = []
-    bus.subscribe(Ping, flaky(2, effects, attempts))
-    await bus.start()
-    try:
-        sent = Ping(n=1)
-        with caplog.at_level(logging.WARNING, logger="airoboros.bus"):
-            await bus.publish(sent)
-            await asyncio.wait_for(bus.drain(), 10)
-    finally:
-        await bus.close()
-    assert effects == [sent.message_id], "the handler's effect happened once"
-    assert attempts == [sent.message_id] * 3
-    assert bus.dead_letters == []
-    waits = [r for r in caplog.records if "dependency is unavailable" in r.getMessage()]
-    assert len(waits) == 2 and all(r.levelno == logging.WARNING for r in waits)
-    assert all(
-        "test.outage" in r.getMessage() and "database is down" in r.getMessage() for r in waits
-    )
-
-
-async def test_in_memory_bus_outage_past_patience_takes_the_failure_path() -> None:
-    bus = InMemoryBus(max_deliveries=2)
-    bus.outage_patience, bus.outage_backoff = 0.1, FAST
-    effects: list[str] = []
-    attempts: list[str] = []
-    bus.subscribe(Ping, flaky(10_000, effects, attempts))
-    await bus.start()
-    try:
-        await bus.publish(Ping(n=1))
-        await asyncio.wait_for(bus.drain(), 10)
-    finally:
-        await bus.close()
-    assert effects == []
-    # Waited in place on each delivery, then redelivered, then dead-lettered: never lost.
-    assert len(attempts) > 2 * bus.max_deliveries
-    [dead] = bus.dead_letters
-    assert dead.deliveries == 2 and "StoreUnavailable" in dead.error
-
-
-# --- AmqpBus --------------------------------------------------------------------------
+# --- AmqpBus: what needs the broker's own delivery counts --------------------------------
+# (Outages waited out in place, past the patience, and in the dead-letter consumer are
+# held against both buses in tests/contract/test_bus_contract.py.)
 
 
 @needs_broker
@@ -185,16 +139,6 @@ async def test_amqp_dead_letter_consumer_waits_out_an_outage_in_place(buses: Bus
     assert recorded == [f"{queue}.dlq"] and calls == 3
     assert entries == [False], "kept in place, not requeued through the dead-letter queue"
     assert await bus.message_count(f"{queue}.dlq") == 0
-
-
-@needs_broker
-async def test_amqp_bus_connected_follows_its_connections(buses: Buses) -> None:
-    bus = buses()
-    assert bus.connected is False
-    await bus.start()
-    assert bus.connected is True
-    await bus.close()
-    assert bus.connected is False
 
 
 # --- the job-status check and readiness ----------------------------------------------

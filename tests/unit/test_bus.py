@@ -1,14 +1,17 @@
-"""airoboros.bus.InMemoryBus: at-least-once delivery, dead letters, drain()."""
+"""airoboros.bus: what InMemoryBus does beyond the port (drain, its dead-letter record),
+and the decoding rules both buses share (schema versions, refusals)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from airoboros.bus import InMemoryBus
-from airoboros.contracts import BatchCompleted, JobEvent
+from airoboros.bus import InMemoryBus, Refused, body_problem, decode, version_problem
+from airoboros.contracts import SCHEMA_VERSION, BatchCompleted, JobEvent, Message
+from airoboros.errors import BusError
 
 
 @pytest.fixture
@@ -18,69 +21,12 @@ async def bus() -> AsyncIterator[InMemoryBus]:
     await b.close()
 
 
-async def test_every_subscriber_gets_each_message(bus: InMemoryBus) -> None:
-    first: list[JobEvent] = []
-    second: list[JobEvent] = []
-
-    async def one(ev: JobEvent) -> None:
-        first.append(ev)
-
-    async def two(ev: JobEvent) -> None:
-        ev.detail = "changed by two"  # must not leak into the other subscriber's copy
-        second.append(ev)
-
-    bus.subscribe(JobEvent, one)
-    bus.subscribe(JobEvent, two)
-    await bus.start()
-    sent = [JobEvent(job_id=f"j{i}", status="running", detail="d") for i in range(3)]
-    for ev in sent:
-        await bus.publish(ev)
-    await asyncio.wait_for(bus.drain(), 5)
-
-    assert [e.job_id for e in first] == ["j0", "j1", "j2"]
-    assert [e.message_id for e in second] == [e.message_id for e in sent]
-    assert all(e.detail == "d" for e in first)
-    assert all(e.detail == "d" for e in sent)
-    assert bus.dead_letters == []
+# What InMemoryBus shares with AmqpBus (groups, topics, redelivery, dead letters through
+# consume_dead_letters, partitions, the JSON wire, schema versions) is held to the port in
+# tests/contract/test_bus_contract.py; here is what is its own.
 
 
-async def test_messages_go_only_to_their_topic(bus: InMemoryBus) -> None:
-    events: list[JobEvent] = []
-    batches: list[BatchCompleted] = []
-
-    async def on_event(ev: JobEvent) -> None:
-        events.append(ev)
-
-    async def on_batch(msg: BatchCompleted) -> None:
-        batches.append(msg)
-
-    bus.subscribe(JobEvent, on_event)
-    bus.subscribe(BatchCompleted, on_batch)
-    await bus.start()
-    await bus.publish(BatchCompleted(job_id="j", task_id="t", instructor="general"))
-    await asyncio.wait_for(bus.drain(), 5)
-    assert events == []
-    assert len(batches) == 1
-
-
-async def test_handler_that_raises_gets_the_message_again(bus: InMemoryBus) -> None:
-    attempts: list[str] = []
-
-    async def flaky(ev: JobEvent) -> None:
-        attempts.append(ev.message_id)
-        if len(attempts) == 1:
-            raise RuntimeError("transient")
-
-    bus.subscribe(JobEvent, flaky)
-    await bus.start()
-    ev = JobEvent(job_id="j", status="running")
-    await bus.publish(ev)
-    await asyncio.wait_for(bus.drain(), 5)
-    assert attempts == [ev.message_id, ev.message_id]
-    assert bus.dead_letters == []
-
-
-async def test_dead_lettered_after_max_deliveries(bus: InMemoryBus) -> None:
+async def test_dead_letters_are_recorded_with_the_error(bus: InMemoryBus) -> None:
     attempts = 0
 
     async def broken(ev: JobEvent) -> None:
@@ -97,11 +43,16 @@ async def test_dead_lettered_after_max_deliveries(bus: InMemoryBus) -> None:
     assert len(bus.dead_letters) == 1
     dead = bus.dead_letters[0]
     assert dead.deliveries == 3
-    assert dead.message.message_id == ev.message_id
+    assert dead.message is not None and dead.message.message_id == ev.message_id
     assert "always broken" in dead.error
+    [queue] = bus.queue_names(JobEvent)
+    assert dead.queue == f"{queue}.dlq"
+    assert JobEvent.model_validate_json(dead.body) == ev
+    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    assert "always broken" in dead.headers["x-dead-letter-reason"]
 
 
-async def test_failing_message_does_not_block_others(bus: InMemoryBus) -> None:
+async def test_a_failing_message_is_recorded_and_others_go_on(bus: InMemoryBus) -> None:
     ok: list[str] = []
 
     async def handler(ev: JobEvent) -> None:
@@ -115,7 +66,75 @@ async def test_failing_message_does_not_block_others(bus: InMemoryBus) -> None:
         await bus.publish(JobEvent(job_id=job, status="running"))
     await asyncio.wait_for(bus.drain(), 5)
     assert sorted(ok) == ["a", "b"]
-    assert [d.message.job_id for d in bus.dead_letters] == ["bad"]
+    assert [d.message.job_id for d in bus.dead_letters if isinstance(d.message, JobEvent)] == [
+        "bad"
+    ]
+
+
+async def test_a_newer_major_is_recorded_with_the_reason_unparsed(bus: InMemoryBus) -> None:
+    called: list[JobEvent] = []
+
+    async def handler(ev: JobEvent) -> None:
+        called.append(ev)
+
+    bus.subscribe(JobEvent, handler)
+    await bus.start()
+    await bus.publish(JobEvent(job_id="j", status="running", schema_version="2.0"))
+    await asyncio.wait_for(bus.drain(), 5)
+    assert called == []
+    [dead] = bus.dead_letters
+    assert dead.message is None and dead.deliveries == 1
+    assert dead.error == "schema_version 2.0: unknown major version 2 (this release reads 1.x)"
+    assert dead.headers["x-first-death-reason"] == "rejected"
+
+
+async def test_partitions_are_queues_of_their_own(bus: InMemoryBus) -> None:
+    b = InMemoryBus(partitions={"generation.completed": 3, "jobs.events": 1})
+    assert b.partitions == {"generation.completed": 3}
+    assert b.routing_key(JobEvent(job_id="j", status="done")) == "jobs.events"
+    keyless = BatchCompleted(job_id="j", task_id="t", instructor="general")
+    assert b.routing_key(keyless) == "generation.completed.p0"
+    assert b.queue_names(BatchCompleted, "topics") == [
+        f"airoboros.topics.generation.completed.p{k}" for k in range(3)
+    ]
+    with pytest.raises(ValueError, match="at least 1"):
+        InMemoryBus(partitions={"x": 0})
+
+
+async def test_a_publish_before_start_waits_for_start(bus: InMemoryBus) -> None:
+    got: list[JobEvent] = []
+
+    async def handler(ev: JobEvent) -> None:
+        got.append(ev)
+
+    bus.subscribe(JobEvent, handler)
+    await bus.publish(JobEvent(job_id="early", status="running"))
+    [queue] = bus.queue_names(JobEvent)
+    assert await bus.message_count(queue) == 1
+    await bus.start()
+    await asyncio.wait_for(bus.drain(), 5)
+    assert [e.job_id for e in got] == ["early"]
+
+
+async def test_extras_need_a_started_bus(bus: InMemoryBus) -> None:
+    async def on_dead_letter(queue: str, body: bytes, headers: dict[str, Any]) -> None:
+        return None
+
+    with pytest.raises(RuntimeError, match="start"):
+        await bus.ensure_queue(JobEvent, group="later")
+    with pytest.raises(RuntimeError, match="start"):
+        await bus.consume_dead_letters(on_dead_letter)
+    with pytest.raises(BusError, match="no queue named"):
+        await bus.message_count("nothing")
+
+
+async def test_drain_ignores_queues_nobody_consumes(bus: InMemoryBus) -> None:
+    await bus.start()
+    await bus.ensure_queue(JobEvent, group="elsewhere")
+    await bus.publish(JobEvent(job_id="kept", status="running"))
+    await asyncio.wait_for(bus.drain(), 5)
+    [queue] = bus.queue_names(JobEvent, "elsewhere")
+    assert await bus.message_count(queue) == 1
 
 
 async def test_drain_waits_for_slow_handlers(bus: InMemoryBus) -> None:
@@ -171,18 +190,61 @@ async def test_drain_waits_for_follow_up_handler_still_running(bus: InMemoryBus)
     assert finished == ["j"]
 
 
-async def test_subscribe_after_start_is_refused(bus: InMemoryBus) -> None:
-    await bus.start()
-
-    async def handler(ev: JobEvent) -> None:
-        return None
-
-    with pytest.raises(RuntimeError):
-        bus.subscribe(JobEvent, handler)
+# --- schema versions and decoding (both buses) ------------------------------------------
 
 
-async def test_publish_without_subscriber_is_dropped(bus: InMemoryBus) -> None:
-    await bus.start()
-    await bus.publish(JobEvent(job_id="j", status="running"))
-    await asyncio.wait_for(bus.drain(), 5)
-    assert bus.dead_letters == []
+def test_schema_version_is_major_minor_and_reads_the_legacy_integer() -> None:
+    assert SCHEMA_VERSION == "1.1"
+    assert JobEvent(job_id="j", status="done").schema_version == "1.1"
+    legacy = '{"schema_version": 1, "job_id": "j", "status": "done"}'
+    assert JobEvent.model_validate_json(legacy).schema_version == "1.0"
+    assert JobEvent(job_id="j", status="done", schema_version="1.07").schema_version == "1.7"
+    assert Message.version_parts("12.3") == (12, 3)
+    for bad in ["1", "1.x", "v1.0", "1.0.0", "", "１.0", 1.5, True, None, -1]:
+        with pytest.raises(ValueError, match=r"MAJOR\.MINOR"):
+            Message.version_parts(bad)
+        with pytest.raises(ValueError):
+            JobEvent(job_id="j", status="done", schema_version=bad)
+
+
+def test_unknown_fields_are_ignored_by_every_reader() -> None:
+    body = (
+        '{"job_id": "j", "task_id": "t", "instructor": "general", "new": 1,'
+        ' "items": [{"instruction": "i", "response": "r", "category": "c", "new": 2}],'
+        ' "stats": {"asked": 1, "new": 3}}'
+    )
+    msg = BatchCompleted.model_validate_json(body)
+    assert msg.items[0].instruction == "i" and msg.stats.asked == 1
+    assert "new" not in msg.model_dump() and "new" not in msg.items[0].model_dump()
+
+
+def test_version_rules() -> None:
+    assert version_problem("1.0") is None
+    assert version_problem("1.99") is None
+    assert version_problem(1) is None
+    assert version_problem("2.0") == (
+        "schema_version 2.0: unknown major version 2 (this release reads 1.x)"
+    )
+    assert version_problem(0) is not None
+    assert "MAJOR.MINOR" in (version_problem("one") or "")
+
+
+def test_body_problem_and_decode() -> None:
+    ok = JobEvent(job_id="j", status="done")
+    assert body_problem(ok.model_dump_json().encode()) is None
+    assert decode(JobEvent, ok.model_dump_json().encode()) == ok
+    assert "not JSON" in (body_problem(b"{not json") or "")
+    assert "not JSON" in (body_problem(b"\xff\xfe") or "")
+    assert "not a JSON object" in (body_problem(b"[1]") or "")
+
+    newer = ok.model_copy(update={"schema_version": "2.0"}).model_dump_json().encode()
+    with pytest.raises(Refused, match="unknown major version 2"):
+        decode(JobEvent, newer)
+    # A newer major that no longer validates still says why: its version.
+    gone = b'{"schema_version": "3.0", "job": {"id": "j"}}'
+    with pytest.raises(Refused, match="unknown major version 3"):
+        decode(JobEvent, gone)
+    with pytest.raises(Refused, match="does not parse as JobEvent"):
+        decode(JobEvent, b'{"job_id": "j", "status": "exploded"}')
+    with pytest.raises(Refused, match="not JSON"):
+        decode(JobEvent, b"{not json")

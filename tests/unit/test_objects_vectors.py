@@ -1,4 +1,9 @@
-"""airoboros.objects.LocalObjectStore and airoboros.vectors.FaissVectorStore."""
+"""airoboros.objects.LocalObjectStore and airoboros.vectors.FaissVectorStore.
+
+The ObjectStore contract (put, get, exists, list, delete, atomic visibility, missing
+keys) is held against LocalObjectStore and S3ObjectStore alike in
+tests/contract/test_object_store_contract.py; here is what the folder adds.
+"""
 
 from __future__ import annotations
 
@@ -7,40 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from airoboros.errors import NotFoundError
 from airoboros.objects import LocalObjectStore
 from airoboros.vectors import FaissVectorStore
 
 # --- LocalObjectStore ---------------------------------------------------------------------
-
-
-async def test_put_get_exists_list_delete(tmp_path: Path) -> None:
-    store = LocalObjectStore(tmp_path / "objects")
-    uri = await store.put_bytes("runs/1/model.bin", b"\x00weights\xff")
-    assert uri.startswith("file://")
-    assert uri.endswith("runs/1/model.bin")
-    assert await store.get_bytes("runs/1/model.bin") == b"\x00weights\xff"
-    assert await store.exists("runs/1/model.bin")
-    assert not await store.exists("runs/1/other.bin")
-
-    await store.put_bytes("runs/2/model.bin", b"two")
-    await store.put_bytes("datasets/a.jsonl", b"{}\n")
-    assert await store.list() == ["datasets/a.jsonl", "runs/1/model.bin", "runs/2/model.bin"]
-    assert await store.list("runs/") == ["runs/1/model.bin", "runs/2/model.bin"]
-    assert await store.list("nothing/") == []
-
-    await store.delete("runs/1/model.bin")
-    assert not await store.exists("runs/1/model.bin")
-    await store.delete("runs/1/model.bin")  # deleting twice is fine
-    with pytest.raises(NotFoundError):
-        await store.get_bytes("runs/1/model.bin")
-
-
-async def test_put_overwrites(tmp_path: Path) -> None:
-    store = LocalObjectStore(tmp_path)
-    await store.put_bytes("k", b"old")
-    await store.put_bytes("k", b"new")
-    assert await store.get_bytes("k") == b"new"
 
 
 async def test_list_on_missing_root_is_empty(tmp_path: Path) -> None:
