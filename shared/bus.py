@@ -247,7 +247,7 @@ class _Queue:
 
 
 @dataclass
-class _Subscription:
+class _MemorySubscription:
     message_type: type[Message]
     handler: Handler[Any]
     concurrency: int
@@ -293,7 +293,7 @@ class InMemoryBus:
         self.dead_letter_retry_delay = dead_letter_retry_delay
         self.outage_patience = outage_patience
         self.outage_backoff = outage_backoff
-        self._subs: list[_Subscription] = []
+        self._subs: list[_MemorySubscription] = []
         self._queues: dict[str, _Queue] = {}
         #: routing key -> names of the queues bound with it
         self._bindings: dict[str, list[str]] = {}
@@ -345,7 +345,7 @@ class InMemoryBus:
         if self._started:
             raise RuntimeError("subscribe before start()")
         self._subs.append(
-            _Subscription(
+            _MemorySubscription(
                 message_type=message_type,
                 handler=cast(Handler[Any], handler),
                 concurrency=max(1, concurrency),
@@ -474,7 +474,7 @@ class InMemoryBus:
             self._running -= 1
             self._changed.set()
 
-    async def _consume(self, sub: _Subscription, q: _Queue) -> None:
+    async def _consume(self, sub: _MemorySubscription, q: _Queue) -> None:
         while True:
             delivery = await q.items.get()
             # Counted before any await: drain() must never see it neither queued nor
@@ -486,7 +486,7 @@ class InMemoryBus:
                 else:
                     await self._handle(sub, q, delivery)
 
-    async def _handle(self, sub: _Subscription, q: _Queue, delivery: _Delivery) -> None:
+    async def _handle(self, sub: _MemorySubscription, q: _Queue, delivery: _Delivery) -> None:
         try:
             message = decode(sub.message_type, delivery.body)
         except Refused as exc:

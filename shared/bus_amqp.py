@@ -93,7 +93,7 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 
 
 @dataclass
-class _Subscription:
+class _AmqpSubscription:
     message_type: type[Message]
     handler: Handler[Any]
     concurrency: int
@@ -164,7 +164,7 @@ class AmqpBus:
         self.outage_patience = outage_patience
         self.outage_backoff = outage_backoff
 
-        self._subs: list[_Subscription] = []
+        self._subs: list[_AmqpSubscription] = []
         self._started = False
         self._closing = False
         self._pub_conn: AbstractRobustConnection | None = None
@@ -242,7 +242,7 @@ class AmqpBus:
         if self._started:
             raise RuntimeError("subscribe before start()")
         self._subs.append(
-            _Subscription(
+            _AmqpSubscription(
                 message_type=message_type,
                 handler=cast(Handler[Any], handler),
                 concurrency=max(1, concurrency),
@@ -513,7 +513,7 @@ class AmqpBus:
         await queue.bind(exchange, routing_key=routing_key)
         return queue
 
-    async def _start_subscription(self, sub: _Subscription) -> None:
+    async def _start_subscription(self, sub: _AmqpSubscription) -> None:
         # One channel per subscription: its prefetch applies to this subscription alone.
         channel = await self._consumer_channel(prefetch=max(self.prefetch, sub.concurrency))
         exchange = await self._declare_exchanges(channel)
@@ -526,7 +526,7 @@ class AmqpBus:
 
             def on_message(
                 incoming: AbstractIncomingMessage,
-                _sub: _Subscription = sub,
+                _sub: _AmqpSubscription = sub,
                 _queue: str = queue_name,
                 _lock: asyncio.Lock | None = lock,
             ) -> Coroutine[Any, Any, None]:
@@ -625,7 +625,7 @@ class AmqpBus:
 
     async def _on_message(
         self,
-        sub: _Subscription,
+        sub: _AmqpSubscription,
         queue_name: str,
         lock: asyncio.Lock | None,
         incoming: AbstractIncomingMessage,
@@ -636,7 +636,7 @@ class AmqpBus:
             await self._handle(sub, queue_name, incoming)
 
     async def _handle(
-        self, sub: _Subscription, queue_name: str, incoming: AbstractIncomingMessage
+        self, sub: _AmqpSubscription, queue_name: str, incoming: AbstractIncomingMessage
     ) -> None:
         if self._closing or not _channel_open(incoming):
             # Closing, or the channel it came on is gone: the broker requeues it anyway,

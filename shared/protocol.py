@@ -216,7 +216,7 @@ class CompletionRequest(CompletionParams):
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 
 
-class Usage(BaseModel):
+class TokenUsage(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt_tokens: int
     completion_tokens: int
@@ -246,7 +246,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
+    usage: TokenUsage | None = None
     system_fingerprint: str | None = None
 
 
@@ -276,7 +276,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     system_fingerprint: str | None = None
-    usage: Usage | None = None
+    usage: TokenUsage | None = None
 
 
 class TextChoice(BaseModel):
@@ -297,7 +297,7 @@ class TextCompletion(BaseModel):
     created: int
     model: str
     choices: list[TextChoice]
-    usage: Usage | None = None
+    usage: TokenUsage | None = None
     system_fingerprint: str | None = None
 
 
@@ -447,7 +447,7 @@ class CullRequest(BaseModel):
     threshold: int | None = Field(default=None, ge=0, le=100)
 
 
-class InstructorProgress(BaseModel):
+class InstructorStatus(BaseModel):
     """One instructor (category) of a job: its count, and where its calls went."""
 
     model_config = ConfigDict(extra="allow")
@@ -514,7 +514,7 @@ class JobStatus(BaseModel):
     created_at: str
     finished_at: str | None = None
     cancel_requested: bool = False
-    instructors: dict[str, InstructorProgress]
+    instructors: dict[str, InstructorStatus]
     rows: int
     tokens: TokenTotals
     cost: float

@@ -41,7 +41,7 @@ from airoboros.protocol import (
     ModelList,
     TextChoice,
     TextCompletion,
-    Usage,
+    TokenUsage,
     error_event,
     stream_event,
 )
@@ -345,9 +345,9 @@ class InferenceService:
     # --- helpers ---------------------------------------------------------------------------
 
     @staticmethod
-    def _usage(prompt_tokens: int, gens: Sequence[ChoiceStream]) -> Usage:
+    def _usage(prompt_tokens: int, gens: Sequence[ChoiceStream]) -> TokenUsage:
         completion = sum(g.completion_tokens for g in gens)
-        return Usage(
+        return TokenUsage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion,
             total_tokens=prompt_tokens + completion,
@@ -375,7 +375,7 @@ class InferenceService:
         gens: list[ChoiceStream],
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        def event(*choices: ChatChunkChoice, usage: Usage | None = None) -> str:
+        def event(*choices: ChatChunkChoice, usage: TokenUsage | None = None) -> str:
             chunk = ChatCompletionChunk(
                 id=rid, created=created, model=model, choices=list(choices), usage=usage
             )
@@ -413,7 +413,7 @@ class InferenceService:
         include_usage: bool,
         echoes: list[str],
     ) -> AsyncIterator[str]:
-        def event(*choices: TextChoice, usage: Usage | None = None) -> str:
+        def event(*choices: TextChoice, usage: TokenUsage | None = None) -> str:
             chunk = TextCompletion(
                 id=rid, created=created, model=model, choices=list(choices), usage=usage
             )
