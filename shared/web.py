@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -139,3 +139,39 @@ def unexpected_error(
         )
     log.error("%s failed", where or "request", exc_info=exc)
     return internal(message)
+
+
+def install_error_handlers(
+    app: Any,
+    *,
+    name: str,
+    internal_message: Callable[[Exception], str],
+    internal: type[ApiError] = InternalError,
+) -> None:
+    """Answer every error of a FastAPI ``app`` in the one envelope: the tree's errors by
+    their class, the framework's own 404/405 (``route_error``), and anything else as an
+    outage (503) or an internal error (``internal``, with ``internal_message(exc)``),
+    logged with the service ``name``, the method and the path."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    @app.exception_handler(AiroborosError)  # type: ignore[untyped-decorator]
+    async def known_error(_: Request, exc: AiroborosError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)  # type: ignore[untyped-decorator]
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(route_error(exc.status_code, exc.detail))
+
+    # Driver and socket errors are named besides Exception: Starlette answers those it
+    # finds a handler for by class in its exception middleware (a response, the request
+    # done), while a bare Exception handler runs in its outermost one, which raises again.
+    @app.exception_handler(SQLAlchemyError)  # type: ignore[untyped-decorator]
+    @app.exception_handler(OSError)  # type: ignore[untyped-decorator]
+    @app.exception_handler(Exception)  # type: ignore[untyped-decorator]
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        where = f"{name}: {request.method} {request.url.path}"
+        return error_response(
+            unexpected_error(exc, internal_message(exc), where=where, internal=internal)
+        )

@@ -71,9 +71,19 @@ def job_config(
     kept, problems, _ = policy.review({k: v for k, v in raw.items() if k != "openai_api_key"})
     if problems:
         raise ConfigError(problems)
-    cfg = Config.model_validate(kept)
+    return with_credentials(settings, Config.model_validate(kept), api_key)
+
+
+def with_credentials(settings: ServiceSettings, cfg: Config, job_key: str | None) -> Config:
+    """``cfg`` with its endpoint and key as ``ServerPolicy.credentials`` decides: the
+    job's own key (``job_key``), or the server's only for the server's own endpoint; a
+    config naming an endpoint the server may not call raises ConfigError."""
+    from airoboros.policy import ServerPolicy
+
     try:
-        base_url, key = policy.credentials(cfg.base_url, api_key, settings.openai_api_key)
+        base_url, key = ServerPolicy.from_settings(settings).credentials(
+            cfg.base_url, job_key, settings.openai_api_key
+        )
     except PermissionError:
         raise ConfigError(
             ["base_url: not an endpoint this server may call (AIROBOROS_ALLOWED_BASE_URLS)"]

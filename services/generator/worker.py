@@ -19,9 +19,8 @@ from airoboros.generator.service import Command, GeneratorService, JobRuntime
 from airoboros.jobboard import RedisJobBoard
 from airoboros.llm.factory import make_llm, prices_for
 from airoboros.llm.shared_limits import RedisRateLimiter, RedisUsageMeter, limiter_scope
-from airoboros.policy import ServerPolicy
 from airoboros.settings import GeneratorSettings
-from airoboros.worker import JobStatusCache, make_bus, serve, stop_event
+from airoboros.worker import JobStatusCache, make_bus, serve, stop_event, with_credentials
 
 log = logging.getLogger(__name__)
 GROUP = "generator"
@@ -35,15 +34,7 @@ def command_config(settings: GeneratorSettings, command: Command, job_key: str |
         raise ConfigError(
             [f"{command.kind} for job {command.job_id} carries no settings (an older topics?)"]
         )
-    cfg = Config.model_validate(command.settings.config)
-    policy = ServerPolicy.from_settings(settings)
-    try:
-        base_url, key = policy.credentials(cfg.base_url, job_key, settings.openai_api_key)
-    except PermissionError:
-        raise ConfigError(
-            ["base_url: not an endpoint this server may call (AIROBOROS_ALLOWED_BASE_URLS)"]
-        ) from None
-    return cfg.with_credentials(base_url, key)
+    return with_credentials(settings, Config.model_validate(command.settings.config), job_key)
 
 
 async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = None) -> None:

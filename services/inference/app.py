@@ -21,11 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airoboros import metrics, telemetry
 from airoboros.errors import (
-    AiroborosError,
     BackendFailure,
     ConfigError,
     InvalidRequest,
@@ -53,10 +51,9 @@ from airoboros.protocol import (
 from airoboros.web import (
     bearer_token,
     error_response,
+    install_error_handlers,
     json_body,
     read_body,
-    route_error,
-    unexpected_error,
 )
 
 log = logging.getLogger(__name__)
@@ -144,9 +141,12 @@ def create_app(settings: InferenceSettings, engine: GenerationBackend | None = N
     app.state.service = service
     app.state.backend = backend
 
-    @app.exception_handler(AiroborosError)
-    async def known_error(_: Request, exc: AiroborosError) -> JSONResponse:
-        return error_response(exc)
+    install_error_handlers(
+        app,
+        name="inference",
+        internal_message=lambda exc: f"internal error: {type(exc).__name__}",
+        internal=BackendFailure,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -154,16 +154,6 @@ def create_app(settings: InferenceSettings, engine: GenerationBackend | None = N
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         return error_response(InvalidRequest(problems))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(route_error(exc.status_code, exc.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        message = f"internal error: {type(exc).__name__}"
-        where = f"inference: {request.method} {request.url.path}"
-        return error_response(unexpected_error(exc, message, where=where, internal=BackendFailure))
 
     def authorize(request: Request) -> None:
         if not keys:

@@ -22,11 +22,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from airoboros import metrics, telemetry
-from airoboros.errors import AiroborosError, PayloadTooLarge, RateLimited, Unauthorized
+from airoboros.errors import PayloadTooLarge, RateLimited, Unauthorized
 from airoboros.ports import Embedder
 from airoboros.protocol import (
     ERROR_RESPONSES,
@@ -47,11 +46,9 @@ from airoboros.router.service import Kind, RouterService
 from airoboros.router.settings import RouterSettings
 from airoboros.web import (
     bearer_token,
-    error_response,
+    install_error_handlers,
     json_body,
     read_body,
-    route_error,
-    unexpected_error,
 )
 
 log = logging.getLogger(__name__)
@@ -255,20 +252,11 @@ def create_app(
     app.state.service = service
     app.state.router_state = state
 
-    @app.exception_handler(AiroborosError)
-    async def known_error(_: Request, exc: AiroborosError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(route_error(exc.status_code, exc.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        where = f"router: {request.method} {request.url.path}"
-        return error_response(
-            unexpected_error(exc, f"internal error ({type(exc).__name__})", where=where)
-        )
+    install_error_handlers(
+        app,
+        name="router",
+        internal_message=lambda exc: f"internal error ({type(exc).__name__})",
+    )
 
     def authenticate(request: Request) -> str:
         """The caller's identity for the rate limit: its key, or its address."""

@@ -21,13 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airoboros import metrics, telemetry
 from airoboros.errors import (
-    AiroborosError,
     ApiError,
     ConfigError,
     PayloadTooLarge,
@@ -53,10 +50,9 @@ from airoboros.web import (
     Principal,
     bearer_token,
     error_response,
+    install_error_handlers,
     key_owner,
     read_body,
-    route_error,
-    unexpected_error,
 )
 
 log = logging.getLogger(__name__)
@@ -220,13 +216,11 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
 
     # Every error is the tree's, answered by its class (airoboros.errors: status, code) in
     # the one envelope (airoboros.web.error_response).
-    @app.exception_handler(AiroborosError)
-    async def known_error(_: Request, exc: AiroborosError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(route_error(exc.status_code, exc.detail))
+    install_error_handlers(
+        app,
+        name="topics",
+        internal_message=lambda exc: "internal error; the service's log has the details",
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -235,16 +229,6 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
             "; ".join(problems), status=422, code="invalid_request", details={"problems": problems}
         )
         return error_response(invalid)
-
-    # Driver and socket errors: a 503 when they mean a dependency is down (the database,
-    # the broker), else a 500; in the one envelope either way.
-    @app.exception_handler(SQLAlchemyError)
-    @app.exception_handler(OSError)
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        where = f"{request.method} {request.url.path}"
-        message = "internal error; the service's log has the details"
-        return error_response(unexpected_error(exc, message, where=where))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
