@@ -1,10 +1,12 @@
 """SqlStore: the SQL adapter of the store's ports (airoboros.store.ports), SQLite via
 aiosqlite and PostgreSQL via asyncpg, one engine shared by its repositories.
 
-Each repository method is one transaction. Rows are inserted idempotently (one row per
-``source_id``) and never beyond an instructor's target: the count check and the insert
-share one transaction, with the progress row locked on PostgreSQL, so concurrent writers
-cannot overshoot.
+Each repository method is one transaction. Writers of one instructor's count are
+serialised: on PostgreSQL by locking its progress row (``FOR UPDATE``), on SQLite by
+taking the database's write lock when the transaction begins (``BEGIN IMMEDIATE``;
+SQLite's default, deferred transactions would read a count, then wait for the lock
+and write a stale one). So rows are inserted idempotently (one per ``source_id``) and
+never beyond an instructor's target, even with concurrent writers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, event, func, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -62,6 +64,9 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
+#: the execution option that marks a write transaction (SQLite: BEGIN IMMEDIATE)
+_WRITE = "airoboros_write"
+
 
 def normalize_url(url: str) -> str:
     """Accept plain sqlite:// and postgresql:// URLs and pick the async driver."""
@@ -83,6 +88,17 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+    # The driver would BEGIN only before the first write, after the reads it depends
+    # on; _sqlite_begin emits BEGIN itself instead.
+    dbapi_conn.isolation_level = None
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A write transaction takes the write lock first (waiting for it up to the busy
+    # timeout), so what it reads cannot change before it writes; readers are not
+    # blocked (WAL).
+    immediate = conn.get_execution_options().get(_WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 class _Database:
@@ -102,6 +118,7 @@ class _Database:
         if self.dialect == "sqlite":
             sync_engine: Engine = engine.sync_engine
             event.listen(sync_engine, "connect", _sqlite_connect)
+            event.listen(sync_engine, "begin", _sqlite_begin)
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
 
@@ -120,6 +137,8 @@ class _Database:
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A session in a write transaction, committed when the block ends normally."""
         async with self.session() as s, s.begin():
+            if self.dialect == "sqlite":
+                await s.connection(execution_options={_WRITE: True})
             yield s
 
 
@@ -383,8 +402,8 @@ class SqlUploads:
 async def _progress(
     s: AsyncSession, db: _Database, job_id: str, instructor: str
 ) -> InstructorProgress:
-    """The instructor's progress row, locked for the transaction on PostgreSQL; created
-    at zero if new."""
+    """The instructor's progress row, locked for the transaction on PostgreSQL (SQLite's
+    write transactions hold the database's write lock already); created at zero if new."""
     q = select(InstructorProgress).where(
         InstructorProgress.job_id == job_id, InstructorProgress.instructor == instructor
     )
