@@ -15,7 +15,7 @@ from airoboros.health import HealthServer
 from airoboros.jobboard import JobBoard
 from airoboros.ports import Bus, ObjectStore
 from airoboros.settings import ServiceSettings
-from airoboros.store import SqlStore
+from airoboros.store import JobRepository, Store
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ class JobStatusCache:
     """Whether a job is still running, re-read at most every ``ttl`` seconds: workers
     drop the work of cancelled and finished jobs instead of paying for it.
 
-    ``source`` answers for one job: the SQL store (``from_store``, for workers that have
-    one) or the job board (``from_board``, for the generator, which has none). Only answers
+    ``source`` answers for one job: the store's jobs (``from_jobs``, for workers that have
+    a store) or the job board (``from_board``, for the generator, which has none). Only answers
     are cached: a job that does not exist is not running, but a source that cannot be
     asked raises an outage (``DependencyUnavailable``), so that the bus keeps the message
     and tries again instead of dropping it as "not running".
@@ -108,10 +108,10 @@ class JobStatusCache:
         self._seen: dict[str, tuple[float, bool]] = {}
 
     @classmethod
-    def from_store(cls, store: SqlStore, ttl: float = 1.0) -> JobStatusCache:
+    def from_jobs(cls, jobs: JobRepository, ttl: float = 1.0) -> JobStatusCache:
         async def running(job_id: str) -> bool:
             try:
-                job = await store.get_job(job_id)
+                job = await jobs.get(job_id)
             except NotFoundError:
                 return False
             except Exception as exc:
@@ -145,7 +145,7 @@ class JobStatusCache:
 Check = Callable[[], Awaitable[bool]]
 
 
-async def dependencies_ready(store: SqlStore | None, bus: Bus | None, *checks: Check) -> bool:
+async def dependencies_ready(store: Store | None, bus: Bus | None, *checks: Check) -> bool:
     """Whether a service's dependencies answer now, for its /readyz: the broker
     connection is up (``bus.connected``, state only), the SQL database answers a trivial
     query (``store.ping()``, at most 2 s), and each of ``checks`` returns True. Pass None
@@ -170,7 +170,7 @@ async def serve(
     stop: asyncio.Event,
     banner: str,
     *,
-    store: SqlStore | None = None,
+    store: Store | None = None,
     checks: Sequence[Check] = (),
 ) -> None:
     """Serve the health probes, start the bus, and run until ``stop``; the bus and the

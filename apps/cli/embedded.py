@@ -36,7 +36,7 @@ from airoboros.llm.accounting import Usage
 from airoboros.llm.factory import make_llm
 from airoboros.objects import LocalObjectStore
 from airoboros.ports import Embedder
-from airoboros.store import SqlStore
+from airoboros.store import Store, make_store
 from airoboros.topics.lifecycle import (
     CardShelf,
     JobAdapters,
@@ -119,7 +119,7 @@ class Generation:
         cfg, plan = self.config, self.plan
         check_credentials(cfg)
         rng = random.Random(self.seed)
-        store = SqlStore(cfg.resolved_database_url())
+        store = make_store(cfg.resolved_database_url())
         await store.connect()
         llm = self.llm = make_llm(cfg)
         bus = InMemoryBus()
@@ -127,16 +127,16 @@ class Generation:
         try:
             sink = JsonlSink(cfg.output_path)
             await self._prepare_output(store, sink)
-            await store.ensure_job(
+            await store.jobs.ensure(
                 plan.job_id, config=cfg.model_dump(mode="json"), targets=plan.targets
             )
             # A rerun (after a stop, a kill, a budget stop, with append or a raised count)
             # starts again from the stored counts; no verdict of an earlier run is kept.
-            await store.resume_job(plan.job_id)
+            await store.jobs.resume(plan.job_id)
             await self._import_or_reconcile(store, sink)
-            await preload_usage(store, plan.job_id, llm.meter)
+            await preload_usage(store.progress, plan.job_id, llm.meter)
             # Batches in flight when an earlier run of this job died died with it.
-            await store.expire_tasks(plan.job_id, datetime.now(UTC))
+            await store.progress.expire_tasks(plan.job_id, datetime.now(UTC))
 
             # The embedding model loads while the first calls are out (topics, step 1):
             # nothing needs it before the first batch reaches dedupe.
@@ -186,10 +186,10 @@ class Generation:
                 await asyncio.gather(progress_task, return_exceptions=True)
                 await bus.close()
                 # Calls of batches cut short at the end were paid for too.
-                await record_usage(store, plan.job_id, llm.meter)
+                await record_usage(store.progress, plan.job_id, llm.meter)
             if bus.dead_letters:
                 log.error("%d messages failed permanently", len(bus.dead_letters))
-            rows = await store.count_items(plan.job_id)
+            rows = await store.rows.count(plan.job_id)
             return RunResult(
                 plan,
                 Path(cfg.output_path),
@@ -221,7 +221,7 @@ class Generation:
             raise deduper.exception()  # type: ignore[misc]
         return await waiter
 
-    async def _deduper(self, store: SqlStore, llm: LLMClient) -> Deduper:
+    async def _deduper(self, store: Store, llm: LLMClient) -> Deduper:
         """The job's dedupe: the embedding model, and the index of the rows it has. The
         model starts loading once the first request is out (or after a moment when there
         is none to send): importing torch in a thread slows the event loop, and the first
@@ -244,11 +244,11 @@ class Generation:
                 cfg.embedding_device,
                 dtype=cfg.embedding_dtype,
             )
-        deduper = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
-        if await store.count_vectors(self.plan.job_id) == 0:
+        deduper = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store.vectors)
+        if await store.vectors.count(self.plan.job_id) == 0:
             # Rows without vectors (adopted from an existing output): embed them once.
             ids, texts = [], []
-            async for row in store.iter_items(self.plan.job_id):
+            async for row in store.rows.iterate(self.plan.job_id):
                 ids.append(f"row:{row.seq}")
                 texts.append(dedupe_text(row.item))
             if texts:
@@ -262,20 +262,20 @@ class Generation:
             self.on_progress(self)
             await asyncio.sleep(self.progress_interval)
 
-    async def _prepare_output(self, store: SqlStore, sink: JsonlSink) -> None:
+    async def _prepare_output(self, store: Store, sink: JsonlSink) -> None:
         cfg, plan = self.config, self.plan
         out = Path(cfg.output_path)
-        exists = await store.job_exists(plan.job_id)
+        exists = await store.jobs.exists(plan.job_id)
         if cfg.overwrite:
             out.unlink(missing_ok=True)
             if exists:
-                await store.delete_job(plan.job_id)
+                await store.jobs.delete(plan.job_id)
             return
         if not out.exists() and not exists:
             return
         if cfg.append:
             return
-        if exists and (await store.get_job(plan.job_id)).status != "done":
+        if exists and (await store.jobs.get(plan.job_id)).status != "done":
             log.info("resuming the unfinished job for %s", out)
             return
         raise ConfigError(
@@ -285,9 +285,9 @@ class Generation:
             ]
         )
 
-    async def _import_or_reconcile(self, store: SqlStore, sink: JsonlSink) -> None:
+    async def _import_or_reconcile(self, store: Store, sink: JsonlSink) -> None:
         plan, out = self.plan, Path(self.config.output_path)
-        if await store.count_items(plan.job_id) == 0 and out.exists():
+        if await store.rows.count(plan.job_id) == 0 and out.exists():
             # An output written by the original tool (or a lost store): adopt its rows.
             rows = sink.read_rows()
             items = []
@@ -300,9 +300,9 @@ class Generation:
                     raise ConfigError(
                         [f"output_path: {out}:{n} is not a dataset row ({exc})"]
                     ) from None
-            await store.add_items(plan.job_id, items, cap=False)
+            await store.rows.add(plan.job_id, items, cap=False)
             log.info("imported %d existing rows from %s", len(items), out)
             return
-        added = await sink.reconcile(store, plan.job_id)
+        added = await sink.reconcile(store.rows, plan.job_id)
         if added:
             log.info("restored %d rows to %s that a crash kept from it", added, out)

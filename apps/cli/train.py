@@ -65,7 +65,7 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train_experts(args: argparse.Namespace) -> int:
-    from airoboros.store import SqlStore
+    from airoboros.store import make_store
     from airoboros.trainer.pipeline import train_experts
     from airoboros.trainer.segment import SegmentError, read_rows
 
@@ -85,7 +85,9 @@ def cmd_train_experts(args: argparse.Namespace) -> int:
 
     async def go() -> list[Any]:
         output.mkdir(parents=True, exist_ok=True)
-        store = SqlStore(args.database_url or f"sqlite:///{(output / 'registry.sqlite').resolve()}")
+        store = make_store(
+            args.database_url or f"sqlite:///{(output / 'registry.sqlite').resolve()}"
+        )
         await store.connect()
         objects = None
         if args.object_store_url:
@@ -100,7 +102,7 @@ def cmd_train_experts(args: argparse.Namespace) -> int:
                 experts=experts,
                 train_config=train_config,
                 expert_map_path=Path(args.experts_config) if args.experts_config else None,
-                store=store,
+                registry=store.registry,
                 objects=objects,
                 dataset_uri=",".join(str(Path(p).resolve()) for p in args.dataset),
             )

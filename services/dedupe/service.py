@@ -13,7 +13,7 @@ import numpy as np
 from airoboros import telemetry
 from airoboros.contracts import CandidatesProposed, CandidatesScreened, Item, Message
 from airoboros.ports import Embedder, VectorStore
-from airoboros.store import SqlStore
+from airoboros.store import VectorRepository
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,15 @@ def dedupe_text(item: Item) -> str:
 class Deduper:
     """Screens candidates of one dataset (a namespace) against everything accepted so far.
 
-    With ``durable`` (the SQL store), every accepted vector is written there before the
-    verdict goes out, and each screen first loads what other processes added since: a
-    dedupe replica that takes over a partition, or a restarted run, sees the whole
-    dataset. ``screen`` must not run for one namespace in two processes at once; the bus
+    With ``durable`` (the SQL store's vectors), every accepted vector is written there
+    before the verdict goes out, and each screen first loads what other processes added
+    since: a dedupe replica that takes over a partition, or a restarted run, sees the
+    whole dataset. ``screen`` must not run for one namespace in two processes at once; the bus
     partitions the dedupe topic so that it cannot (see ``Bus``).
     """
 
     def __init__(
-        self, embedder: Embedder, vectors: VectorStore, durable: SqlStore | None = None
+        self, embedder: Embedder, vectors: VectorStore, durable: VectorRepository | None = None
     ) -> None:
         self.embedder = embedder
         self.vectors = vectors
@@ -56,7 +56,7 @@ class Deduper:
         """Load vectors persisted since the last sync (by any process)."""
         if self.durable is None:
             return
-        seqs, keys, vecs = await self.durable.load_vectors(
+        seqs, keys, vecs = await self.durable.load(
             namespace, after=self._loaded_up_to.get(namespace, 0)
         )
         if not keys:
@@ -98,7 +98,7 @@ class Deduper:
             if keep:
                 keys = [ids[i] for i in keep]
                 if self.durable is not None:
-                    await self.durable.add_vectors(namespace, keys, vecs[keep])
+                    await self.durable.add(namespace, keys, vecs[keep])
                 await self.vectors.add(namespace, keys, vecs[keep])
                 self._known[namespace].update(keys)
         return flags
@@ -111,7 +111,7 @@ class Deduper:
             part_ids = list(ids[start : start + chunk])
             vecs = await self.embed(texts[start : start + chunk])
             if self.durable is not None:
-                await self.durable.add_vectors(namespace, part_ids, vecs)
+                await self.durable.add(namespace, part_ids, vecs)
             else:
                 await self.vectors.add(namespace, part_ids, vecs)
                 self._known[namespace].update(part_ids)

@@ -17,7 +17,7 @@ from airoboros.contracts import CandidatesProposed
 from airoboros.dedupe.service import Deduper, DedupeService
 from airoboros.ports import VectorStore
 from airoboros.settings import DedupeSettings
-from airoboros.store import SqlStore
+from airoboros.store import VectorRepository, make_store
 from airoboros.worker import JobStatusCache, make_bus, serve, stop_event
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
     from airoboros.vectors import FaissVectorStore
 
     stop = stop or stop_event()
-    store = SqlStore(settings.database_url)
+    store = make_store(settings.database_url)
     await store.connect(migrate=False)
     embedder = await asyncio.to_thread(
         SentenceTransformerEmbedder,
@@ -38,7 +38,7 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         dtype=settings.embedding_dtype,
     )
     vectors: VectorStore
-    durable: SqlStore | None = store
+    durable: VectorRepository | None = store.vectors
     if settings.weaviate_url:
         from airoboros.vectors_weaviate import WeaviateVectorStore
 
@@ -48,7 +48,7 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         vectors = FaissVectorStore(embedder.dim)
     bus = make_bus(settings)
     service = DedupeService(Deduper(embedder, vectors, durable=durable), bus.publish)
-    status = JobStatusCache.from_store(store)
+    status = JobStatusCache.from_jobs(store.jobs)
 
     async def on_proposed(msg: CandidatesProposed) -> None:
         if await status.running(msg.job_id):

@@ -139,7 +139,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from airoboros.store import SqlStore
+        from airoboros.store import make_store
         from airoboros.topics.service import GROUP, PIPELINE_QUEUES, TopicsService
         from airoboros.worker import make_bus, make_objects
 
@@ -147,7 +147,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
             state["ready"] = True
             yield
             return
-        store = SqlStore(settings.database_url)
+        store = make_store(settings.database_url)
         await store.connect(migrate=False)
         bus = make_bus(settings)
         objects = make_objects(settings)

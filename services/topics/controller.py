@@ -36,7 +36,14 @@ from airoboros.contracts import (
     RespondToCandidates,
 )
 from airoboros.counting import FATAL_ERRORS, CategoryCounts, StopPolicy, job_outcome
-from airoboros.store import Flight, SqlStore, StoredItem
+from airoboros.store import (
+    ArtifactRepository,
+    Flight,
+    JobRepository,
+    ProgressRepository,
+    RowRepository,
+    StoredItem,
+)
 from airoboros.topics.inputs import batch_inputs
 from airoboros.topics.topics import TopicPicker
 
@@ -75,21 +82,30 @@ class InstructorView:
 class StoreSources:
     """``Sources`` over the job's store: what later phases work from."""
 
-    def __init__(self, store: SqlStore, job_id: str) -> None:
-        self.store = store
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        rows: RowRepository,
+        artifacts: ArtifactRepository,
+        progress: ProgressRepository,
+    ) -> None:
         self.job_id = job_id
+        self._rows = rows
+        self._artifacts = artifacts
+        self._progress = progress
 
     async def rows(
         self, categories: list[str], n: int, *, unused_by: str | None = None
     ) -> list[Item]:
-        found = await self.store.sample_items(self.job_id, categories, n, unused_by=unused_by)
+        found = await self._rows.sample(self.job_id, categories, n, unused_by=unused_by)
         return [s.item for s in found]
 
     async def cards(self) -> list[Artifact]:
-        return await self.store.artifacts(self.job_id, "character")
+        return await self._artifacts.of_kind(self.job_id, "character")
 
     async def advance_cursor(self, instructor: str, n: int) -> int:
-        return await self.store.advance_cursor(self.job_id, instructor, n)
+        return await self._progress.advance_cursor(self.job_id, instructor, n)
 
 
 @dataclass
@@ -106,14 +122,14 @@ def stop_policy(config: Config) -> StopPolicy:
 
 
 async def grant_and_forward(
-    store: SqlStore,
+    progress: ProgressRepository,
     publish: Callable[[Message], Awaitable[None]],
     msg: CandidatesScreened,
 ) -> BatchCompleted | None:
     """Reserve room in the count for a screened batch and send the candidates that fit
     to their response step. Returns the batch's completion instead when none fit (nothing
     is left to pay for), for the caller to apply."""
-    rows = await store.grant(
+    rows = await progress.grant(
         msg.job_id, msg.task_id, msg.instructor, [c.counts for c in msg.accepted]
     )
     # A candidate granted fewer rows than it could make is told so (``counts``).
@@ -154,9 +170,12 @@ class JobController:
         self,
         job_id: str,
         config: Config,
-        store: SqlStore,
         publish: Callable[[Message], Awaitable[None]],
         *,
+        jobs: JobRepository,
+        progress: ProgressRepository,
+        rows: RowRepository,
+        artifacts: ArtifactRepository,
         active: list[str],
         pickers: dict[str, TopicPicker | None],
         on_rows: Callable[[list[StoredItem]], None] | None = None,
@@ -171,14 +190,17 @@ class JobController:
         self.trace_context = trace_context or None
         self.config = config
         self.policy = stop_policy(config)
-        self.store = store
+        self.jobs = jobs
+        self.progress = progress
+        self.rows = rows
+        self.artifacts = artifacts
         self.publish = publish
         self.active = active
         self.pickers = pickers
         self.on_rows = on_rows
         self.on_finish = on_finish
         self.task_timeout = task_timeout or (config.request_timeout + config.max_retry_time + 60.0)
-        self.sources = StoreSources(store, job_id)
+        self.sources = StoreSources(job_id, rows=rows, artifacts=artifacts, progress=progress)
         self.on_artifacts = on_artifacts
         self._rng = random.Random(seed)
         self._background: set[asyncio.Task[None]] = set()
@@ -202,13 +224,13 @@ class JobController:
     # --- results ------------------------------------------------------------------------
     async def on_screened(self, msg: CandidatesScreened) -> None:
         """Reserve room in the count for a screened batch; pass on what fits."""
-        done = await grant_and_forward(self.store, self.publish, msg)
+        done = await grant_and_forward(self.progress, self.publish, msg)
         if done is not None:
             await self.on_completed(done)
 
     async def on_completed(self, msg: BatchCompleted) -> None:
         """Apply a finished batch (idempotent by message id), then top up or finish."""
-        stored = await self.store.apply_batch(
+        stored = await self.rows.apply_batch(
             self.job_id,
             message_id=msg.message_id,
             task_id=msg.task_id,
@@ -222,7 +244,7 @@ class JobController:
         if stored is not None and msg.artifacts and self.on_artifacts is not None:
             try:
                 # Every artifact the job has, so a hook that failed once catches up.
-                await self.on_artifacts(await self.store.artifacts(self.job_id, "character"))
+                await self.on_artifacts(await self.artifacts.of_kind(self.job_id, "character"))
             except Exception:
                 log.exception("job %s: could not save artifacts", self.job_id)
         async with self._lock:
@@ -244,18 +266,18 @@ class JobController:
         async with self._lock:
             if self._finished.is_set():
                 return
-            job = await self.store.get_job(self.job_id)
+            job = await self.jobs.get(self.job_id)
             if job.status != "running":
                 # Another controller ended it (or it was ended before a restart).
                 self.outcome = JobOutcome(job.status, job.detail)
                 self._finished.set()
                 return
             if math.isfinite(self.task_timeout):
-                await self.store.expire_tasks(
+                await self.progress.expire_tasks(
                     self.job_id, datetime.now(UTC) - timedelta(seconds=self.task_timeout)
                 )
-            self._stats = await self.store.stats(self.job_id)
-            self._flights = await self.store.flights(self.job_id)
+            self._stats = await self.progress.stats(self.job_id)
+            self._flights = await self.progress.flights(self.job_id)
             in_flight_total = sum(self._flight(n).batches for n in self.active)
             if job.cancel_requested:
                 await self._finish(JobOutcome("cancelled", job.detail or "cancelled by request"))
@@ -362,7 +384,7 @@ class JobController:
             if inputs is None:
                 if flight.batches == 0:
                     reason = f"it needs {needs}, and there are none"
-                    await self.store.set_skipped(self.job_id, name, reason)
+                    await self.progress.set_skipped(self.job_id, name, reason)
                     log.warning("job %s: %s skipped: no %s", self.job_id, name, needs)
                     return True
                 return False
@@ -377,7 +399,7 @@ class JobController:
             )
             # Recorded before it is published: a crash in between leaves a task that
             # expires, never a batch the controller does not know about.
-            await self.store.add_task(self.job_id, task.task_id, name, asked=size)
+            await self.progress.add_task(self.job_id, task.task_id, name, asked=size)
             with telemetry.span(
                 f"dispatch {name}",
                 parent=self.trace_context,
@@ -410,7 +432,7 @@ class JobController:
                 log.exception("job %s: finishing step failed", self.job_id)
                 outcome = JobOutcome("failed", f"{outcome.status}, but finishing failed: {exc}")
         self.outcome = outcome
-        await self.store.set_job_status(self.job_id, outcome.status, outcome.detail)
+        await self.jobs.set_status(self.job_id, outcome.status, outcome.detail)
         if outcome.status == "incomplete":
             log.warning("job %s incomplete: %s", self.job_id, outcome.detail)
         await self.publish(
@@ -419,7 +441,7 @@ class JobController:
         self._finished.set()
 
     async def cancel(self, reason: str = "cancelled") -> None:
-        await self.store.request_cancel(self.job_id)
+        await self.jobs.request_cancel(self.job_id)
         async with self._lock:
             await self._finish(JobOutcome("cancelled", reason))
 

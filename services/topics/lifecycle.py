@@ -35,7 +35,7 @@ from airoboros.errors import ConfigError
 from airoboros.llm import LLMClient, UsageMeter
 from airoboros.llm.accounting import Usage
 from airoboros.ports import ObjectStore
-from airoboros.store import SqlStore, StoredItem
+from airoboros.store import ArtifactRepository, ProgressRepository, Store, StoredItem
 from airoboros.topics.controller import JobController, JobOutcome
 from airoboros.topics.topics import TopicPicker, TopicsSource, instructor_topics, resolve_topics
 
@@ -138,9 +138,9 @@ class CardShelf:
                     out[key] = card
         return out
 
-    async def adopt(self, store: SqlStore, job_id: str) -> int:
+    async def adopt(self, artifacts: ArtifactRepository, job_id: str) -> int:
         cards = list((await self._shelved()).values())
-        return await store.add_artifacts(job_id, cards, count_as=CARD_KIND) if cards else 0
+        return await artifacts.add(job_id, cards, count_as=CARD_KIND) if cards else 0
 
     async def save(self, cards: list[Artifact]) -> None:
         shelved = await self._shelved()
@@ -151,18 +151,18 @@ class CardShelf:
                 await self.objects.put_bytes(key, card_json(card).encode())
 
 
-async def preload_usage(store: SqlStore, job_id: str, meter: UsageMeter) -> None:
+async def preload_usage(progress: ProgressRepository, job_id: str, meter: UsageMeter) -> None:
     """Start ``meter`` from the usage the store has for the job: budgets span reruns."""
-    for name, s in (await store.stats(job_id)).items():
+    for name, s in (await progress.stats(job_id)).items():
         meter.preload(name, Usage(s.requests, s.prompt_tokens, s.completion_tokens, s.cost))
 
 
-async def record_usage(store: SqlStore, job_id: str, meter: UsageMeter) -> None:
+async def record_usage(progress: ProgressRepository, job_id: str, meter: UsageMeter) -> None:
     """Write to the store whatever usage ``meter`` has that the store lacks: topic
     generation, cull judging, and calls of batches that never completed. Batches carry
     their own usage (applied with their rows); this is the one way everything else is
     written, so budgets span reruns."""
-    stats = await store.stats(job_id)
+    stats = await progress.stats(job_id)
     for name, u in meter.by_instructor.items():
         s = stats.get(name)
         have = (s.requests, s.prompt_tokens, s.completion_tokens, s.cost) if s else (0, 0, 0, 0.0)
@@ -174,7 +174,7 @@ async def record_usage(store: SqlStore, job_id: str, meter: UsageMeter) -> None:
         }
         positive = {k: v for k, v in delta.items() if v > 1e-12}
         if positive:
-            await store.add_stats(job_id, name, **positive)
+            await progress.add_stats(job_id, name, **positive)
 
 
 # --- opening a job ----------------------------------------------------------------------
@@ -184,7 +184,7 @@ async def record_usage(store: SqlStore, job_id: str, meter: UsageMeter) -> None:
 class JobAdapters:
     """What differs between the embedded run and the services (see the module's table)."""
 
-    store: SqlStore
+    store: Store
     publish: Publish
     topics: TopicsSource
     #: None when the job makes no cards
@@ -212,27 +212,30 @@ async def open_job(
     plan = make_plan(config, job_id)
     if not plan.active:
         raise ConfigError(["instructors: none of the listed categories can be generated"])
-    stats = await store.stats(job_id)
+    stats = await store.progress.stats(job_id)
     remaining = [
         n for n in plan.active if (stats[n].accepted if n in stats else 0) < plan.targets[n]
     ]
     try:
         topics = await job_topics(config, adapters.topics, llm, remaining=remaining)
     finally:
-        await record_usage(store, job_id, llm.meter)
+        await record_usage(store.progress, job_id, llm.meter)
     pickers = topic_pickers(config, plan, topics, rng)
 
     on_artifacts = None
     if adapters.cards is not None and "character" in plan.active:
-        adopted = await adapters.cards.adopt(store, job_id)
+        adopted = await adapters.cards.adopt(store.artifacts, job_id)
         if adopted:
             log.info("job %s: adopted %d character cards", job_id, adopted)
         on_artifacts = adapters.cards.save
     controller = JobController(
         job_id,
         config,
-        store,
         adapters.publish,
+        jobs=store.jobs,
+        progress=store.progress,
+        rows=store.rows,
+        artifacts=store.artifacts,
         active=plan.active,
         pickers=pickers,
         on_rows=adapters.on_rows,

@@ -37,7 +37,7 @@ from airoboros.llm.factory import make_llm
 from airoboros.policy import ServerPolicy
 from airoboros.ports import ObjectStore
 from airoboros.settings import TopicsSettings
-from airoboros.store import JobRecord, SqlStore
+from airoboros.store import JobRecord, Store
 from airoboros.topics.controller import JobController, JobOutcome, grant_and_forward, stop_policy
 from airoboros.topics.lifecycle import CardShelf, JobAdapters, make_plan, open_job
 from airoboros.topics.topics import ObjectTopics, generate_topics
@@ -83,7 +83,7 @@ class TopicsService:
     def __init__(
         self,
         settings: TopicsSettings,
-        store: SqlStore,
+        store: Store,
         bus: Any,
         objects: ObjectStore,
         board: JobBoard | None = None,
@@ -130,7 +130,7 @@ class TopicsService:
             raise ConfigError(["instructors: none of the listed categories can be generated"])
         # The job's own key (for its own endpoint) is kept apart from its config.
         stored = cfg.model_dump(mode="json", exclude={"openai_api_key"})
-        await self.store.ensure_job(
+        await self.store.jobs.ensure(
             job_id,
             config=stored,
             targets=plan.targets,
@@ -190,7 +190,7 @@ class TopicsService:
         for base, data in named.items():
             await self.objects.put_bytes(f"uploads/{upload_id}/{base}", data)
         listing = [{"name": base, "bytes": len(data)} for base, data in named.items()]
-        await self.store.add_upload(upload_id, owner=principal.owner, files=listing)
+        await self.store.uploads.add(upload_id, owner=principal.owner, files=listing)
         return {"id": upload_id, "files": listing, "passages": len(passages)}
 
     async def check_uploads(self, cfg: Config, principal: Principal) -> None:
@@ -201,7 +201,7 @@ class TopicsService:
             if not isinstance(upload, str):
                 continue
             try:
-                owner, _ = await self.store.get_upload(upload)
+                owner, _ = await self.store.uploads.get(upload)
             except NotFoundError:
                 owner = None
             if not principal.may_see(owner):
@@ -217,7 +217,7 @@ class TopicsService:
             upload = inst.extra("documents_upload")
             if not isinstance(upload, str):
                 continue
-            _, files = await self.store.get_upload(upload)
+            _, files = await self.store.uploads.get(upload)
             folder = Path(self.settings.work_dir) / "uploads" / upload
             folder.mkdir(parents=True, exist_ok=True)
             for f in files:
@@ -232,7 +232,7 @@ class TopicsService:
 
     async def job(self, job_id: str, principal: Principal) -> JobRecord:
         """The job, if the caller may see it; else the same 404 as for no job at all."""
-        job = await self.store.get_job(job_id)
+        job = await self.store.jobs.get(job_id)
         if not principal.may_see(job.owner):
             raise NotFoundError(f"no job {job_id!r}")
         return job
@@ -241,18 +241,18 @@ class TopicsService:
         """Become the job's controller if no live replica is."""
         if job_id in self.controllers or job_id in self._starting or self.culls.running(job_id):
             return
-        if not await self.store.try_lease(job_id, self.owner, self.settings.lease_seconds):
+        if not await self.store.jobs.try_lease(job_id, self.owner, self.settings.lease_seconds):
             return
         self._starting.add(job_id)
         try:
-            job = await self.store.get_job(job_id)
+            job = await self.store.jobs.get(job_id)
             from airoboros.topics.cull.worker import is_cull_job
 
             if is_cull_job(job.config):  # a cull step, not a generation: resume it here
                 self.culls.start(job_id)
                 return
             cfg = job_config(
-                self.settings, job.config, api_key=await self.store.llm_api_key(job_id)
+                self.settings, job.config, api_key=await self.store.jobs.llm_api_key(job_id)
             )
             await self.unpack_uploads(cfg)
 
@@ -286,7 +286,7 @@ class TopicsService:
             await ctl.start()
         except Exception as exc:
             log.exception("job %s could not start", job_id)
-            await self.store.set_job_status(job_id, "failed", f"could not start: {exc}")
+            await self.store.jobs.set_status(job_id, "failed", f"could not start: {exc}")
         finally:
             self._starting.discard(job_id)
 
@@ -297,8 +297,8 @@ class TopicsService:
 
     async def status(self, job_id: str, principal: Principal) -> dict[str, Any]:
         job = await self.job(job_id, principal)
-        stats = await self.store.stats(job_id)
-        in_flight = await self.store.in_flight(job_id)
+        stats = await self.store.progress.stats(job_id)
+        in_flight = await self.store.progress.in_flight(job_id)
         try:
             policy = stop_policy(Config.model_validate(job.config))
         except ValueError:
@@ -336,13 +336,13 @@ class TopicsService:
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
             "cancel_requested": job.cancel_requested,
             "instructors": instructors,
-            "rows": await self.store.count_items(job_id),
+            "rows": await self.store.rows.count(job_id),
             "tokens": {
                 "prompt": sum(s.prompt_tokens for s in stats.values()),
                 "completion": sum(s.completion_tokens for s in stats.values()),
             },
             "cost": round(sum(s.cost for s in stats.values()), 6),
-            "dead_letters": await self.store.dead_letters(job_id),
+            "dead_letters": await self.store.dead_letters.for_job(job_id),
             "export": job.export_uri,
             "export_pending": job.export_pending,
             "export_error": job.export_error,
@@ -356,7 +356,7 @@ class TopicsService:
                     "metrics": a.metrics,
                     "detail": a.detail,
                 }
-                for a in await self.store.adapters(job_id=job_id)
+                for a in await self.store.registry.adapters(job_id=job_id)
             ],
         }
 
@@ -364,7 +364,7 @@ class TopicsService:
         owner = None if principal.admin else principal.owner
         return [
             {"id": j.id, "status": j.status, "created_at": j.created_at.isoformat()}
-            for j in await self.store.list_jobs(owner=owner)
+            for j in await self.store.jobs.recent(owner=owner)
         ]
 
     async def post(self, job_id: str, status: str) -> None:
@@ -372,7 +372,7 @@ class TopicsService:
         effort: with the board's Redis down the workers wait anyway, and the next tick
         writes it again."""
         try:
-            key = await self.store.llm_api_key(job_id) if status == "running" else None
+            key = await self.store.jobs.llm_api_key(job_id) if status == "running" else None
             await self.board.post(job_id, status, api_key=key)
         except Exception as exc:
             if not is_unavailable(exc):
@@ -381,7 +381,7 @@ class TopicsService:
 
     async def cancel(self, job_id: str, principal: Principal) -> dict[str, Any]:
         await self.job(job_id, principal)
-        await self.store.request_cancel(job_id)
+        await self.store.jobs.request_cancel(job_id)
         await self.post(job_id, "cancelled")  # workers stop paying for it now
         ctl = self.controllers.get(job_id)
         if ctl is not None:
@@ -403,10 +403,10 @@ class TopicsService:
                 f"job {job_id} spent its budget ({job.detail}); post a new job with a larger "
                 "max_tokens or max_cost"
             )
-        await self.store.resume_job(job_id)
+        await self.store.jobs.resume(job_id)
         ctl = self.controllers.pop(job_id, None)
         if ctl is not None and ctl.finished:
-            await self.store.release_lease(job_id, self.owner)
+            await self.store.jobs.release_lease(job_id, self.owner)
         elif ctl is not None:
             self.controllers[job_id] = ctl  # still running: its next tick sees the reset
         await self._take(job_id)
@@ -417,7 +417,7 @@ class TopicsService:
     ) -> dict[str, Any]:
         await self.job(job_id, principal)
         rows = []
-        async for it in self.store.iter_items(
+        async for it in self.store.rows.iterate(
             job_id, after=after, category=category, page_size=limit
         ):
             rows.append({"seq": it.seq, **it.item.to_row()})
@@ -431,7 +431,7 @@ class TopicsService:
         from airoboros.exports import aiter_export
 
         async def rows() -> AsyncIterator[Item]:
-            async for it in self.store.iter_items(job_id):
+            async for it in self.store.rows.iterate(job_id):
                 yield it.item
 
         async for chunk in aiter_export(rows(), fmt):
@@ -441,42 +441,42 @@ class TopicsService:
         """Export a finished job; when the object store is down (or the export fails
         otherwise), the job keeps its status with its export pending, and the ticks of
         any replica retry it with backoff until it lands (``retry_exports``)."""
-        await self.store.set_export_pending(job_id, True, None)  # the intent is durable
+        await self.store.jobs.set_export_pending(job_id, True, None)  # the intent is durable
         try:
             await self.export(job_id)
         except Exception as exc:
             log.warning("job %s: export failed, will retry: %s", job_id, exc)
-            await self.store.set_export_pending(job_id, True, str(exc))
+            await self.store.jobs.set_export_pending(job_id, True, str(exc))
             self._export_backoff[job_id] = (1, time.monotonic() + EXPORT_BACKOFF[0])
             return
-        await self.store.set_export_pending(job_id, False, None)
+        await self.store.jobs.set_export_pending(job_id, False, None)
         self._export_backoff.pop(job_id, None)
 
     async def retry_exports(self) -> None:
         """Try again the exports that failed, each after its backoff, one replica at a
         time per job (the job's lease)."""
         now = time.monotonic()
-        for job_id in await self.store.pending_exports():
+        for job_id in await self.store.jobs.pending_exports():
             attempts, due = self._export_backoff.get(job_id, (0, 0.0))
             if due > now or job_id in self.controllers:
                 continue
-            if not await self.store.try_lease(job_id, self.owner, self.settings.lease_seconds):
+            if not await self.store.jobs.try_lease(job_id, self.owner, self.settings.lease_seconds):
                 continue
             try:
-                await self.store.set_export_pending(job_id, True, None)
+                await self.store.jobs.set_export_pending(job_id, True, None)
                 await self.export(job_id)
             except Exception as exc:
                 wait = EXPORT_BACKOFF[min(attempts, len(EXPORT_BACKOFF) - 1)]
                 self._export_backoff[job_id] = (attempts + 1, now + wait)
-                await self.store.set_export_pending(job_id, True, str(exc))
+                await self.store.jobs.set_export_pending(job_id, True, str(exc))
                 log.warning(
                     "job %s: export failed again, next try in %.0f s: %s", job_id, wait, exc
                 )
             else:
                 self._export_backoff.pop(job_id, None)
-                await self.store.set_export_pending(job_id, False, None)
+                await self.store.jobs.set_export_pending(job_id, False, None)
             finally:
-                await self.store.release_lease(job_id, self.owner)
+                await self.store.jobs.release_lease(job_id, self.owner)
 
     async def export_again(self, job_id: str, principal: Principal) -> dict[str, Any]:
         """``POST /v1/jobs/{id}/export``: write a finished job's export now."""
@@ -500,7 +500,7 @@ class TopicsService:
         per category, then a manifest, last, that names them) and announce it."""
         per_cat: dict[str, list[bytes]] = defaultdict(list)
         all_lines: list[bytes] = []
-        async for it in self.store.iter_items(job_id):
+        async for it in self.store.rows.iterate(job_id):
             line = (json.dumps(it.item.to_row(), ensure_ascii=False) + "\n").encode()
             all_lines.append(line)
             per_cat[it.item.category].append(line)
@@ -512,7 +512,7 @@ class TopicsService:
         counts = {cat: len(lines) for cat, lines in per_cat.items()}
         manifest = {"job_id": job_id, "dataset": uri, "files": files, "counts": counts}
         await self.objects.put_bytes(f"{base}/manifest.json", json.dumps(manifest).encode())
-        await self.store.set_export(job_id, uri)
+        await self.store.jobs.set_export(job_id, uri)
         event = DatasetExported(
             job_id=job_id, uri=uri, rows=len(all_lines), files=files, counts=counts
         )
@@ -551,7 +551,7 @@ class TopicsService:
             return
         # Another replica drives this job (or none yet): commit the batch here; the
         # job's controller sees it at its next tick.
-        await self.store.apply_batch(
+        await self.store.rows.apply_batch(
             msg.job_id,
             message_id=msg.message_id,
             task_id=msg.task_id,
@@ -570,7 +570,7 @@ class TopicsService:
         if ctl is not None and not ctl.finished:
             await ctl.on_screened(msg)
             return
-        done = await grant_and_forward(self.store, self.bus.publish, msg)
+        done = await grant_and_forward(self.store.progress, self.bus.publish, msg)
         if done is not None:
             await self._on_completed(done)
 
@@ -579,7 +579,7 @@ class TopicsService:
             data = json.loads(body)
         except ValueError:
             data = {}
-        await self.store.add_dead_letter(
+        await self.store.dead_letters.add(
             queue=queue,
             body=body.decode(errors="replace")[:100_000],
             job_id=data.get("job_id") if isinstance(data, dict) else None,
@@ -590,12 +590,12 @@ class TopicsService:
 
     # --- the loop that keeps jobs moving ----------------------------------------------------
     async def tick_all(self) -> None:
-        for job_id in await self.store.running_jobs():
+        for job_id in await self.store.jobs.running():
             ctl = self.controllers.get(job_id)
             if ctl is None:
                 await self._take(job_id)  # new, or orphaned by a replica that died
                 continue
-            if not await self.store.try_lease(job_id, self.owner, self.settings.lease_seconds):
+            if not await self.store.jobs.try_lease(job_id, self.owner, self.settings.lease_seconds):
                 self.controllers.pop(job_id, None)  # lost the lease (we were too slow)
                 continue
             await ctl.tick()
@@ -605,7 +605,7 @@ class TopicsService:
             if ctl.finished:
                 self.controllers.pop(job_id, None)
                 await self.post(job_id, ctl.outcome.status if ctl.outcome else "failed")
-                await self.store.release_lease(job_id, self.owner)
+                await self.store.jobs.release_lease(job_id, self.owner)
         await self.retry_exports()
 
     async def run_ticks(self, stop: asyncio.Event) -> None:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from airoboros.store import SqlStore, StoredItem
+from airoboros.store import RowRepository, StoredItem
 
 
 def _dump(item: StoredItem) -> str:
@@ -46,15 +46,15 @@ class JsonlSink:
                 data = data[:cut]
         return data.count(b"\n")
 
-    async def reconcile(self, store: SqlStore, job_id: str) -> int:
+    async def reconcile(self, rows: RowRepository, job_id: str) -> int:
         """Append the rows the store holds beyond the file's line count; returns how many."""
         have = self.complete_lines()
-        total = await store.count_items(job_id)
+        total = await rows.count(job_id)
         if have >= total:
             return 0
         missing: list[StoredItem] = []
         index = 0
-        async for it in store.iter_items(job_id):
+        async for it in rows.iterate(job_id):
             index += 1
             if index > have:
                 missing.append(it)

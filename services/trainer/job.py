@@ -14,7 +14,7 @@ from airoboros.contracts import DatasetExported
 from airoboros.errors import ConfigError
 from airoboros.logs import setup_logging
 from airoboros.settings import TrainerSettings
-from airoboros.store import SqlStore
+from airoboros.store import make_store
 from airoboros.trainer.pipeline import check_base_model
 from airoboros.trainer.service import TrainerService, TrainingFailed
 from airoboros.worker import make_bus, make_objects
@@ -22,16 +22,16 @@ from airoboros.worker import make_bus, make_objects
 
 async def run_once(settings: TrainerSettings, job_id: str) -> None:
     check_base_model(settings.base_model)
-    store = SqlStore(settings.database_url)
+    store = make_store(settings.database_url)
     await store.connect(migrate=False)
     bus = make_bus(settings)
     await bus.start()
     try:
         objects = make_objects(settings)
-        job = await store.get_job(job_id)
+        job = await store.jobs.get(job_id)
         if not job.export_uri:
             raise ConfigError([f"JOB_ID: job {job_id} has no export (is it finished?)"])
-        service = TrainerService(settings, store, objects, bus.publish)
+        service = TrainerService(settings, store.registry, objects, bus.publish)
         await service.on_dataset_exported(
             DatasetExported(job_id=job_id, uri=job.export_uri, rows=0)
         )

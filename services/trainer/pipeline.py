@@ -20,7 +20,7 @@ from typing import Any
 from airoboros.contracts import AdapterPublished, Message
 from airoboros.errors import ConfigError
 from airoboros.ports import ObjectStore
-from airoboros.store import SqlStore
+from airoboros.store import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ async def train_experts(
     experts: Sequence[str] | None = None,
     train_config: dict[str, Any] | None = None,
     expert_map_path: Path | None = None,
-    store: SqlStore | None = None,
+    registry: AdapterRegistry | None = None,
     objects: ObjectStore | None = None,
     object_prefix: str | None = None,
     publish: Callable[[Message], Awaitable[None]] | None = None,
@@ -147,9 +147,9 @@ async def train_experts(
     prefix = object_prefix or f"experts/{version}"
     outcomes: list[ExpertOutcome] = []
     done: dict[str, Any] = {}
-    if store is not None:
+    if registry is not None:
         # A retried training (redelivered message, rerun) keeps what already got published.
-        for rec in await store.adapters():
+        for rec in await registry.adapters():
             if rec.version == version and rec.status == "published" and rec.expert not in done:
                 done[rec.expert] = rec
     for expert in chosen:
@@ -161,17 +161,15 @@ async def train_experts(
         training = seg.training.get(expert, [])
         if not training:
             outcomes.append(ExpertOutcome(expert, "failed", error="no training rows"))
-            if store is not None:
-                await store.register_adapter(
+            if registry is not None:
+                await registry.register(
                     expert, version, base_model=str(base_model), job_id=job_id,
                     dataset_uri=dataset_uri,
                 )  # fmt: skip
-                await store.finish_adapter(
-                    expert, version, status="failed", detail="no training rows"
-                )
+                await registry.finish(expert, version, status="failed", detail="no training rows")
             continue
-        if store is not None:
-            await store.register_adapter(
+        if registry is not None:
+            await registry.register(
                 expert, version, base_model=str(base_model), job_id=job_id,
                 dataset_uri=dataset_uri,
             )  # fmt: skip
@@ -201,13 +199,11 @@ async def train_experts(
             log.exception("training %s failed", expert)
             detail = f"{type(exc).__name__}: {exc}"
             outcomes.append(ExpertOutcome(expert, "failed", error=detail))
-            if store is not None:
-                await store.finish_adapter(expert, version, status="failed", detail=detail)
+            if registry is not None:
+                await registry.finish(expert, version, status="failed", detail=detail)
             continue
-        if store is not None:
-            await store.finish_adapter(
-                expert, version, status="published", uri=uri, metrics=metrics
-            )
+        if registry is not None:
+            await registry.finish(expert, version, status="published", uri=uri, metrics=metrics)
         if publish is not None:
             await publish(
                 AdapterPublished(

@@ -14,7 +14,7 @@ import yaml
 from airoboros.contracts import DatasetExported, Message
 from airoboros.ports import ObjectStore
 from airoboros.settings import TrainerSettings
-from airoboros.store import SqlStore
+from airoboros.store import AdapterRegistry
 from airoboros.trainer.pipeline import train_experts
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,12 @@ class TrainerService:
     def __init__(
         self,
         settings: TrainerSettings,
-        store: SqlStore,
+        registry: AdapterRegistry,
         objects: ObjectStore,
         publish: Callable[[Message], Awaitable[None]],
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.registry = registry
         self.objects = objects
         self.publish = publish
 
@@ -58,7 +58,7 @@ class TrainerService:
             experts=experts,
             train_config=self._train_config(),
             expert_map_path=Path(self.settings.expert_map) if self.settings.expert_map else None,
-            store=self.store,
+            registry=self.registry,
             objects=self.objects,
             object_prefix=f"jobs/{msg.job_id}/experts",
             publish=self.publish,

@@ -14,7 +14,7 @@ import logging
 from airoboros.contracts import DatasetExported
 from airoboros.errors import ConfigError
 from airoboros.settings import TrainerSettings
-from airoboros.store import SqlStore
+from airoboros.store import make_store
 from airoboros.trainer.pipeline import check_base_model
 from airoboros.trainer.service import TrainerService
 from airoboros.worker import make_bus, make_objects, serve, stop_event
@@ -28,11 +28,11 @@ async def run_worker(settings: TrainerSettings, stop: asyncio.Event | None = Non
         raise ConfigError(["AIROBOROS_BASE_MODEL: set it to the base model's local path"])
     check_base_model(settings.base_model)
     stop = stop or stop_event()
-    store = SqlStore(settings.database_url)
+    store = make_store(settings.database_url)
     await store.connect(migrate=False)
     objects = make_objects(settings)
     bus = make_bus(settings)
-    service = TrainerService(settings, store, objects, bus.publish)
+    service = TrainerService(settings, store.registry, objects, bus.publish)
     bus.subscribe(DatasetExported, service.on_dataset_exported, concurrency=1, group=GROUP)
     try:
         await serve(

@@ -1,12 +1,46 @@
-"""The SQL store (the source of truth): jobs, rows, progress, artifacts, the adapter registry."""
+"""The SQL store (the source of truth): its ports (``airoboros.store.ports``: jobs,
+uploads, progress, rows, artifacts, the adapter registry, dedupe vectors, dead letters)
+and their SQL adapter (SQLite or PostgreSQL)."""
 
-from airoboros.store.sql import (
+from airoboros.store.ports import (
     AdapterInfo,
+    AdapterRegistry,
+    ArtifactRepository,
+    DeadLetterRepository,
     Flight,
     InstructorStats,
     JobRecord,
-    SqlStore,
+    JobRepository,
+    ProgressRepository,
+    RowRepository,
+    Store,
     StoredItem,
+    UploadRepository,
+    VectorRepository,
 )
+from airoboros.store.sql import SqlStore
 
-__all__ = ["AdapterInfo", "Flight", "InstructorStats", "JobRecord", "SqlStore", "StoredItem"]
+
+def make_store(url: str) -> Store:
+    """The store at ``url`` (``sqlite:///...`` or ``postgresql://...``), not connected."""
+    return SqlStore(url)
+
+
+__all__ = [
+    "AdapterInfo",
+    "AdapterRegistry",
+    "ArtifactRepository",
+    "DeadLetterRepository",
+    "Flight",
+    "InstructorStats",
+    "JobRecord",
+    "JobRepository",
+    "ProgressRepository",
+    "RowRepository",
+    "SqlStore",
+    "Store",
+    "StoredItem",
+    "UploadRepository",
+    "VectorRepository",
+    "make_store",
+]

@@ -95,8 +95,8 @@ async def test_every_instructor_exact_counts_despite_faults(tmp_path, llm_server
     store = SqlStore(load_config(cfg).resolved_database_url())
     await store.connect()
     try:
-        stored = [s.item.to_row() async for s in store.iter_items(result.plan.job_id)]
-        stats = await store.stats(result.plan.job_id)
+        stored = [s.item.to_row() async for s in store.rows.iterate(result.plan.job_id)]
+        stats = await store.progress.stats(result.plan.job_id)
     finally:
         await store.close()
     assert stored == rows

@@ -104,7 +104,7 @@ def test_two_experts_package_and_registry(tmp_path: Path, base: Path) -> None:
         store = SqlStore(f"sqlite:///{out / 'registry.sqlite'}")
         await store.connect()
         try:
-            return await store.adapters()
+            return await store.registry.adapters()
         finally:
             await store.close()
 

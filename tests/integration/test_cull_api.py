@@ -88,11 +88,11 @@ async def env(tmp_path: Path, llm_server: Any, embedder: Any) -> AsyncIterator[E
             "instructors": {"general": {"count": 10}},
         }
     )
-    await store.ensure_job(
+    await store.jobs.ensure(
         SOURCE, config=cfg.model_dump(mode="json"), targets={"general": 10}, owner=key_owner(KEY)
     )
-    await store.add_items(SOURCE, [(f"src-{i}", r) for i, r in enumerate(ROWS)], cap=False)
-    await store.set_job_status(SOURCE, "done")
+    await store.rows.add(SOURCE, [(f"src-{i}", r) for i, r in enumerate(ROWS)], cap=False)
+    await store.jobs.set_status(SOURCE, "done")
     app = create_app(settings, service=svc)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
@@ -134,12 +134,12 @@ async def test_cull_a_finished_job_into_a_new_one(env: Env) -> None:
 async def test_unknown_unfinished_and_bad_body(env: Env) -> None:
     r = await env.client.post("/v1/jobs/nope/cull")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    await env.svc.store.set_job_status(SOURCE, "running")
+    await env.svc.store.jobs.set_status(SOURCE, "running")
     r = await env.client.post(f"/v1/jobs/{SOURCE}/cull")
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] == "job_not_finished"
     assert "running" in r.json()["error"]["message"]
-    await env.svc.store.set_job_status(SOURCE, "done")
+    await env.svc.store.jobs.set_status(SOURCE, "done")
     r = await env.client.post(f"/v1/jobs/{SOURCE}/cull", json={"threshold": 101})
     assert r.status_code == 422, r.text
     r = await env.client.post(f"/v1/jobs/{SOURCE}/cull", json={"treshold": 90})
@@ -174,13 +174,13 @@ async def test_a_cull_whose_task_died_is_resumed_by_the_next_tick(env: Env) -> N
         task = env.svc.culls.tasks[job_id]
         task.cancel()  # the replica "dies" mid-run
         await asyncio.gather(task, return_exceptions=True)
-        assert (await env.svc.store.get_job(job_id)).status == "running"
-        assert await env.svc.store.count_items(job_id) < len(KEPT)
+        assert (await env.svc.store.jobs.get(job_id)).status == "running"
+        assert await env.svc.store.rows.count(job_id) < len(KEPT)
 
         await env.svc.tick_all()  # finds the running job without a task, and resumes it
         await env.svc.culls.wait(job_id)
     finally:
         cull_mod.StoreLedger.save = real_save  # type: ignore[method-assign]
         cull_mod.StoreLedger.__init__ = real_init  # type: ignore[method-assign]
-    assert (await env.svc.store.get_job(job_id)).status == "done"
+    assert (await env.svc.store.jobs.get(job_id)).status == "done"
     assert await items(env.client, job_id) == KEPT

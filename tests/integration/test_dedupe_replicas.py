@@ -39,7 +39,7 @@ async def test_two_replicas_never_accept_near_duplicates_together():
     store = SqlStore(url)
     await store.connect()
     job_id = uuid.uuid4().hex
-    await store.ensure_job(job_id, config={}, targets={"general": 100})
+    await store.jobs.ensure(job_id, config={}, targets={"general": 100})
     stop = asyncio.Event()
     workers = [asyncio.create_task(run_worker(settings, stop)) for _ in range(2)]
     bus = AmqpBus(settings.amqp_url, prefix=prefix, partitions=settings.partitions())
@@ -76,7 +76,7 @@ async def test_two_replicas_never_accept_near_duplicates_together():
         assert len(accepted) == 3, accepted
         families = {k for a in accepted for k in range(3) if a in (TEXTS[k], PARAPHRASES[k])}
         assert families == {0, 1, 2}
-        assert await store.count_vectors(job_id) == 3
+        assert await store.vectors.count(job_id) == 3
     finally:
         stop.set()
         await asyncio.gather(*workers, return_exceptions=True)

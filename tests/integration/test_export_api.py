@@ -49,10 +49,10 @@ async def client(tmp_path) -> AsyncIterator[httpx.AsyncClient]:
     await store.connect()
     svc = TopicsService(settings, store, InMemoryBus(), LocalObjectStore(tmp_path / "objects"))
     # Owned by the key the client sends: a job is seen by the key that created it.
-    await store.ensure_job(
+    await store.jobs.ensure(
         JOB, config={}, targets={r.category: 10 for r in ROWS}, owner=key_owner(KEY)
     )
-    await store.add_items(JOB, [(f"src-{i}", r) for i, r in enumerate(ROWS)], cap=False)
+    await store.rows.add(JOB, [(f"src-{i}", r) for i, r in enumerate(ROWS)], cap=False)
     app = create_app(settings, service=svc)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(

@@ -73,11 +73,11 @@ async def setup(tmp_path: Path, s3: S3) -> tuple[TopicsService, list[DatasetExpo
     bus.subscribe(DatasetExported, seen)
     await bus.start()
     svc = TopicsService(settings, store, bus, objects)
-    await store.ensure_job(JOB, config={}, targets={"joke": 2}, owner=key_owner(KEY))
-    await store.add_items(
+    await store.jobs.ensure(JOB, config={}, targets={"joke": 2}, owner=key_owner(KEY))
+    await store.rows.add(
         JOB, [(f"r{i}", Item(instruction=f"q{i}", response="a", category="joke")) for i in range(2)]
     )
-    await store.set_job_status(JOB, "done")
+    await store.jobs.set_status(JOB, "done")
     return svc, announced
 
 
@@ -85,19 +85,19 @@ async def test_an_export_that_meets_s3_down_lands_once_s3_is_back(tmp_path: Path
     svc, announced = await setup(tmp_path, s3)
     s3.stop()
     await svc.export_or_retry_later(JOB)  # what the controller runs when the job ends
-    job = await svc.store.get_job(JOB)
+    job = await svc.store.jobs.get(JOB)
     assert job.status == "done" and job.export_uri is None
     assert job.export_pending and "cannot reach" in (job.export_error or "")
     assert announced == []
     # Still down: the retry fails again and keeps the job pending.
     svc._export_backoff[JOB] = (1, 0.0)
     await svc.retry_exports()
-    assert (await svc.store.get_job(JOB)).export_pending
+    assert (await svc.store.jobs.get(JOB)).export_pending
 
     s3.start()  # back, but empty: the bucket is gone and is made again
     svc._export_backoff[JOB] = (2, 0.0)  # its backoff is up
     await svc.retry_exports()
-    job = await svc.store.get_job(JOB)
+    job = await svc.store.jobs.get(JOB)
     assert not job.export_pending and job.export_error is None
     assert job.export_uri == f"s3://exports/jobs/{JOB}/export/instructions.jsonl"
     data = await svc.objects.get_bytes(f"jobs/{JOB}/export/instructions.jsonl")
@@ -118,7 +118,7 @@ async def test_post_export_reruns_it(tmp_path: Path, s3: S3) -> None:
         r = await c.post(f"/v1/jobs/{JOB}/export")
         assert r.status_code == 200, r.text
         assert r.json()["export"].startswith("s3://exports/") and not r.json()["export_pending"]
-        await svc.store.set_job_status(JOB, "running")
+        await svc.store.jobs.set_status(JOB, "running")
         r = await c.post(f"/v1/jobs/{JOB}/export")
         assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
     await svc.bus.drain()  # type: ignore[attr-defined]
@@ -129,11 +129,11 @@ async def test_post_export_reruns_it(tmp_path: Path, s3: S3) -> None:
 async def test_a_bucket_that_went_missing_is_made_again(tmp_path: Path, s3: S3) -> None:
     svc, _ = await setup(tmp_path, s3)
     await svc.export_or_retry_later(JOB)
-    assert (await svc.store.get_job(JOB)).export_uri is not None
+    assert (await svc.store.jobs.get(JOB)).export_uri is not None
     s3.stop()
     s3.start()  # a restarted S3 without its data: the bucket is gone
     await svc.export_or_retry_later(JOB)
-    job = await svc.store.get_job(JOB)
+    job = await svc.store.jobs.get(JOB)
     assert not job.export_pending, job.export_error
     assert await svc.objects.exists(f"jobs/{JOB}/export/manifest.json")
     await svc.store.close()

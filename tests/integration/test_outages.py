@@ -148,7 +148,7 @@ async def test_job_status_cache_raises_when_the_database_is_down(tmp_path: Path)
     down = SqlStore(closed_port_url())
     await down.connect(migrate=False)
     try:
-        cache = JobStatusCache.from_store(down)
+        cache = JobStatusCache.from_jobs(down.jobs)
         for _ in range(2):  # and an outage is not cached as an answer
             with pytest.raises(StoreUnavailable) as info:
                 await cache.running("job-1")
@@ -160,7 +160,7 @@ async def test_job_status_cache_raises_when_the_database_is_down(tmp_path: Path)
     up = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
     await up.connect()
     try:
-        assert await JobStatusCache.from_store(up).running("no-such-job") is False
+        assert await JobStatusCache.from_jobs(up.jobs).running("no-such-job") is False
     finally:
         await up.close()
 

@@ -90,7 +90,7 @@ async def registry(stack: Stack) -> list[Any]:
     store = SqlStore(stack.env["AIROBOROS_DATABASE_URL"])
     await store.connect(migrate=False)
     try:
-        return await store.adapters()
+        return await store.registry.adapters()
     finally:
         await store.close()
 
@@ -199,6 +199,6 @@ async def dead_letters(stack: Stack, job_id: str) -> list[Any]:
     store = SqlStore(stack.env["AIROBOROS_DATABASE_URL"])
     await store.connect(migrate=False)
     try:
-        return await store.dead_letters(job_id)
+        return await store.dead_letters.for_job(job_id)
     finally:
         await store.close()

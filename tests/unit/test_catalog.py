@@ -53,15 +53,15 @@ async def test_every_kind_of_batch_material_is_dealt_from_the_store(tmp_path: Pa
     )
     store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 's.sqlite'}")
     await store.connect()
-    await store.ensure_job("j", config={}, targets={n: 10 for n in CATALOG})
+    await store.jobs.ensure("j", config={}, targets={n: 10 for n in CATALOG})
     rows = [
         (f"r{i}", Item(instruction=f"q{i}", response=f"a{i}", category=c))
         for i, c in enumerate(["writing", "joke", "trivia"])
     ]
-    await store.add_items("j", rows, cap=False)
+    await store.rows.add("j", rows, cap=False)
     cards = [Artifact(kind="character", name=n, data={"description": n}) for n in "ABC"]
-    await store.add_artifacts("j", cards, count_as="character")
-    sources = StoreSources(store, "j")
+    await store.artifacts.add("j", cards, count_as="character")
+    sources = StoreSources("j", rows=store.rows, artifacts=store.artifacts, progress=store.progress)
     rng = random.Random(1)
     for name, spec in CATALOG.items():
         inputs = await batch_inputs(config, name, sources, 2, rng, job_id="j")

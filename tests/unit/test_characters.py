@@ -105,7 +105,7 @@ async def test_phases_cards_and_exact_counts(tmp_path, llm_server, embedder, mon
     store = SqlStore(load_config(cfg).resolved_database_url())
     await store.connect()
     try:
-        cards = await store.artifacts(result.plan.job_id, "character")
+        cards = await store.artifacts.of_kind(result.plan.job_id, "character")
     finally:
         await store.close()
     names = [c.name for c in cards]

@@ -54,14 +54,17 @@ def config(**top: Any) -> Config:
 async def controller(
     store: SqlStore, cfg: Config, publish: Published, job_id: str = "job", **kw: Any
 ) -> JobController:
-    if not await store.job_exists(job_id):
+    if not await store.jobs.exists(job_id):
         targets = {n: cfg.count_for(n) for n in cfg.instructors}
-        await store.ensure_job(job_id, config=cfg.model_dump(mode="json"), targets=targets)
+        await store.jobs.ensure(job_id, config=cfg.model_dump(mode="json"), targets=targets)
     return JobController(
         job_id,
         cfg,
-        store,
         publish,
+        jobs=store.jobs,
+        progress=store.progress,
+        rows=store.rows,
+        artifacts=store.artifacts,
         active=list(cfg.instructors),
         pickers={},
         task_timeout=math.inf,
@@ -100,7 +103,7 @@ async def test_it_fills_the_room_and_each_task_carries_its_settings_without_a_ke
         assert task.settings.config.get("openai_api_key") is None
         assert "sk-secret" not in task.model_dump_json()
     # Recorded before it was published: the store knows every task in flight.
-    assert (await store.in_flight("job"))["joke"] == 2
+    assert (await store.progress.in_flight("job"))["joke"] == 2
 
 
 async def test_a_finished_batch_counts_and_the_job_stops_at_exactly_its_count(
@@ -111,7 +114,7 @@ async def test_a_finished_batch_counts_and_the_job_stops_at_exactly_its_count(
 
     async def on_finish(outcome: JobOutcome) -> None:
         # Before the status is written: a job reads "done" only once this has run.
-        assert (await store.get_job("job")).status == "running"
+        assert (await store.jobs.get("job")).status == "running"
         finished.append(outcome)
 
     ctl = await controller(store, config(), out, on_finish=on_finish)
@@ -119,14 +122,14 @@ async def test_a_finished_batch_counts_and_the_job_stops_at_exactly_its_count(
     first, second = out.batches("joke")
     await ctl.on_completed(done(first, rows(5, "a")))
     await ctl.on_completed(done(second, rows(7, "b")))  # two more than the room left
-    assert (await store.stats("job"))["joke"].accepted == 10
-    assert await store.count_items("job") == 10
+    assert (await store.progress.stats("job"))["joke"].accepted == 10
+    assert await store.rows.count("job") == 10
     assert ctl.finished and (await ctl.wait()).status == "done"
     assert [o.status for o in finished] == ["done"]
-    assert (await store.get_job("job")).status == "done"
+    assert (await store.jobs.get("job")).status == "done"
     # A redelivered completion changes nothing.
     await ctl.on_completed(done(first, rows(5, "a")).model_copy())
-    assert await store.count_items("job") == 10
+    assert await store.rows.count("job") == 10
 
 
 async def test_a_budget_stop_is_kept_in_the_store_for_the_next_controller(
@@ -142,7 +145,7 @@ async def test_a_budget_stop_is_kept_in_the_store_for_the_next_controller(
         update={"error": "budget_exhausted", "error_message": "token budget of 100 reached"}
     )
     await ctl.on_completed(stop)
-    assert (await store.get_job("job")).budget_note == "token budget of 100 reached"
+    assert (await store.jobs.get("job")).budget_note == "token budget of 100 reached"
     assert not ctl.finished  # the first batch is still out
     await ctl.on_completed(done(first, rows(2)))
     assert len(out.batches()) == 2  # nothing more was sent once the budget stopped one
@@ -150,15 +153,15 @@ async def test_a_budget_stop_is_kept_in_the_store_for_the_next_controller(
 
     # A controller that never saw that batch (a restart, another replica) ends the job
     # the same way from the store, without dispatching anything, once it is running again.
-    await store.set_job_status("job", "running")
+    await store.jobs.set_status("job", "running")
     again, fresh = Published(), await controller(store, config(), Published())
     fresh.publish = again
     await fresh.start()
     assert again.batches() == []
     assert (await fresh.wait()).status == "budget_exhausted"
     # A resume forgets the stop: the next run tries again.
-    await store.resume_job("job")
-    assert (await store.get_job("job")).budget_note is None
+    await store.jobs.resume("job")
+    assert (await store.jobs.get("job")).budget_note is None
 
 
 async def test_phases_run_in_order_and_a_restart_picks_the_right_one(store: SqlStore) -> None:
@@ -184,7 +187,7 @@ async def test_a_cancel_ends_the_job_at_the_next_tick(store: SqlStore) -> None:
     out = Published()
     ctl = await controller(store, config(), out)
     await ctl.start()
-    await store.request_cancel("job")
+    await store.jobs.request_cancel("job")
     await ctl.tick()
     assert (await ctl.wait()).status == "cancelled"
-    assert (await store.get_job("job")).status == "cancelled"
+    assert (await store.jobs.get("job")).status == "cancelled"

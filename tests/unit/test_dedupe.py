@@ -108,15 +108,15 @@ async def test_durable_vectors_are_shared_between_processes(
     store = SqlStore(f"sqlite+aiosqlite:///{tmp_path}/d.sqlite")
     await store.connect()
     try:
-        await store.ensure_job("job", config={}, targets={})
-        one = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
-        two = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store)
+        await store.jobs.ensure("job", config={}, targets={})
+        one = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store.vectors)
+        two = Deduper(embedder, FaissVectorStore(embedder.dim), durable=store.vectors)
         assert await one.screen("job", ["a"], [CAKE], THRESHOLD) == [True]
         # A second replica (or a restarted run) sees what the first accepted.
         assert await two.screen("job", ["b"], [CAKE_PARAPHRASE], THRESHOLD) == [False]
         assert await two.screen("job", ["c"], [LINKED_LIST], THRESHOLD) == [True]
         assert await one.screen("job", ["d"], [LINKED_LIST], THRESHOLD) == [False]
-        assert await store.count_vectors("job") == 2
+        assert await store.vectors.count("job") == 2
     finally:
         await store.close()
 

@@ -225,8 +225,10 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
 async def sources(tmp_path: Path, job_id: str = "job") -> tuple[SqlStore, StoreSources]:
     store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'store.sqlite'}")
     await store.connect()
-    await store.ensure_job(job_id, config={}, targets={"documents": 100})
-    return store, StoreSources(store, job_id)
+    await store.jobs.ensure(job_id, config={}, targets={"documents": 100})
+    return store, StoreSources(
+        job_id, rows=store.rows, artifacts=store.artifacts, progress=store.progress
+    )
 
 
 async def test_batch_inputs_cover_every_passage_before_repeating(tmp_path: Path) -> None:

@@ -1,4 +1,7 @@
-"""airoboros.store.SqlStore and airoboros.migrations on SQLite (and PostgreSQL)."""
+"""What only the SQL adapter does, beside the store's contract suite
+(tests/contract/test_store_contract.py, which holds every repository to its port on
+SQLite and PostgreSQL): the driver URL, and airoboros.migrations on SQLite (and
+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from airoboros.contracts import Item
-from airoboros.errors import NotFoundError
 from airoboros.migrations import downgrade, upgrade
-from airoboros.store import SqlStore, StoredItem
+from airoboros.store import SqlStore
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
@@ -34,18 +36,6 @@ def sqlite_tables(path: Path) -> set[str]:
     return {r[0] for r in rows}
 
 
-async def collect(it: AsyncIterator[StoredItem]) -> list[StoredItem]:
-    return [x async for x in it]
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
-    s = SqlStore(sqlite_url(tmp_path))
-    await s.connect()
-    yield s
-    await s.close()
-
-
 # --- SQLite --------------------------------------------------------------------------------
 
 
@@ -64,168 +54,6 @@ async def test_connect_runs_migrations(tmp_path: Path) -> None:
     await s2.close()
 
 
-async def test_store_refuses_use_before_connect(tmp_path: Path) -> None:
-    s = SqlStore(sqlite_url(tmp_path))
-    with pytest.raises(RuntimeError, match="connect"):
-        await s.get_job("x")
-
-
-async def test_ensure_get_and_set_job_status(store: SqlStore) -> None:
-    job = await store.ensure_job("job1", config={"model": "gpt-4"}, targets={"general": 3})
-    assert job.id == "job1"
-    assert job.status == "running"
-    assert job.config == {"model": "gpt-4"}
-    assert await store.job_exists("job1")
-    assert not await store.job_exists("other")
-
-    await store.set_job_status("job1", "done", "all rows written")
-    got = await store.get_job("job1")
-    assert (got.status, got.detail) == ("done", "all rows written")
-
-    # ensure_job again updates config and targets, keeps the job.
-    again = await store.ensure_job("job1", config={"model": "x"}, targets={"general": 7})
-    assert again.config == {"model": "x"}
-    assert again.status == "done"
-    assert (await store.stats("job1"))["general"].target == 7
-
-    with pytest.raises(NotFoundError):
-        await store.get_job("missing")
-
-
-async def test_add_items_is_idempotent_by_source_id(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 10})
-    first = await store.add_items("j", [("m1:0", item(0)), ("m1:1", item(1))])
-    assert [s.item.instruction for s in first] == ["question 0", "question 1"]  # stripped
-    assert first[0].item.response == "answer 0"
-    assert first[0].seq < first[1].seq
-
-    # A redelivered message inserts nothing; a new source_id does.
-    again = await store.add_items("j", [("m1:0", item(0)), ("m1:1", item(1)), ("m2:0", item(2))])
-    assert [s.item.instruction for s in again] == ["question 2"]
-    # Same source_id twice in one call counts once.
-    dup = await store.add_items("j", [("m3:0", item(3)), ("m3:0", item(3))])
-    assert len(dup) == 1
-    assert await store.count_items("j") == 4
-    assert (await store.stats("j"))["general"].accepted == 4
-
-
-async def test_add_items_caps_at_the_instructor_target(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 3, "writing": 1})
-    got = await store.add_items(
-        "j",
-        [(f"a:{i}", item(i)) for i in range(5)] + [("w:0", item(9, "writing"))],
-    )
-    assert [s.item.instruction for s in got] == [
-        "question 0",
-        "question 1",
-        "question 2",
-        "question 9",
-    ]
-    assert await store.add_items("j", [("b:0", item(7))]) == []
-    stats = await store.stats("j")
-    assert stats["general"].accepted == 3
-    assert stats["writing"].accepted == 1
-    assert await store.count_items("j") == 4
-
-
-async def test_add_items_without_cap_ignores_the_target(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 1})
-    got = await store.add_items("j", [(f"a:{i}", item(i)) for i in range(4)], cap=False)
-    assert len(got) == 4
-    assert await store.count_items("j") == 4
-    # Still idempotent without the cap.
-    assert await store.add_items("j", [("a:0", item(0))], cap=False) == []
-
-
-async def test_add_items_for_unknown_instructor_with_cap_drops(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 5})
-    assert await store.add_items("j", [("x:0", item(0, "trivia"))]) == []
-    assert len(await store.add_items("j", [("x:0", item(0, "trivia"))], cap=False)) == 1
-
-
-async def test_iter_items_order_category_and_paging(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 10, "writing": 10})
-    cats = ["general", "writing", "general", "general", "writing", "general", "general"]
-    rows = [(f"s:{i}", item(i, c)) for i, c in enumerate(cats)]
-    inserted = await store.add_items("j", rows)
-    assert len(inserted) == 7
-
-    everything = await collect(store.iter_items("j", page_size=2))
-    assert [s.item.instruction for s in everything] == [f"question {i}" for i in range(7)]
-    assert [s.seq for s in everything] == sorted(s.seq for s in everything)
-
-    general = await collect(store.iter_items("j", category="general", page_size=2))
-    assert [s.item.instruction for s in general] == [
-        f"question {i}" for i, c in enumerate(cats) if c == "general"
-    ]
-    assert all(s.item.category == "general" for s in general)
-
-    after = await collect(store.iter_items("j", after=everything[4].seq, page_size=1))
-    assert [s.item.instruction for s in after] == ["question 5", "question 6"]
-
-    # Exactly a multiple of the page size still terminates with everything.
-    writing = await collect(store.iter_items("j", category="writing", page_size=2))
-    assert [s.item.instruction for s in writing] == ["question 1", "question 4"]
-
-
-async def test_iter_items_is_per_job(store: SqlStore) -> None:
-    await store.ensure_job("a", config={}, targets={"general": 5})
-    await store.ensure_job("b", config={}, targets={"general": 5})
-    await store.add_items("a", [("s:0", item(0))])
-    # The same source_id in another job is a different row.
-    await store.add_items("b", [("s:0", item(1)), ("s:1", item(2))])
-    assert [s.item.instruction for s in await collect(store.iter_items("a"))] == ["question 0"]
-    assert await store.count_items("b") == 2
-
-
-async def test_item_optional_fields_round_trip(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 5})
-    it = Item(
-        instruction="q",
-        response="a",
-        category="general",
-        system=" sys ",
-        skip_prompt_formatting=True,
-    )
-    await store.add_items("j", [("s:0", it)])
-    [got] = await collect(store.iter_items("j"))
-    assert got.item.system == "sys"
-    assert got.item.skip_prompt_formatting is True
-
-
-async def test_add_stats_increments(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 5})
-    await store.add_stats("j", "general", duplicates=2, filtered=1, cost=0.25, prompt_tokens=100)
-    await store.add_stats("j", "general", duplicates=3, cost=0.5, requests=1)
-    st = (await store.stats("j"))["general"]
-    assert st.duplicates == 5
-    assert st.filtered == 1
-    assert st.requests == 1
-    assert st.prompt_tokens == 100
-    assert st.cost == pytest.approx(0.75)
-    assert st.target == 5
-
-    # An instructor without a progress row gets one.
-    await store.add_stats("j", "writing", failures=2)
-    assert (await store.stats("j"))["writing"].failures == 2
-
-    with pytest.raises(ValueError, match="unknown stat fields"):
-        await store.add_stats("j", "general", accepted=1)
-
-
-async def test_delete_job_removes_everything(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 5})
-    await store.ensure_job("keep", config={}, targets={"general": 5})
-    await store.add_items("j", [("s:0", item(0))])
-    await store.add_items("keep", [("s:0", item(0))])
-    await store.delete_job("j")
-    with pytest.raises(NotFoundError):
-        await store.get_job("j")
-    assert await store.count_items("j") == 0
-    assert await store.stats("j") == {}
-    assert await store.count_items("keep") == 1
-
-
 def test_sqlite_downgrade_to_base_then_upgrade(tmp_path: Path) -> None:
     db = tmp_path / "mig.sqlite"
     url = f"sqlite+aiosqlite:///{db}"
@@ -241,17 +69,17 @@ async def test_store_works_after_downgrade_and_upgrade(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
     s = SqlStore(url)
     await s.connect()
-    await s.ensure_job("j", config={}, targets={"general": 2})
-    await s.add_items("j", [("s:0", item(0))])
+    await s.jobs.ensure("j", config={}, targets={"general": 2})
+    await s.rows.add("j", [("s:0", item(0))])
     await s.close()
     await asyncio.to_thread(downgrade, url, "base")
     await asyncio.to_thread(upgrade, url)
     s = SqlStore(url)
     await s.connect()
     try:
-        assert not await s.job_exists("j")  # the data went with the tables
-        await s.ensure_job("j", config={}, targets={"general": 2})
-        assert len(await s.add_items("j", [("s:0", item(0))])) == 1
+        assert not await s.jobs.exists("j")  # the data went with the tables
+        await s.jobs.ensure("j", config={}, targets={"general": 2})
+        assert len(await s.rows.add("j", [("s:0", item(0))])) == 1
     finally:
         await s.close()
 
@@ -295,39 +123,15 @@ async def pg_tables(url: str) -> set[str]:
 
 
 @pytest.mark.postgres
-async def test_postgres_migrations_and_add_items(pg_url: str) -> None:
+async def test_postgres_connect_runs_migrations(pg_url: str) -> None:
     s = SqlStore(pg_url)
     assert s.dialect == "postgresql"
     await s.connect()
     try:
         assert await pg_tables(pg_url) >= TABLES
-        await s.ensure_job("j", config={"k": 1}, targets={"general": 3})
-        got = await s.add_items("j", [(f"a:{i}", item(i)) for i in range(5)])
-        assert [x.item.instruction for x in got] == ["question 0", "question 1", "question 2"]
-        assert await s.add_items("j", [("a:0", item(0))], cap=False) == []
-        assert len(await s.add_items("j", [("a:9", item(9))], cap=False)) == 1
-        assert (await s.stats("j"))["general"].accepted == 4
-        pages = await collect(s.iter_items("j", page_size=2))
-        assert [x.item.instruction for x in pages] == [
-            "question 0",
-            "question 1",
-            "question 2",
-            "question 9",
-        ]
-    finally:
-        await s.close()
-
-
-@pytest.mark.postgres
-async def test_postgres_concurrent_writers_never_overshoot(pg_url: str) -> None:
-    s = SqlStore(pg_url)
-    await s.connect()
-    try:
-        await s.ensure_job("j", config={}, targets={"general": 5})
-        batches = [[(f"w{w}:{i}", item(w * 10 + i)) for i in range(3)] for w in range(4)]
-        results = await asyncio.gather(*(s.add_items("j", b) for b in batches))
-        assert sum(len(r) for r in results) == 5
-        assert await s.count_items("j") == 5
+        # What the store does on it is the contract suite's (tests/contract).
+        await s.jobs.ensure("j", config={"k": 1}, targets={"general": 3})
+        assert (await s.jobs.get("j")).config == {"k": 1}
     finally:
         await s.close()
 
@@ -340,72 +144,3 @@ async def test_postgres_downgrade_to_base_then_upgrade(pg_url: str) -> None:
     assert not (TABLES & await pg_tables(pg_url))
     await asyncio.to_thread(upgrade, pg_url)
     assert await pg_tables(pg_url) >= TABLES
-
-
-def card(name: str):  # type: ignore[no-untyped-def]
-    from airoboros.contracts import Artifact
-
-    return Artifact(kind="character", name=name, data={"description": f"NAME: {name}"})
-
-
-async def apply_cards(s: SqlStore, names: list[str]) -> None:
-    from airoboros.contracts import BatchStats
-
-    await s.apply_batch(
-        "j",
-        message_id=uuid.uuid4().hex,
-        task_id=uuid.uuid4().hex,
-        instructor="character",
-        items=[],
-        stats=BatchStats(),
-        artifacts=[card(n) for n in names],
-    )
-
-
-async def test_cards_are_unique_by_name_and_capped(store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"character": 3})
-    await apply_cards(store, ["Ada Quill", "Bram"])
-    await apply_cards(store, ["ada  quill", "Cora", "Dev"])  # same name, other case/spacing
-    names = [c.name for c in await store.artifacts("j", "character")]
-    assert names == ["Ada Quill", "Bram", "Cora"]
-    st = (await store.stats("j"))["character"]
-    assert st.accepted == 3 and st.duplicates == 2  # the repeated name and the one past the cap
-    assert await store.count_items("j") == 0  # cards are not rows
-
-
-async def test_uncounted_rows_follow_their_counted_row(store: SqlStore) -> None:
-    from airoboros.contracts import BatchStats
-
-    await store.ensure_job("j", config={}, targets={"rp": 1})
-
-    def chat(tag: str) -> list[Item]:
-        return [
-            Item(instruction=f"{tag} {i}", response="r", category="rp", counted=i == 0)
-            for i in range(3)
-        ]
-
-    stored = await store.apply_batch(
-        "j",
-        message_id="m1",
-        task_id="t1",
-        instructor="rp",
-        items=chat("first") + chat("second"),
-        stats=BatchStats(),
-    )
-    assert stored is not None
-    assert [s.item.instruction for s in stored] == ["first 0", "first 1", "first 2"]
-    assert (await store.stats("j"))["rp"].accepted == 1
-
-
-@pytest.mark.postgres
-async def test_postgres_concurrent_card_batches_make_each_name_once(pg_url: str) -> None:
-    s = SqlStore(pg_url)
-    await s.connect()
-    try:
-        await s.ensure_job("j", config={}, targets={"character": 10})
-        await asyncio.gather(*(apply_cards(s, ["Ada", "Bram", f"Solo {i}"]) for i in range(4)))
-        names = sorted(c.name for c in await s.artifacts("j", "character"))
-        assert names == ["Ada", "Bram", "Solo 0", "Solo 1", "Solo 2", "Solo 3"]
-        assert (await s.stats("j"))["character"].accepted == 6
-    finally:
-        await s.close()

@@ -290,8 +290,8 @@ def test_complete_lines_of_only_a_torn_line(tmp_path: Path) -> None:
 
 
 async def test_reconcile_appends_rows_the_file_lacks(tmp_path: Path, store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 10, "writing": 10})
-    stored = await store.add_items(
+    await store.jobs.ensure("j", config={}, targets={"general": 10, "writing": 10})
+    stored = await store.rows.add(
         "j",
         [
             (f"s:{i}", Item(instruction=f"q{i}", response=f"a{i}", category=cat))
@@ -305,21 +305,21 @@ async def test_reconcile_appends_rows_the_file_lacks(tmp_path: Path, store: SqlS
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(stored[2].item.to_row())[:15])
 
-    assert await sink.reconcile(store, "j") == 3
+    assert await sink.reconcile(store.rows, "j") == 3
     rows = sink.read_rows()
     assert rows == [s.item.to_row() for s in stored]
     assert [r["instruction"] for r in rows] == ["q0", "q1", "q2", "q3", "q4"]
 
     # Reconciling again adds nothing.
-    assert await sink.reconcile(store, "j") == 0
+    assert await sink.reconcile(store.rows, "j") == 0
     assert len(sink.read_rows()) == 5
 
 
 async def test_reconcile_creates_a_missing_file(tmp_path: Path, store: SqlStore) -> None:
-    await store.ensure_job("j", config={}, targets={"general": 10})
-    await store.add_items("j", [("s:0", Item(instruction="q", response="a", category="general"))])
+    await store.jobs.ensure("j", config={}, targets={"general": 10})
+    await store.rows.add("j", [("s:0", Item(instruction="q", response="a", category="general"))])
     sink = JsonlSink(tmp_path / "sub" / "out.jsonl")
-    assert await sink.reconcile(store, "j") == 1
+    assert await sink.reconcile(store.rows, "j") == 1
     assert sink.read_rows() == [{"instruction": "q", "response": "a", "category": "general"}]
 
 

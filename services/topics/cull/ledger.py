@@ -256,7 +256,7 @@ class StoreLedger:
                 if item.category != self.rows[i].category:  # a legacy category name
                     item = item.model_copy(update={"category": self.rows[i].category})
                 batch.append((f"cull:{leader}", item))
-        await self.svc.store.add_items(self.job_id, batch, cap=False)
+        await self.svc.store.rows.add(self.job_id, batch, cap=False)
         for d in decisions:
             d.apply(self.counts)
         self.committed = decisions[-1].unit + 1

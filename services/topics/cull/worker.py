@@ -87,7 +87,7 @@ class CullJobs:
     ) -> dict[str, Any]:
         """Validate and start a cull of ``source_id``; returns the new job's status (the
         new job belongs to the caller, and judges with the source job's own key)."""
-        source = await self.svc.store.get_job(source_id)  # NotFoundError: 404
+        source = await self.svc.store.jobs.get(source_id)  # NotFoundError: 404
         if source.status not in CULLABLE:
             raise JobNotFinished(
                 f"job {source_id} is {source.status}: only a finished job "
@@ -102,13 +102,15 @@ class CullJobs:
         config[CULL_OF] = source_id
         if request.threshold is not None:
             config["cull_threshold"] = request.threshold
-        key = await self.svc.store.llm_api_key(source_id)
+        key = await self.svc.store.jobs.llm_api_key(source_id)
         job_config(self.svc.settings, config, api_key=key)  # the stored config must still load
         job_id = uuid.uuid4().hex
-        await self.svc.store.ensure_job(
+        await self.svc.store.jobs.ensure(
             job_id, config=config, targets={}, owner=principal.owner, llm_api_key=key
         )
-        if await self.svc.store.try_lease(job_id, self.svc.owner, self.svc.settings.lease_seconds):
+        if await self.svc.store.jobs.try_lease(
+            job_id, self.svc.owner, self.svc.settings.lease_seconds
+        ):
             self.start(job_id)
         out = await self.svc.status(job_id, principal)
         out[CULL_OF] = source_id
@@ -130,7 +132,7 @@ class CullJobs:
     async def _guarded(self, job_id: str) -> None:
         """Runs the cull while renewing the lease; stops it on a cancel request or a
         lost lease (another replica then owns the job and resumes it)."""
-        store, svc = self.svc.store, self.svc
+        jobs, svc = self.svc.store.jobs, self.svc
         work = asyncio.create_task(self._run(job_id))
         interval = max(0.5, svc.settings.lease_seconds / 3)
         stop: str | None = None
@@ -139,9 +141,9 @@ class CullJobs:
                 done, _ = await asyncio.wait({work}, timeout=interval)
                 if done:
                     break
-                if not await store.try_lease(job_id, svc.owner, svc.settings.lease_seconds):
+                if not await jobs.try_lease(job_id, svc.owner, svc.settings.lease_seconds):
                     stop = "lost"
-                elif (await store.get_job(job_id)).cancel_requested:
+                elif (await jobs.get(job_id)).cancel_requested:
                     stop = "cancelled"
             if stop is not None:
                 work.cancel()
@@ -157,10 +159,10 @@ class CullJobs:
         finally:
             if stop != "lost":
                 with contextlib.suppress(Exception):
-                    await store.release_lease(job_id, svc.owner)
+                    await jobs.release_lease(job_id, svc.owner)
 
     async def _finish(self, job_id: str, status: str, detail: str) -> None:
-        await self.svc.store.set_job_status(job_id, status, detail)
+        await self.svc.store.jobs.set_status(job_id, status, detail)
         await self.svc.bus.publish(JobEvent(job_id=job_id, status=status, detail=detail))
 
     async def _embedder(self, job_config_: Any) -> Embedder:
@@ -170,10 +172,12 @@ class CullJobs:
 
     async def _run(self, job_id: str) -> None:
         store = self.svc.store
-        job = await store.get_job(job_id)
+        job = await store.jobs.get(job_id)
         source_id = str(job.config[CULL_OF])
-        cfg = job_config(self.svc.settings, job.config, api_key=await store.llm_api_key(job_id))
-        items = [it async for it in store.iter_items(source_id)]
+        cfg = job_config(
+            self.svc.settings, job.config, api_key=await store.jobs.llm_api_key(job_id)
+        )
+        items = [it async for it in store.rows.iterate(source_id)]
         rows = [
             CullRow(
                 it.item.instruction,
@@ -185,7 +189,7 @@ class CullJobs:
             for it in items
         ]
         llm = make_judge_llm(cfg, judge_model(cfg))
-        await preload_usage(store, job_id, llm.meter)
+        await preload_usage(store.progress, job_id, llm.meter)
         ledger = StoreLedger(self.svc, job_id, items, rows)
         try:
             await self.svc.bus.publish(JobEvent(job_id=job_id, status="running"))
@@ -227,7 +231,7 @@ class CullJobs:
             await self._finish(job_id, "failed", f"{type(exc).__name__}: {exc}")
         finally:
             with contextlib.suppress(Exception):
-                await record_usage(store, job_id, llm.meter)
+                await record_usage(store.progress, job_id, llm.meter)
             await llm.close()
 
 
