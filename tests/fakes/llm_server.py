@@ -312,6 +312,9 @@ class ScriptedLLM:
         self.script = script or Script()
         self.rng = random.Random(self.script.seed)
         self.stats: Counter[str] = Counter()
+        #: requests being answered now, and the most at once (as the server saw them)
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.prompts: list[str] = []
         #: (model, prompt) of every admitted request
         self.requests_log: list[tuple[str, str]] = []
@@ -621,7 +624,12 @@ class ScriptedLLM:
         if self.script.latency_jitter:
             latency += self.rng.uniform(0, self.script.latency_jitter)
         if latency:
-            await asyncio.sleep(latency)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(latency)
+            finally:
+                self.in_flight -= 1
         self.stats[outcome] += 1
         if outcome == "429":
             return JSONResponse(
