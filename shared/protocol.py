@@ -489,6 +489,8 @@ class DeadLetterInfo(BaseModel):
     queue: str
     message_id: str | None = None
     kind: str | None = None
+    #: why the bus gave up on it (an unknown schema MAJOR, not its type, the delivery limit)
+    reason: str | None = None
     created_at: str
 
 

@@ -52,6 +52,13 @@ EXPORTED = ("done", "incomplete", "budget_exhausted")
 EXPORT_BACKOFF = (2.0, 5.0, 15.0, 30.0, 60.0)
 
 
+def _text(value: Any) -> str | None:
+    """A header's value as text (AMQP headers may arrive as bytes)."""
+    if value is None:
+        return None
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def _utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -585,6 +592,7 @@ class TopicsService:
             job_id=data.get("job_id") if isinstance(data, dict) else None,
             message_id=data.get("message_id") if isinstance(data, dict) else None,
             kind=data.get("kind") if isinstance(data, dict) else None,
+            reason=_text(headers.get("x-dead-letter-reason")),
         )
         log.warning("dead-lettered message from %s recorded", queue)
 

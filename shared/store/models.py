@@ -177,6 +177,8 @@ class DeadLetterRow(Base):
     message_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str | None] = mapped_column(String(64), nullable=True)
     body: Mapped[str] = mapped_column(Text)
+    #: why the bus gave up on it (schema MAJOR unknown, not its type, delivery limit)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

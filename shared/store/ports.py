@@ -439,14 +439,15 @@ class DeadLetterRepository(Protocol):
         job_id: str | None,
         message_id: str | None,
         kind: str | None,
+        reason: str | None = None,
     ) -> None:
-        """Record one dead-lettered message (a message dead-lettered twice is recorded
-        twice)."""
+        """Record one dead-lettered message, with why the bus gave up on it (a message
+        dead-lettered twice is recorded twice)."""
         ...
 
     async def for_job(self, job_id: str) -> list[dict[str, Any]]:
         """The job's dead letters in the order they were recorded: ``queue``,
-        ``message_id``, ``kind`` and ``created_at`` (ISO 8601) each."""
+        ``message_id``, ``kind``, ``reason`` and ``created_at`` (ISO 8601) each."""
         ...
 
 

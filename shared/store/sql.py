@@ -980,11 +980,17 @@ class SqlDeadLetters:
         job_id: str | None,
         message_id: str | None,
         kind: str | None,
+        reason: str | None = None,
     ) -> None:
         async with self._db.write() as s:
             s.add(
                 DeadLetterRow(
-                    queue=queue, body=body, job_id=job_id, message_id=message_id, kind=kind
+                    queue=queue,
+                    body=body,
+                    job_id=job_id,
+                    message_id=message_id,
+                    kind=kind,
+                    reason=reason,
                 )
             )
 
@@ -1002,6 +1008,7 @@ class SqlDeadLetters:
                     "queue": r.queue,
                     "message_id": r.message_id,
                     "kind": r.kind,
+                    "reason": r.reason,
                     "created_at": r.created_at.isoformat(),
                 }
                 for r in rows

@@ -870,15 +870,20 @@ async def test_dead_letters_by_job(store: Store) -> None:
         [("a", "generate_batch"), ("b", "x"), ("a", "batch_completed")]
     ):
         await store.dead_letters.add(
-            queue=f"q{n}.dlq", body="{}", job_id=job, message_id=f"m{n}", kind=kind
+            queue=f"q{n}.dlq",
+            body="{}",
+            job_id=job,
+            message_id=f"m{n}",
+            kind=kind,
+            reason=f"reason {n}" if n != 2 else None,
         )
     await store.dead_letters.add(
         queue="q.dlq", body="not json", job_id=None, message_id=None, kind=None
     )
     got = await store.dead_letters.for_job("a")
-    assert [(d["queue"], d["message_id"], d["kind"]) for d in got] == [
-        ("q0.dlq", "m0", "generate_batch"),
-        ("q2.dlq", "m2", "batch_completed"),
+    assert [(d["queue"], d["message_id"], d["kind"], d["reason"]) for d in got] == [
+        ("q0.dlq", "m0", "generate_batch", "reason 0"),
+        ("q2.dlq", "m2", "batch_completed", None),
     ]
     assert all(datetime.fromisoformat(d["created_at"]) for d in got)
     assert len(await store.dead_letters.for_job("b")) == 1
