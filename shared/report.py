@@ -22,6 +22,7 @@ category when there are more):
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -220,7 +221,10 @@ async def build_report(
     async def nn(namespace: str) -> tuple[float | None, int]:
         if namespace not in nn_cache:
             _, _, vecs = await store.vectors.load(namespace)
-            nn_cache[namespace] = mean_nn_cosine(vecs, sample=nn_sample, seed=seed)
+            # A large index is seconds of arithmetic: off the event loop (an API serves it).
+            nn_cache[namespace] = await asyncio.to_thread(
+                mean_nn_cosine, vecs, sample=nn_sample, seed=seed
+            )
         return nn_cache[namespace]
 
     categories: list[CategoryReport] = []
