@@ -114,6 +114,35 @@ def test_pace_counts_only_rows_kept_since_the_first_look() -> None:
     assert eta_seconds(100, 90, pace.rate("general", 90)) == pytest.approx(5.0)
 
 
+def test_the_live_table_projects_cost_and_eta_per_category_and_for_the_job() -> None:
+    from airoboros.cli.progress import project
+
+    def row(name: str, accepted: int, target: int, cost: float, state: str = "running"):
+        return {"name": name, "accepted": accepted, "target": target, "cost": cost, "state": state}
+
+    now = [0.0]
+    pace = Pace(clock=lambda: now[0])
+    first = [row("general", 0, 20, 0.0), row("joke", 2, 10, 0.1), row("old", 5, 5, 1.0, "done")]
+    assert project(first, pace) == (None, None)  # no rate yet
+    assert first[1]["to_finish"] == pytest.approx(0.4)  # 8 missing at $0.05
+    assert first[1]["eta"] is None
+    now[0] = 10.0
+    # general: 5 kept in 10 s at $0.02 each, 15 to go; joke: 4 more in 10 s, 4 to go
+    rows = [row("general", 5, 20, 0.1), row("joke", 6, 10, 0.3), row("old", 5, 5, 1.0, "done")]
+    cost_left, eta = project(rows, pace)
+    assert rows[0]["to_finish"] == pytest.approx(0.3) and rows[0]["eta"] == pytest.approx(30.0)
+    assert rows[1]["to_finish"] == pytest.approx(0.2) and rows[1]["eta"] == pytest.approx(10.0)
+    assert rows[2]["to_finish"] is None and rows[2]["eta"] is None
+    assert cost_left == pytest.approx(0.5)
+    assert eta == pytest.approx(30.0)  # categories run side by side: the slowest one
+    now[0] = 20.0
+    # joke kept nothing more: 4 rows in 20 s now; a category that kept nothing yet
+    rows = [row("general", 5, 20, 0.1), row("joke", 6, 10, 0.3), row("new", 0, 3, 0.0)]
+    cost_left, eta = project(rows, pace)
+    assert rows[1]["eta"] == pytest.approx(20.0)
+    assert (cost_left, eta) == (None, None)  # "new" has neither a cost nor a rate yet
+
+
 # --- the report from a store ----------------------------------------------------------------
 
 
