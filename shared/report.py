@@ -313,7 +313,7 @@ def report_table(report: JobReport) -> list[str]:
     head = (
         f"  {'category':<24} {'kept':>11} {'proposed':>8} {'unparse':>7} {'filter':>6} "
         f"{'refused':>7} {'dup':>5} {'yield':>6} {'dist-2':>6} {'zlib':>5} {'nn cos':>6} "
-        f"{'$/kept':>9} {'wasted tok':>10}"
+        f"{'cost':>9} {'$/kept':>9} {'wasted tok':>10}"
     )
     lines = [head]
     every: list[CategoryReport | ReportTotals] = [*report.categories, report.totals]
@@ -325,6 +325,6 @@ def report_table(report: JobReport) -> list[str]:
             f"{r.filtered:>6} {r.refused:>7} {r.duplicates:>5} "
             f"{_fmt(r.dedupe_yield, '.0%'):>6} {_fmt(d.distinct_2, '.2f'):>6} "
             f"{_fmt(d.compression_ratio, '.2f'):>5} {_fmt(d.nn_cosine, '.3f'):>6} "
-            f"{_fmt(r.cost_per_kept, '.5f'):>9} {r.wasted_tokens:>10,}"
+            f"{r.cost:>9.4f} {_fmt(r.cost_per_kept, '.5f'):>9} {r.wasted_tokens:>10,}"
         )
     return lines
