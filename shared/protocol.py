@@ -601,8 +601,8 @@ class Diversity(BaseModel):
     distinct_1: float | None = None
     #: distinct word bigrams / all bigrams (low: the same phrasings again and again)
     distinct_2: float | None = None
-    #: bytes of the instructions / bytes zlib-compressed (high: repetitive; about 2-3 is
-    #: typical of varied English text)
+    #: bytes of the instructions / bytes zlib-compressed (high: repetitive; it grows with
+    #: the amount of text, so compare sets of similar size)
     compression_ratio: float | None = None
     #: mean cosine of each instruction's nearest other instruction in the dedupe index
     #: (high: near-duplicates below the dedupe threshold)
