@@ -604,11 +604,12 @@ class Diversity(BaseModel):
     #: bytes of the instructions / bytes zlib-compressed (high: repetitive; it grows with
     #: the amount of text, so compare sets of similar size)
     compression_ratio: float | None = None
-    #: mean cosine of each instruction's nearest other instruction in the dedupe index
-    #: (high: near-duplicates below the dedupe threshold)
+    #: mean cosine of each instruction's nearest other instruction, by the embeddings
+    #: dedupe stored (high: near-duplicates below the dedupe threshold)
     nn_cosine: float | None = None
-    #: which dedupe index ``nn_cosine`` was measured on: "category" (its own), "job" (the
-    #: index every "dataset"-scoped category shares) or null (not screened by dedupe)
+    #: what ``nn_cosine`` was measured on: "category" (the category's own vectors), "job"
+    #: (the whole job index: the totals, or a category with fewer than two vectors of its
+    #: own there) or null (not screened by dedupe)
     nn_scope: str | None = None
     #: vectors of that index used as queries (a random sample of a large index)
     nn_sampled: int = 0

@@ -15,9 +15,10 @@ category when there are more):
   that the ``diversity`` package computes with gzip; zlib is the same DEFLATE without its
   header, from the standard library). It was chosen over self-BLEU: it is linear in the
   text, needs no sample or smoothing choice, and ranks sets as self-BLEU does;
-- mean nearest-neighbour cosine: for each vector of the dedupe index the category is
-  screened against (``VectorRepository``; every instruction dedupe accepted), its cosine
-  to the nearest other one, averaged over a random sample of ``nn_sample`` queries.
+- mean nearest-neighbour cosine: for each of the category's vectors in the dedupe index it
+  is screened against (``VectorRepository``; every instruction dedupe accepted, keyed by
+  instructor), its cosine to the nearest other one of the category, averaged over a
+  random sample of ``nn_sample`` queries; the job's figure is over the whole job index.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from airoboros.counting import CategoryCounts
 from airoboros.protocol import CategoryReport, Diversity, JobReport, ReportTotals
 
 if TYPE_CHECKING:
+    import numpy as np
     import numpy.typing as npt
 
     from airoboros.store.ports import Store
@@ -216,16 +218,25 @@ async def build_report(
     row_counts = await store.rows.count_by_category(job_id)
     names = sorted(set(stats) | set(row_counts))
 
-    nn_cache: dict[str, tuple[float | None, int]] = {}
+    loaded: dict[str, tuple[list[str], npt.NDArray[np.float32]]] = {}
+    nn_cache: dict[tuple[str, str | None], tuple[float | None, int]] = {}
 
-    async def nn(namespace: str) -> tuple[float | None, int]:
-        if namespace not in nn_cache:
-            _, _, vecs = await store.vectors.load(namespace)
+    async def nn(namespace: str, category: str | None = None) -> tuple[float | None, int]:
+        """The index's figure, or (with ``category``) that of the category's own vectors
+        in it: dedupe keys them ``<instructor>:<candidate id>``."""
+        if namespace not in loaded:
+            _, keys, vecs = await store.vectors.load(namespace)
+            loaded[namespace] = keys, vecs
+        if (namespace, category) not in nn_cache:
+            keys, vecs = loaded[namespace]
+            if category is not None:
+                mine = [i for i, k in enumerate(keys) if k.startswith(f"{category}:")]
+                vecs = vecs[mine] if mine else vecs[:0]
             # A large index is seconds of arithmetic: off the event loop (an API serves it).
-            nn_cache[namespace] = await asyncio.to_thread(
+            nn_cache[namespace, category] = await asyncio.to_thread(
                 mean_nn_cosine, vecs, sample=nn_sample, seed=seed
             )
-        return nn_cache[namespace]
+        return nn_cache[namespace, category]
 
     categories: list[CategoryReport] = []
     all_texts: list[str] = []
@@ -238,6 +249,13 @@ async def build_report(
         namespace, scope = nn_namespace(job_id, name)
         if namespace is not None:
             value, used = await nn(namespace)
+            if scope == "job":
+                # Its own vectors in the shared index; the whole index's figure when it
+                # has fewer than two there (vectors of a job made before they were keyed
+                # by instructor, or of rows imported from an existing output).
+                own, own_used = await nn(namespace, name)
+                if own is not None:
+                    value, used, scope = own, own_used, "category"
             div.nn_cosine, div.nn_scope, div.nn_sampled = _round(value), scope, used
         categories.append(
             CategoryReport(
@@ -271,7 +289,7 @@ async def build_report(
     finishing = [r.cost_to_finish for r in categories if r.cost_to_finish is not None]
     unknown = len(finishing) < len(categories)
     job_div = text_diversity(all_texts)
-    if any(r.diversity.nn_scope == "job" for r in categories):
+    if any(nn_namespace(job_id, r.category)[1] == "job" for r in categories):
         value, used = await nn(job_id)
         job_div.nn_cosine, job_div.nn_scope, job_div.nn_sampled = _round(value), "job", used
     totals = ReportTotals(

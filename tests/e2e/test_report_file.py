@@ -43,7 +43,8 @@ async def test_an_embedded_run_writes_a_report_matching_its_output(tmp_path, llm
         assert c.proposed >= c.kept + c.duplicates
         assert c.requests > 0 and c.cost_to_finish == 0.0
         assert c.diversity.instructions == n
-        assert c.diversity.nn_scope == "job" and c.diversity.nn_cosine is not None
+        assert c.diversity.nn_scope == "category" and c.diversity.nn_sampled >= n
+        assert c.diversity.nn_cosine is not None
     # the server repeated items: dedupe caught some, and the yield shows it
     dups = sum(c.duplicates for c in report.categories)
     assert srv.llm.stats["duplicates_served"] > 0 and dups > 0
@@ -51,6 +52,10 @@ async def test_an_embedded_run_writes_a_report_matching_its_output(tmp_path, llm
     assert (report.totals.kept, report.totals.rows) == (len(rows), len(rows))
     assert report.totals.requests == srv.llm.stats["requests"] - srv.llm.stats.get("429", 0)
     assert report.totals.diversity.instructions == len(rows)
+    # the job's index holds every category's vectors
+    assert report.totals.diversity.nn_sampled == sum(
+        c.diversity.nn_sampled for c in report.categories
+    )
 
     table = summary_lines(result)
     assert any(line.split()[:2] == ["general", "8/8"] for line in table)

@@ -198,9 +198,13 @@ async def test_report_from_a_store_with_known_rows_and_counters(store: Store) ->
     )  # fmt: skip
     # topic generation: usage outside batches
     await store.progress.add_stats("j", "topics", requests=1, prompt_tokens=10, cost=0.04)
-    # the job's dedupe index ("dataset" scope): 3 vectors, NN cosines 0.5, 0.5, 0
+    # the job's dedupe index ("dataset" scope), keyed by instructor: general's two at 60
+    # degrees (NN cosine 0.5 each), coding's one orthogonal to both; the index's NN
+    # cosines: 0.5, 0.5, 0
     a, b, c = [1.0, 0.0, 0.0], [0.5, np.sqrt(3) / 2, 0.0], [0.0, 0.0, 1.0]
-    await store.vectors.add("j", ["a", "b", "c"], np.array([a, b, c], dtype=np.float32))
+    await store.vectors.add(
+        "j", ["general:a", "general:b", "coding:c"], np.array([a, b, c], dtype=np.float32)
+    )
     # character's own index: two identical vectors
     await store.vectors.add("j:character", ["x", "y"], np.array([a, a], dtype=np.float32))
 
@@ -218,8 +222,8 @@ async def test_report_from_a_store_with_known_rows_and_counters(store: Store) ->
     assert g.wasted_tokens == 200  # the duplicates-only batch
     assert g.diversity.instructions == 6
     assert g.diversity.distinct_2 == pytest.approx(1.0)
-    assert g.diversity.nn_scope == "job" and g.diversity.nn_sampled == 3
-    assert g.diversity.nn_cosine == pytest.approx(1 / 3, abs=1e-4)
+    assert g.diversity.nn_scope == "category" and g.diversity.nn_sampled == 2
+    assert g.diversity.nn_cosine == pytest.approx(0.5, abs=1e-4)
 
     k = by["coding"]
     assert (k.kept, k.rows, k.proposed, k.unparseable, k.duplicates) == (2, 2, 2, 1, 0)
@@ -228,6 +232,9 @@ async def test_report_from_a_store_with_known_rows_and_counters(store: Store) ->
     assert k.cost_to_finish == pytest.approx(0.2)  # 2 missing at $0.10
     assert k.diversity.distinct_2 == pytest.approx(0.5)  # the same bigrams twice
     assert k.diversity.compression_ratio is not None
+    # one vector of its own: the whole index's figure, said so
+    assert k.diversity.nn_scope == "job" and k.diversity.nn_sampled == 3
+    assert k.diversity.nn_cosine == pytest.approx(1 / 3, abs=1e-4)
 
     ch = by["character"]
     assert (ch.kept, ch.rows, ch.cost_per_kept, ch.cost_to_finish) == (0, 0, None, None)
@@ -250,6 +257,7 @@ async def test_report_from_a_store_with_known_rows_and_counters(store: Store) ->
     assert tot.wasted_tokens == 200
     assert tot.diversity.instructions == 8
     assert tot.diversity.nn_scope == "job"
+    assert tot.diversity.nn_cosine == pytest.approx(1 / 3, abs=1e-4)
     assert report.status == "running" and report.job_id == "j"
 
     # the report is a typed body: it round-trips through JSON
