@@ -86,6 +86,11 @@ def summary_lines(result: Any) -> list[str]:
             f"  {name:<26} {s.accepted}/{s.target} accepted, {s.duplicates} duplicates, "
             f"{s.filtered} filtered, {s.refused} refused, {s.unparseable} unparseable, "
             f"{s.truncated} truncated, {s.failures} failures"
+            + (
+                f" · batch {s.batches['open']} open, {s.batches['done']} done"
+                if getattr(s, "batches", None)
+                else ""
+            )
         )
     return lines
 

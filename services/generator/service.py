@@ -40,6 +40,7 @@ from airoboros.generator.instructors.base import (
 )
 from airoboros.generator.registry import create
 from airoboros.llm import LLMClient
+from airoboros.llm.accounting import Usage
 from airoboros.llm.batch import ReplayLLM
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ class GeneratorService:
         for _ in range(3):
             await asyncio.sleep(0)
         if not replay.missing:
+            # The run is final: what its answers cost is the job's usage now (the
+            # meter's reports and budget; the store gets it with the batch's stats).
+            rt = await self.runtime_for(command)
+            for instructor, _model, a in replay.used:
+                usage = Usage(1, a.prompt_tokens, a.completion_tokens, a.cost)
+                rt.llm.meter.preload(instructor, usage)
             return False
         await self.publish(
             CallsDeferred(

@@ -183,6 +183,8 @@ class ReplayLLM:
         self.task_id = task_id
         self.answers = answers
         self.missing: dict[str, DeferredCall] = {}
+        #: (instructor, model, answer) of every call answered from ``answers``
+        self.used: list[tuple[str, str, BatchAnswer]] = []
         self._seen: dict[str, int] = {}
 
     def body(
@@ -221,6 +223,7 @@ class ReplayLLM:
             raise BudgetExhausted("the budget cannot hold another batch of calls")
         if answer.error is not None:
             raise ServerError(f"batch call failed: {answer.error}")
+        self.used.append((instructor, model, answer))
         return Completion(
             answer.text,
             answer.finish_reason,

@@ -21,8 +21,8 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from starlette.datastructures import UploadFile
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
 
 if TYPE_CHECKING:
     from tests.fakes.llm_server import ScriptedLLM
@@ -142,7 +142,9 @@ class BatchAPI:
             if chat:
                 messages = list(body.get("messages", []))
                 prompt = "\n".join(str(m.get("content", "")) for m in messages)
-                answer = await self.llm._complete(request, body, prompt, chat=True, messages=messages)
+                answer = await self.llm._complete(
+                    request, body, prompt, chat=True, messages=messages
+                )
             else:
                 prompt = str(body.get("prompt", ""))
                 answer = await self.llm._complete(request, body, prompt, chat=False)
@@ -171,14 +173,14 @@ class BatchAPI:
             )
         if outputs:
             data = "".join(json.dumps(o) + "\n" for o in outputs).encode()
-            batch["output_file_id"] = self._file(f"{batch['id']}_output.jsonl", data, "batch_output")[
-                "id"
-            ]
+            batch["output_file_id"] = self._file(
+                f"{batch['id']}_output.jsonl", data, "batch_output"
+            )["id"]
         if errors:
             data = "".join(json.dumps(e) + "\n" for e in errors).encode()
-            batch["error_file_id"] = self._file(f"{batch['id']}_errors.jsonl", data, "batch_output")[
-                "id"
-            ]
+            batch["error_file_id"] = self._file(
+                f"{batch['id']}_errors.jsonl", data, "batch_output"
+            )["id"]
         batch.update(status="completed", completed_at=now)
         batch["request_counts"] = {
             "total": len(outputs) + len(errors),
@@ -201,7 +203,12 @@ class BatchAPI:
             file = form.get("file")
             if purpose != "batch" or not isinstance(file, UploadFile):
                 return JSONResponse(
-                    {"error": {"message": "purpose must be batch", "type": "invalid_request_error"}},
+                    {
+                        "error": {
+                            "message": "purpose must be batch",
+                            "type": "invalid_request_error",
+                        }
+                    },
                     status_code=400,
                 )
             stats["files_uploaded"] += 1
