@@ -150,14 +150,13 @@ class GeneratorService:
         current_batch.set(stats)
         try:
             candidates = await inst.propose(task, stats)
-        except BaseException as exc:
+        except Exception as exc:
             if replay is not None and await self._deferred(task, replay):
                 return
-            if not isinstance(exc, Exception):
-                raise
-            candidates = await self._failed_proposal(task, stats, exc)
-            if candidates is None:
+            failed = await self._failed_proposal(task, stats, exc)
+            if failed is None:
                 return
+            candidates = failed
         else:
             if replay is not None and await self._deferred(task, replay):
                 return

@@ -282,7 +282,9 @@ class SqlBatches:
                     BatchCall.answer.is_not(None),
                 )
             )
-            return {k: BatchAnswer.model_validate_json(a) for k, a in rows.tuples()}
+            return {
+                k: BatchAnswer.model_validate_json(a) for k, a in rows.tuples() if a is not None
+            }
 
     async def dispatched(self, job_id: str, command_id: str) -> bool:
         async with self._db.write() as s:

@@ -1,0 +1,289 @@
+"""The Batch API lane's parts: call keys, the JSONL of input, output and error files,
+the replaying stand-in for the LLM client, the batch price, and the budget that holds a
+whole batch job before it is created."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airoboros.config import Config
+from airoboros.contracts import BatchAnswer, CallsDeferred, DeferredCall, GenerateBatch
+from airoboros.errors import BudgetExhausted, ServerError
+from airoboros.llm.accounting import call_cost
+from airoboros.llm.batch import (
+    BUDGET_ERROR,
+    BatchClient,
+    CallDeferred,
+    ReplayLLM,
+    answer_of,
+    call_key,
+    parse_jsonl,
+    worst_cost,
+    write_jsonl,
+)
+from airoboros.store import SqlStore
+from airoboros.topics.batches import BatchLane
+
+MESSAGES = [{"role": "user", "content": "Tell me a joke."}]
+
+
+def body(text: str = "Tell me a joke.", **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-4", "messages": [{"role": "user", "content": text}], **extra}
+
+
+# --- keys and JSONL ------------------------------------------------------------------------
+
+
+def test_call_key_is_stable_and_tells_calls_apart():
+    assert call_key("t1", 0, body()) == call_key("t1", 0, dict(reversed(body().items())))
+    keys = {
+        call_key("t1", 0, body()),
+        call_key("t2", 0, body()),  # another task
+        call_key("t1", 1, body()),  # the same request again: another sample
+        call_key("t1", 0, body("Tell me another.")),
+        call_key("t1", 0, body(temperature=0.5)),
+    }
+    assert len(keys) == 5
+    assert all(len(k) <= 64 for k in keys)  # fits the store's key column
+
+
+def test_write_jsonl_one_line_per_call_named_by_its_key():
+    calls = [
+        DeferredCall(key="a", body=body("one")),
+        DeferredCall(key="b", body=body("two", max_tokens=20)),
+        DeferredCall(key="a", body=body("one")),  # the same call twice: one line
+    ]
+    lines = [json.loads(x) for x in write_jsonl(calls, "/v1/chat/completions").splitlines()]
+    assert [x["custom_id"] for x in lines] == ["a", "b"]
+    assert {x["method"] for x in lines} == {"POST"}
+    assert {x["url"] for x in lines} == {"/v1/chat/completions"}
+    assert lines[1]["body"] == body("two", max_tokens=20)
+
+
+def _ok(key: str, text: str, *, chat: bool = True) -> str:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    answer = {"choices": [choice], "usage": {"prompt_tokens": 12, "completion_tokens": 30}}
+    return json.dumps(
+        {"custom_id": key, "response": {"status_code": 200, "body": answer}, "error": None}
+    )
+
+
+def test_parse_jsonl_reads_answers_and_failures():
+    data = "\n".join(
+        [
+            _ok("a", "Why did the chicken..."),
+            _ok("b", "plain text", chat=False),
+            json.dumps(
+                {
+                    "custom_id": "c",
+                    "response": {
+                        "status_code": 500,
+                        "body": {"error": {"message": "boom", "type": "server_error"}},
+                    },
+                    "error": None,
+                }
+            ),
+            json.dumps(
+                {
+                    "custom_id": "d",
+                    "response": None,
+                    "error": {"code": "batch_expired", "message": "expired"},
+                }
+            ),
+            "not json",
+            json.dumps({"response": {}}),  # no custom_id
+            "",
+        ]
+    ).encode()
+    got = {r.key: r for r in parse_jsonl(data)}
+    assert set(got) == {"a", "b", "c", "d"}
+    assert got["a"].text == "Why did the chicken..." and got["a"].finish_reason == "length"
+    assert (got["a"].prompt_tokens, got["a"].completion_tokens) == (12, 30)
+    assert got["b"].text == "plain text"
+    assert got["c"].text is None and "boom" in (got["c"].error or "")
+    assert got["d"].text is None and "batch_expired" in (got["d"].error or "")
+
+
+# --- price and budget ----------------------------------------------------------------------
+
+
+def test_batch_discount_is_half_for_openai_models_and_can_be_overridden():
+    cfg = Config.model_validate(
+        {
+            "prices": {
+                "local-model": {"prompt": 1, "completion": 2},
+                "gpt-4o": {"prompt": 2.5, "completion": 10, "batch_discount": 0.4},
+            }
+        }
+    )
+    assert cfg.batch_discount_for("gpt-4") == 0.5
+    assert cfg.batch_discount_for("gpt-4-0613") == 0.5
+    assert cfg.batch_discount_for("gpt-4o") == 0.4  # the price table's own
+    assert cfg.batch_discount_for("local-model") == 1.0  # no known discount: none
+    line = parse_jsonl(_ok("a", "x"))[0]
+    a = answer_of(line, cfg, "gpt-4")
+    assert a.cost == pytest.approx(call_cost(cfg.price_for("gpt-4"), 12, 30) * 0.5)
+    assert a.cost == pytest.approx((12 * 30 + 30 * 60) / 1e6 / 2)
+
+
+def test_worst_cost_bounds_what_a_batch_can_cost():
+    cfg = Config.model_validate({"prices": {"gpt-4": {"prompt": 10, "completion": 10}}})
+    calls = [DeferredCall(key="a", body=body("x" * 400, max_tokens=100))]
+    # 400 chars at half a token each + formatting, 100 completion tokens, half price.
+    expected = (200 + 4 + 8 + 100) * 10 / 1e6 * 0.5
+    assert worst_cost(calls, cfg) == pytest.approx(expected)
+    no_cap = [DeferredCall(key="b", body=body("x"))]
+    assert worst_cost(no_cap, cfg) > 4000 * 10 / 1e6 * 0.5
+
+
+# --- replay --------------------------------------------------------------------------------
+
+
+async def test_replay_records_missing_calls_then_answers_them():
+    cfg = Config.model_validate({"max_completion_tokens": 64})
+    first = ReplayLLM(cfg, "task-1", {})
+    with pytest.raises(CallDeferred):
+        await first.complete(MESSAGES, model="gpt-4", instructor="joke", params={"top_p": 1})
+    with pytest.raises(CallDeferred):  # the same request again is another call
+        await first.complete(MESSAGES, model="gpt-4", instructor="joke", params={"top_p": 1})
+    keys = list(first.missing)
+    assert len(keys) == 2
+    sent = first.missing[keys[0]].body
+    assert sent == {"model": "gpt-4", "messages": MESSAGES, "top_p": 1, "max_tokens": 64}
+
+    answers = {
+        keys[0]: BatchAnswer(text="one", prompt_tokens=3, completion_tokens=4, cost=0.5),
+        keys[1]: BatchAnswer(error="500: boom (after 3 submissions)"),
+    }
+    again = ReplayLLM(cfg, "task-1", answers)
+    c = await again.complete(MESSAGES, model="gpt-4", instructor="joke", params={"top_p": 1})
+    assert (c.text, c.prompt_tokens, c.completion_tokens, c.cost) == ("one", 3, 4, 0.5)
+    with pytest.raises(ServerError, match="boom"):
+        await again.complete(MESSAGES, model="gpt-4", instructor="joke", params={"top_p": 1})
+    assert not again.missing
+    assert [u[2].text for u in again.used] == ["one"]
+
+    spent = ReplayLLM(cfg, "task-1", {keys[0]: BatchAnswer(error=BUDGET_ERROR)})
+    with pytest.raises(BudgetExhausted):
+        await spent.complete(MESSAGES, model="gpt-4", instructor="joke", params={"top_p": 1})
+
+
+# --- the budget holds a whole batch ---------------------------------------------------------
+
+
+async def _lane(tmp_path: Path, base_url: str, max_cost: float | None) -> tuple[BatchLane, Any]:
+    cfg = Config.model_validate(
+        {
+            "base_url": base_url,
+            "openai_api_key": "sk-test",
+            "max_cost": max_cost,
+            "prices": {"gpt-4": {"prompt": 10, "completion": 10}},
+            "instructors": {"joke": {}},
+            "batch": True,
+        }
+    )
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 's.sqlite'}")
+    await store.connect()
+    await store.jobs.ensure("j", config={}, targets={"joke": 10})
+    sent: list[Any] = []
+
+    async def publish(msg: Any) -> None:
+        sent.append(msg)
+
+    lane = BatchLane(
+        "j",
+        cfg,
+        batches=store.batches,
+        progress=store.progress,
+        publish=publish,
+        client=BatchClient.for_config(cfg),
+    )
+    return lane, (store, sent)
+
+
+def deferred(task: str, n: int) -> CallsDeferred:
+    command = GenerateBatch(job_id="j", task_id=task, instructor="joke", batch_size=1, remaining=1)
+    calls = [
+        DeferredCall(key=f"{task}-{i}", body=body(f"{task} {i}", max_tokens=100)) for i in range(n)
+    ]
+    return CallsDeferred(
+        job_id="j",
+        task_id=task,
+        instructor="joke",
+        command=command.model_dump(mode="json"),
+        calls=calls,
+    )
+
+
+async def test_budget_holds_a_whole_batch_before_it_is_created(tmp_path, llm_server):
+    srv = llm_server()
+    one = worst_cost(
+        [deferred("t", 1).calls[0]],
+        Config.model_validate({"prices": {"gpt-4": {"prompt": 10, "completion": 10}}}),
+    )
+    # Room for two calls' worst case, not three: a batch of 4 is cut to 2.
+    lane, (store, _) = await _lane(tmp_path, srv.base_url, max_cost=one * 2.5)
+    try:
+        await lane.on_deferred(deferred("t1", 4))
+        await lane.pump()
+        subs = await store.batches.submissions("j")
+        assert len(subs) == 1 and subs[0].state == "open"
+        assert subs[0].reserved_cost == pytest.approx(one * 2)
+        assert len(await store.batches.calls_of(subs[0].id)) == 2
+        assert len(await store.batches.pending("j", "joke", 100)) == 2
+        assert srv.llm.stats["batches_created"] == 1
+        # While it is open its reservation holds the rest back; nothing is dropped.
+        await lane.pump()
+        assert srv.llm.stats["batches_created"] == 1
+        assert len(await store.batches.pending("j", "joke", 100)) == 2
+    finally:
+        await lane.stop(cancel_open=True)
+        await store.close()
+    assert srv.llm.stats["batches_cancelled"] == 1
+
+
+async def test_a_batch_the_budget_cannot_hold_fails_its_calls(tmp_path, llm_server):
+    srv = llm_server()
+    lane, (store, sent) = await _lane(tmp_path, srv.base_url, max_cost=1e-9)
+    try:
+        await lane.on_deferred(deferred("t1", 2))
+        await lane.pump()
+        assert srv.llm.stats["batches_created"] == 0
+        # The command goes back with the calls failed for the budget's sake.
+        assert len(sent) == 1 and isinstance(sent[0], GenerateBatch)
+        assert {a.error for a in sent[0].answers.values()} == {BUDGET_ERROR}
+    finally:
+        await lane.stop(cancel_open=False)
+        await store.close()
+
+
+async def test_lane_submits_polls_and_sends_the_command_again(tmp_path, llm_server):
+    srv = llm_server()
+    lane, (store, sent) = await _lane(tmp_path, srv.base_url, max_cost=None)
+    try:
+        msg = deferred("t1", 2)
+        await lane.on_deferred(msg)
+        await lane.on_deferred(msg)  # a redelivery: nothing new
+        for _ in range(10):
+            await lane.pump()
+            lane._polls.clear()  # poll again at once
+            if sent:
+                break
+        assert srv.llm.stats["batches_created"] == 1 and srv.llm.stats["batch_lines"] == 2
+        assert len(sent) == 1
+        answers = sent[0].answers
+        assert set(answers) == {"t1-0", "t1-1"} and all(a.text for a in answers.values())
+        assert sent[0].message_id != msg.command["message_id"]
+        assert sent[0].task_id == "t1"
+        assert lane.last_summary == {"joke": {"open": 0, "done": 1, "failed": 0}}
+    finally:
+        await lane.stop(cancel_open=True)
+        await store.close()
