@@ -287,3 +287,57 @@ async def test_lane_submits_polls_and_sends_the_command_again(tmp_path, llm_serv
     finally:
         await lane.stop(cancel_open=True)
         await store.close()
+
+
+async def test_a_batch_created_before_a_crash_is_found_not_created_again(tmp_path, llm_server):
+    srv = llm_server()
+    lane, (store, sent) = await _lane(tmp_path, srv.base_url, max_cost=None)
+    try:
+        await lane.on_deferred(deferred("t1", 2))
+        keys = [p.key for p in await store.batches.pending("j", "joke", 10)]
+        # The last process recorded the submission and created its batch job, then died
+        # before it could store the batch id.
+        sub = await store.batches.submit("j", "joke", keys, 0.0)
+        calls = [DeferredCall(key=c.key, body=c.body) for c in await store.batches.calls_of(sub.id)]
+        client = BatchClient.for_config(lane.config)
+        file_id = await client.upload(write_jsonl(calls, "/v1/chat/completions"), "x.jsonl")
+        made = await client.create(
+            file_id, "/v1/chat/completions", "24h", {"airoboros_submission": sub.id}
+        )
+        await client.close()
+        # Another batch job of someone else is on the account too.
+        other = BatchClient.for_config(lane.config)
+        await other.create(file_id, "/v1/chat/completions", "24h", {"airoboros_submission": "x"})
+        await other.close()
+        assert srv.llm.stats["batches_created"] == 2
+
+        for _ in range(10):
+            await lane.pump()
+            lane._polls.clear()
+            if sent:
+                break
+        assert srv.llm.stats["batches_created"] == 2  # found, not created again
+        (stored,) = await store.batches.submissions("j")
+        assert stored.batch_id == made.id and stored.state == "completed"
+        assert len(sent) == 1 and set(sent[0].answers) == set(keys)
+    finally:
+        await lane.stop(cancel_open=True)
+        await store.close()
+
+
+async def test_cancel_cancels_open_and_submitting_batches(tmp_path, llm_server):
+    srv = llm_server(batch_state_seconds=60)
+    lane, (store, _) = await _lane(tmp_path, srv.base_url, max_cost=None)
+    try:
+        await lane.on_deferred(deferred("t1", 2))
+        await lane.pump()
+        await lane.on_deferred(deferred("t2", 2))
+        keys = [p.key for p in await store.batches.pending("j", "joke", 10)]
+        await store.batches.submit("j", "joke", keys, 0.0)  # recorded, never created
+        assert await lane.cancel_open() == 2
+        assert srv.llm.stats["batches_cancelled"] == 1
+        assert {s.state for s in await store.batches.submissions("j")} == {"cancelled"}
+        assert [b["status"] for b in srv.llm.batch_api.batches.values()] == ["cancelled"]
+    finally:
+        await lane.stop(cancel_open=False)
+        await store.close()
