@@ -37,6 +37,7 @@ from airoboros.contracts import (
     RespondToCandidates,
     new_id,
 )
+from airoboros.errors import LLMError
 from airoboros.llm.batch import (
     BUDGET_ERROR,
     FINAL_STATES,
@@ -199,8 +200,12 @@ class BatchLane:
         cfg = self.config
         if cfg.max_cost is None:
             return calls, worst_cost(calls, cfg)
+        # Answers stored but not yet in the counters (their command still runs) are spent
+        # too. Read first: a task completing in between is then counted twice, never
+        # missed.
+        spent = await self.batches.unapplied_cost(self.job_id)
         stats = await self.progress.stats(self.job_id)
-        spent = sum(s.cost for s in stats.values())
+        spent += sum(s.cost for s in stats.values())
         held = sum(
             s.reserved_cost for s in await self.batches.submissions(self.job_id, unfinished=True)
         )
@@ -214,7 +219,26 @@ class BatchLane:
         return [], 0.0
 
     async def _create(self, sub: Submission, *, fresh: bool) -> None:
-        """Create the batch job of a ``submitting`` submission, exactly once."""
+        """Create the batch job of a ``submitting`` submission, exactly once. An error
+        that trying again cannot mend (the endpoint has no Batch API, refuses the file or
+        the key) fails the submission: its calls count an attempt and go back to pending,
+        so they fail for good after ``batch_max_attempts`` instead of stalling the job."""
+        try:
+            await self._create_once(sub, fresh=fresh)
+        except LLMError as exc:
+            if exc.retryable:
+                raise
+            log.error("job %s: %s: batch job refused: %s", self.job_id, sub.instructor, exc)
+            keys = [c.key for c in await self.batches.calls_of(sub.id)]
+            await self.batches.apply(
+                sub.id,
+                "failed",
+                {},
+                max_attempts=self.config.batch_max_attempts,
+                errors=dict.fromkeys(keys, f"batch job refused: {exc}"),
+            )
+
+    async def _create_once(self, sub: Submission, *, fresh: bool) -> None:
         if not fresh:
             found = await self.client.find(META_KEY, sub.id)
             if found is not None:

@@ -234,8 +234,12 @@ class BatchCall(Base):
     )
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     instructor: Mapped[str] = mapped_column(String(64))
+    #: the task whose command asked it first (its cost is in the task's stats once done)
+    task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     body: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    #: USD its answer cost (at the batch price)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     submission_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     #: ``BatchAnswer`` as JSON, once answered or failed for good

@@ -585,6 +585,11 @@ class BatchRepository(Protocol):
         already (in-process, it died with the process that ran it); returns how many."""
         ...
 
+    async def unapplied_cost(self, job_id: str) -> float:
+        """USD of the answered calls whose task has not completed yet: billed by the
+        Batch API, but not yet in the job's counters (``ProgressRepository.stats``)."""
+        ...
+
     async def counts(self, job_id: str) -> dict[str, dict[str, int]]:
         """Per instructor, its batch jobs by state."""
         ...

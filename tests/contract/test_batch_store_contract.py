@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from airoboros.contracts import BatchAnswer
+from airoboros.contracts import BatchAnswer, BatchStats
 from airoboros.store import Store
 from tests.contract.test_store_contract import other, pg_database, store, url
 
@@ -108,3 +108,19 @@ async def test_budget_failure_and_what_a_restart_finds(job: Store):
     assert sorted(await job.batches.waiting_tasks("j")) == ["t1", "t2"]
     assert await job.batches.keep_alive("j", ["t1", "t2"]) == 2
     assert await job.progress.in_flight("j") == {"general": 2}
+
+
+async def test_answers_are_spent_until_their_task_completes(job: Store):
+    await job.progress.add_task("j", "t1", "general", asked=1)
+    await defer(job, "c1", "t1", ["a", "b"])
+    sub = await job.batches.submit("j", "general", ["a", "b"], 0.0)
+    answers = {
+        "a": BatchAnswer(text="A", cost=0.25),
+        "b": BatchAnswer(text="B", cost=0.5),
+    }
+    await job.batches.apply(sub.id, "completed", answers, max_attempts=1)
+    assert await job.batches.unapplied_cost("j") == pytest.approx(0.75)
+    await job.rows.apply_batch(
+        "j", message_id="m1", task_id="t1", instructor="general", items=[], stats=BatchStats()
+    )
+    assert await job.batches.unapplied_cost("j") == 0.0

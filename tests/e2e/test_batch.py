@@ -173,3 +173,26 @@ def test_sigkill_between_submit_and_completion_resubmits_nothing(tmp_path, llm_s
     assert open_at_kill <= stored
     assert all(api.batches[b]["status"] == "completed" for b in open_at_kill)
     assert "batch" in again.stderr and "done" in again.stderr
+
+
+async def test_the_budget_holds_each_batch_and_is_never_passed(tmp_path, llm_server, embedder):
+    srv = llm_server()
+    cfg = batch_config(
+        tmp_path,
+        srv.base_url,
+        {"general": 20, "trivia": 20},
+        topics=[f"topic {i}" for i in range(40)],  # no online call at all
+        max_completion_tokens=300,
+        max_cost=0.05,
+        prices={},  # gpt-4's own: $30/$60 per million tokens, batch lines at half
+    )
+    result = await run(cfg, embedder)
+
+    assert result.status == "budget_exhausted", result.detail
+    stats = srv.llm.stats
+    assert stats["requests"] == stats["batch_lines"] > 0
+    billed = 0.5 * (stats["prompt_tokens"] * 30 + stats["completion_tokens"] * 60) / 1e6
+    assert billed <= 0.05
+    assert result.usage.cost == pytest.approx(billed, rel=1e-6)
+    rows = read_rows(tmp_path / "instructions.jsonl")
+    assert 0 < len(rows) < 40

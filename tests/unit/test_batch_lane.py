@@ -341,3 +341,19 @@ async def test_cancel_cancels_open_and_submitting_batches(tmp_path, llm_server):
     finally:
         await lane.stop(cancel_open=False)
         await store.close()
+
+
+async def test_an_endpoint_without_a_batch_api_fails_the_calls_not_the_loop(tmp_path, llm_server):
+    srv = llm_server()
+    lane, (store, sent) = await _lane(tmp_path, srv.base_url + "/nothing-here", max_cost=None)
+    try:
+        await lane.on_deferred(deferred("t1", 1))
+        for _ in range(5):  # batch_max_attempts is 3: three refused submissions
+            await lane.pump()
+        assert len(sent) == 1
+        (answer,) = sent[0].answers.values()
+        assert "refused" in (answer.error or "") and "after 3 submissions" in (answer.error or "")
+        assert [s.state for s in await store.batches.submissions("j")] == ["failed"] * 3
+    finally:
+        await lane.stop(cancel_open=False)
+        await store.close()

@@ -90,6 +90,8 @@ class SqlBatches:
                             job_id=job_id,
                             key=key,
                             instructor=instructor,
+                            task_id=task_id,
+                            cost=0.0,
                             body=json.dumps(body),
                             state="pending",
                             attempts=0,
@@ -209,6 +211,7 @@ class SqlBatches:
                 answer = answers.get(call.key)
                 if answer is not None:
                     call.state, call.answer = "answered", answer.model_dump_json()
+                    call.cost = answer.cost
                     answered += 1
                 elif call.attempts >= max_attempts:
                     why = errors.get(call.key) or f"batch {state}"
@@ -356,6 +359,22 @@ class SqlBatches:
                     c.state = "waiting"
                     revived += 1
             return revived
+
+    async def unapplied_cost(self, job_id: str) -> float:
+        async with self._db.session() as s:
+            done = (
+                select(Task.task_id)
+                .where(Task.task_id == BatchCall.task_id, Task.status == "done")
+                .exists()
+            )
+            total = (
+                await s.execute(
+                    select(func.coalesce(func.sum(BatchCall.cost), 0.0)).where(
+                        BatchCall.job_id == job_id, BatchCall.state == "answered", ~done
+                    )
+                )
+            ).scalar_one()
+            return float(total)
 
     async def counts(self, job_id: str) -> dict[str, dict[str, int]]:
         async with self._db.session() as s:
