@@ -255,7 +255,11 @@ class BatchLane:
             file_id,
             self.endpoint,
             self.config.batch_completion_window,
-            {META_KEY: sub.id, "airoboros_job": self.job_id[:512]},
+            {
+                META_KEY: sub.id,
+                "airoboros_job": self.job_id[:512],
+                "airoboros_instructor": sub.instructor[:512],
+            },
         )
         await self.batches.update_submission(sub.id, batch_id=info.id, state="open")
         log.info("job %s: %s: batch %s submitted", self.job_id, sub.instructor, info.id)

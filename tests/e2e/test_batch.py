@@ -80,6 +80,7 @@ async def test_batch_job_gives_exact_counts_at_the_batch_price(tmp_path, llm_ser
     # Every generation call went through batch jobs; online, only the topics.
     assert stats["requests"] - stats["batch_lines"] == 2, dict(stats)
     assert max(lines_sent(srv).values()) == 1  # no call paid for twice
+    assert 1 <= stats["peak_open_per_instructor"] <= 2  # batch_max_open
     # The batch lines are billed at half the price, in the store and in the report.
     for name in COUNTS:
         st = result.states[name]
@@ -127,7 +128,7 @@ def test_sigkill_between_submit_and_completion_resubmits_nothing(tmp_path, llm_s
     # Each batch job takes about 3 x 0.6 s: the kill lands while some are open.
     srv = llm_server(batch_state_seconds=0.6)
     counts = {"general": 8, "trivia": 8}
-    cfg = batch_config(tmp_path, srv.base_url, counts, batch_poll_interval=0.1)
+    cfg = batch_config(tmp_path, srv.base_url, counts, batch_poll_interval=0.1, batch_max_open=1)
     out = tmp_path / "instructions.jsonl"
     env = cli_env()
     proc = subprocess.Popen(
@@ -172,7 +173,8 @@ def test_sigkill_between_submit_and_completion_resubmits_nothing(tmp_path, llm_s
     stored = {b for _, _, b in submissions(tmp_path)}
     assert open_at_kill <= stored
     assert all(api.batches[b]["status"] == "completed" for b in open_at_kill)
-    assert "batch" in again.stderr and "done" in again.stderr
+    assert srv.llm.stats["peak_open_per_instructor"] == 1  # batch_max_open, across the kill
+    assert "batch 0 open" in again.stderr, again.stderr
 
 
 async def test_the_budget_holds_each_batch_and_is_never_passed(tmp_path, llm_server, embedder):

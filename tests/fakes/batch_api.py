@@ -10,7 +10,8 @@ ScriptedLLM as online calls, when it completes. ``Script.batch_outcomes`` makes 
 jobs expire (every line in the error file as ``batch_expired``) or fail (no files);
 ``Script.batch_line_errors`` answers the first lines with a 500 in the error file.
 ``/stats`` counts ``batches_created``, ``batches_cancelled``, ``batch_lines`` and
-``files_uploaded``.
+``files_uploaded``, and the most batch jobs open at once for one instructor (by the
+``airoboros_instructor`` metadata): ``peak_open_per_instructor``.
 """
 
 from __future__ import annotations
@@ -254,6 +255,14 @@ class BatchAPI:
             }
             self.batches[bid] = batch
             self._progress[bid] = (0, time.monotonic())
+            # The most batch jobs open at once for one instructor (metadata), as created.
+            who = batch["metadata"].get("airoboros_instructor")
+            open_now = sum(
+                1
+                for b in self.batches.values()
+                if b["status"] in STATES and b["metadata"].get("airoboros_instructor") == who
+            )
+            stats["peak_open_per_instructor"] = max(stats["peak_open_per_instructor"], open_now)
             return self.public(batch)
 
         @app.get("/v1/batches/{batch_id}")
