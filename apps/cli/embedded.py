@@ -206,6 +206,9 @@ class Generation:
             )
         finally:
             await bus.close()
+            if self.controller is not None and self.controller.lane is not None:
+                # Interrupted: its batch jobs stay open for the next run to pick up.
+                await self.controller.lane.stop(cancel_open=False)
             await llm.close()
             await store.close()
             if deduper_ready is not None and not deduper_ready.done():

@@ -107,6 +107,9 @@ class BatchLane:
         self._wake.set()
 
     async def stop(self, *, cancel_open: bool) -> None:
+        """Stop polling (idempotent); with ``cancel_open``, cancel the open batch jobs."""
+        if self._stopped:
+            return
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
