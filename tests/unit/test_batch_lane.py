@@ -357,3 +357,81 @@ async def test_an_endpoint_without_a_batch_api_fails_the_calls_not_the_loop(tmp_
     finally:
         await lane.stop(cancel_open=False)
         await store.close()
+
+
+# --- the generator's side: a command replays to the same calls -----------------------------
+
+
+@pytest.mark.parametrize("name", ["general", "coding", "trivia", "riddle"])
+async def test_a_command_asks_the_same_calls_until_it_has_every_answer(name):
+    from airoboros.contracts import CandidatesProposed, CandidatesScreened, RespondToCandidates
+    from airoboros.generator.service import GeneratorService, JobRuntime
+    from airoboros.llm.factory import make_llm
+
+    extra = {"coding_languages": ["python", "rust"]} if name == "coding" else {}
+    cfg = Config.model_validate(
+        {
+            "base_url": "http://127.0.0.1:9/v1",  # never called
+            "openai_api_key": "sk-test",
+            "batch": True,
+            "instructors": {name: {"count": 5, "batch_size": 3, **extra}},
+        }
+    )
+    llm = make_llm(cfg)
+    published: list[Any] = []
+
+    async def publish(msg: Any) -> None:
+        published.append(msg)
+
+    async def runtime_for(_: Any) -> JobRuntime:
+        return JobRuntime(cfg, llm)
+
+    gen = GeneratorService(runtime_for, publish, seed=1)
+    task = GenerateBatch(
+        job_id="j", instructor=name, batch_size=3, remaining=5, topics=["owls", "rain", "tea"]
+    )
+    try:
+        await gen.on_generate(task)
+        (first,) = published
+        assert isinstance(first, CallsDeferred) and first.calls
+        # The same command again (a redelivery, another worker) asks the very same calls.
+        await gen.on_generate(task)
+        assert [c.key for c in published[1].calls] == [c.key for c in first.calls]
+        # With answers it gets to its candidates (every instructor here asks one round).
+        answers = {
+            c.key: BatchAnswer(
+                text="TSK 1. Write a poem about owls.\nTSK 2. Explain rain.\n"
+                "QUESTION: What is tea? ANSWER: A drink.\n"
+                "QUESTION: Why is rain wet? ANSWER: Water.",
+                prompt_tokens=10,
+                completion_tokens=20,
+                cost=0.001,
+            )
+            for c in first.calls
+        }
+        replay = task.model_copy(update={"answers": answers})
+        published.clear()
+        await gen.on_generate(replay)
+        (after,) = published
+        assert isinstance(after, CandidatesProposed | CandidatesScreened)
+        assert after.stats.requests == len(answers)
+        assert after.stats.cost == pytest.approx(0.001 * len(answers))
+        accepted = after.candidates if isinstance(after, CandidatesProposed) else after.accepted
+        assert accepted
+        if name in ("general", "coding"):  # two steps: the responses are the next round
+            assert all(c.response is None for c in accepted)
+            published.clear()
+            respond = RespondToCandidates(
+                job_id="j",
+                task_id=task.task_id,
+                instructor=name,
+                candidates=accepted,
+                stats=after.stats,
+            )
+            await gen.on_respond(respond)
+            (step2,) = published
+            assert isinstance(step2, CallsDeferred)
+            assert len(step2.calls) == len(accepted)
+    finally:
+        await llm.close()
+    assert llm.stats.calls == 0  # nothing went online
