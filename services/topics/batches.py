@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: the metadata key naming our submission id in a batch job (found again after a crash)
 META_KEY = "airoboros_submission"
+#: seconds between passes of the lane at most (see ``_next_wait``)
+KEEP_ALIVE = 60.0
 
 
 async def store_deferred(batches: BatchRepository, msg: CallsDeferred) -> bool:
@@ -138,10 +140,12 @@ class BatchLane:
             await asyncio.sleep(gather)
 
     def _next_wait(self, interval: float) -> float:
+        # At least once a minute whatever the polls' backoff: each pass keeps the tasks
+        # waiting for answers alive (the services expire tasks after ~16 minutes).
         if not self._polls:
-            return interval
+            return min(interval, KEEP_ALIVE)
         due = min(t for _, t in self._polls.values()) - time.monotonic()
-        return max(0.05, min(interval * 30, due))
+        return max(0.05, min(interval * 30, due, KEEP_ALIVE))
 
     async def on_deferred(self, msg: CallsDeferred) -> None:
         await store_deferred(self.batches, msg)
