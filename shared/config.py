@@ -57,6 +57,9 @@ class Price(BaseModel):
     model_config = _STRICT
     prompt: float = Field(ge=0)
     completion: float = Field(ge=0)
+    #: (new) the share of the price a Batch API call pays (OpenAI: 0.5). Unset: 0.5 for
+    #: the models of DEFAULT_PRICES, 1.0 (no discount) for any other model.
+    batch_discount: float | None = Field(default=None, ge=0, le=1)
 
 
 class InstructorConfig(BaseModel):
@@ -77,6 +80,8 @@ class InstructorConfig(BaseModel):
     topic_avoidance: str | None = None
     #: Model for this instructor's calls (the original validated this key but never used it).
     model: str | None = None
+    #: (new) this instructor's calls go through the Batch API (None: the top-level ``batch``)
+    batch: bool | None = None
 
     @field_validator("flesch", mode="before")
     @classmethod
@@ -162,6 +167,19 @@ class Config(BaseModel):
     object_store_url: str | None = None
     #: Vector store URL; default: in-process faiss.
     vector_store_url: str | None = None
+    #: Send the calls through the OpenAI Batch API (half price, answers within
+    #: ``batch_completion_window``); per instructor with ``instructors.<name>.batch``.
+    batch: bool = False
+    batch_completion_window: str = Field(default="24h", pattern=r"^[0-9]{1,4}h$")
+    #: Batch jobs open at once per instructor (the calls of later tasks wait for a slot).
+    batch_max_open: int = Field(default=2, ge=1, le=1000)
+    #: Submissions of one request (an expired or failed batch, a failed line) before its
+    #: call counts as failed.
+    batch_max_attempts: int = Field(default=3, ge=1, le=100)
+    #: Seconds between polls of an open batch (growing to 30x this while it stays open).
+    batch_poll_interval: float = Field(default=5.0, gt=0, le=3600)
+    #: Requests in one batch job at most (OpenAI allows 50,000).
+    batch_max_requests: int = Field(default=50_000, ge=1, le=50_000)
 
     # ---------------------------------------------------------------------------------
     @property
@@ -192,6 +210,19 @@ class Config(BaseModel):
     def model_for(self, name: str) -> str:
         inst = self.instructors[name]
         return inst.model or inst.api_params.get("model") or self.model
+
+    def batch_for(self, name: str) -> bool:
+        """Whether ``name``'s calls go through the Batch API (the instructor's key wins)."""
+        own = self.instructors[name].batch if name in self.instructors else None
+        return self.batch if own is None else own
+
+    def batch_discount_for(self, model: str) -> float:
+        """The share of the online price a Batch API call of ``model`` pays."""
+        own = self.prices.get(model)
+        if own is not None and own.batch_discount is not None:
+            return own.batch_discount
+        family = any(model == m or model.startswith(m + "-") for m in DEFAULT_PRICES)
+        return 0.5 if family else 1.0
 
     def min_docsearch_score_for(self, name: str) -> float:
         s = self.instructors[name].min_docsearch_score

@@ -202,6 +202,29 @@ class JobSettings(BaseModel):
     spent_cost: float = 0.0
 
 
+class BatchAnswer(BaseModel):
+    """(batch lane) The answer of one call that went through the Batch API: its text and
+    usage, or why it failed for good (``error``: its attempts are spent)."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: USD, at the batch price
+    cost: float = 0.0
+    error: str | None = None
+
+
+class DeferredCall(BaseModel):
+    """(batch lane) One call a command needs answered before it can finish: the body of
+    a chat completion request, keyed by ``airoboros.llm.batch.call_key``."""
+
+    model_config = ConfigDict(extra="ignore")
+    key: str
+    body: dict[str, Any]
+
+
 class GenerateBatch(Message):
     """Command: produce one batch for one instructor."""
 
@@ -220,6 +243,9 @@ class GenerateBatch(Message):
     inputs: list[dict[str, Any]] = Field(default_factory=list)
     #: the job's settings for this instructor (None: the worker has them, as embedded)
     settings: JobSettings | None = None
+    #: (batch lane) answers of this command's calls from the Batch API, by call key
+    #: (airoboros.llm.batch.call_key): replayed instead of calling the endpoint
+    answers: dict[str, BatchAnswer] = Field(default_factory=dict)
 
 
 class CandidatesProposed(Message):
@@ -271,6 +297,8 @@ class RespondToCandidates(Message):
     candidates: list[Candidate]
     stats: BatchStats
     settings: JobSettings | None = None
+    #: (batch lane) see ``GenerateBatch.answers``
+    answers: dict[str, BatchAnswer] = Field(default_factory=dict)
 
 
 class BatchCompleted(Message):
@@ -288,6 +316,21 @@ class BatchCompleted(Message):
     #: set when the batch failed as a whole (an error code from airoboros.errors)
     error: str | None = None
     error_message: str | None = None
+
+
+class CallsDeferred(Message):
+    """Event (batch lane): a command of a batch instructor was run against the answers it
+    carried and needs these calls answered first. The controller sends them through the
+    Batch API and sends ``command`` again with every answer attached."""
+
+    topic: ClassVar[str] = "generation.deferred"
+    kind: Literal["calls_deferred"] = "calls_deferred"
+    job_id: str
+    task_id: str
+    instructor: str
+    #: ``GenerateBatch`` or ``RespondToCandidates`` as JSON (its ``answers`` included)
+    command: dict[str, Any]
+    calls: list[DeferredCall]
 
 
 class JobEvent(Message):

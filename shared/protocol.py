@@ -526,6 +526,8 @@ class JobStatus(BaseModel):
     export_pending: bool = False
     export_error: str | None = None
     experts: list[TrainedExpert] = Field(default_factory=list)
+    #: (batch lane, docs/batch.md) per instructor, its batch jobs by state
+    batches: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 
 class JobCreated(JobStatus):

@@ -23,6 +23,7 @@ from airoboros.bus import InMemoryBus
 from airoboros.config import Config
 from airoboros.contracts import (
     BatchCompleted,
+    CallsDeferred,
     CandidatesProposed,
     CandidatesScreened,
     GenerateBatch,
@@ -187,6 +188,7 @@ class Generation:
                 on_rows=sink.write,
                 # In one process nothing is lost in transit: a task is only late.
                 task_timeout=float("inf"),
+                revive_batches=True,
             )
             _, controller = await open_job(plan.job_id, cfg, adapters, llm, rng=rng)
             self.controller = controller
@@ -205,6 +207,7 @@ class Generation:
             bus.subscribe(CandidatesProposed, dedupe.on_proposed, concurrency=2)
             bus.subscribe(CandidatesScreened, controller.on_screened, concurrency=1)
             bus.subscribe(BatchCompleted, controller.on_completed, concurrency=1)
+            bus.subscribe(CallsDeferred, controller.on_deferred, concurrency=1)
             bus.subscribe(JobEvent, _log_event)
             await bus.start()
             await controller.start()
@@ -236,6 +239,9 @@ class Generation:
             )
         finally:
             await bus.close()
+            if self.controller is not None and self.controller.lane is not None:
+                # Interrupted: its batch jobs stay open for the next run to pick up.
+                await self.controller.lane.stop(cancel_open=False)
             await llm.close()
             await store.close()
             if deduper_ready is not None and not deduper_ready.done():

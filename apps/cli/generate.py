@@ -87,6 +87,11 @@ def summary_lines(result: Any) -> list[str]:
         from airoboros.report import report_table
 
         lines.extend(report_table(report))
+        lines.extend(
+            f"  {name}: batch {s.batches['open']} open, {s.batches['done']} done"
+            for name, s in result.states.items()
+            if getattr(s, "batches", None)
+        )
         if result.report_path is not None:
             lines.append(f"quality report: {result.report_path}")
         return lines
@@ -95,6 +100,11 @@ def summary_lines(result: Any) -> list[str]:
             f"  {name:<26} {s.accepted}/{s.target} accepted, {s.duplicates} duplicates, "
             f"{s.filtered} filtered, {s.refused} refused, {s.unparseable} unparseable, "
             f"{s.truncated} truncated, {s.failures} failures"
+            + (
+                f" · batch {s.batches['open']} open, {s.batches['done']} done"
+                if getattr(s, "batches", None)
+                else ""
+            )
         )
     return lines
 

@@ -29,6 +29,9 @@ def _rows(gen: Generation) -> list[dict[str, Any]]:
             state = "skipped"
         else:
             state = "done" if st.done else "running"
+        batches = getattr(st, "batches", None)
+        if batches:
+            state += f" · batch {batches['open']} open, {batches['done']} done"
         out.append(
             {
                 "name": st.name,

@@ -6,6 +6,7 @@ Free of any transport: the in-process composition and the queue workers call the
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +18,7 @@ from airoboros.contracts import (
     Artifact,
     BatchCompleted,
     BatchStats,
+    CallsDeferred,
     Candidate,
     CandidatesProposed,
     CandidatesScreened,
@@ -38,6 +40,8 @@ from airoboros.generator.instructors.base import (
 )
 from airoboros.generator.registry import create
 from airoboros.llm import LLMClient
+from airoboros.llm.accounting import Usage
+from airoboros.llm.batch import ReplayLLM
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,47 @@ class GeneratorService:
             self._instructors[key] = create(name, ctx)
         return self._instructors[key], rt.config
 
+    async def replaying(self, command: Command, step: str) -> tuple[Instructor, ReplayLLM]:
+        """(batch lane) A fresh instructor for one command, calling a ``ReplayLLM`` with
+        the answers the command carries, its random choices seeded by the command's task:
+        run again with more answers, it asks the same calls (airoboros.llm.batch)."""
+        rt = await self.runtime_for(command)
+        replay = ReplayLLM(rt.config, command.task_id, command.answers)
+        seed = int(hashlib.sha256(f"{command.task_id}:{step}".encode()).hexdigest()[:15], 16)
+        ctx = Ctx(command.instructor, rt.config, replay, random.Random(seed))  # type: ignore[arg-type]
+        return create(command.instructor, ctx), replay
+
+    async def _batch_lane(self, command: Command) -> bool:
+        rt = await self.runtime_for(command)
+        return command.instructor in rt.config.instructors and rt.config.batch_for(
+            command.instructor
+        )
+
+    async def _deferred(self, command: Command, replay: ReplayLLM) -> bool:
+        """Report the calls ``command`` still needs (True), or False when it had all."""
+        # Calls started together (asyncio.gather) record theirs on their next step.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if not replay.missing:
+            # The run is final: what its answers cost is the job's usage now (the
+            # meter's reports and budget; the store gets it with the batch's stats).
+            rt = await self.runtime_for(command)
+            for instructor, _model, a in replay.used:
+                usage = Usage(1, a.prompt_tokens, a.completion_tokens, a.cost)
+                rt.llm.meter.preload(instructor, usage)
+            return False
+        await self.publish(
+            CallsDeferred(
+                job_id=command.job_id,
+                task_id=command.task_id,
+                instructor=command.instructor,
+                command=command.model_dump(mode="json"),
+                calls=list(replay.missing.values()),
+                headers=command.headers,
+            )
+        )
+        return True
+
     def forget(self, job_id: str) -> None:
         for key in [k for k in self._instructors if k[0] == job_id]:
             del self._instructors[key]
@@ -98,19 +143,49 @@ class GeneratorService:
     async def on_generate(self, task: GenerateBatch) -> None:
         """Step 1: propose candidates, then hand them to dedupe."""
         inst, config = await self.instructor(task)
+        replay: ReplayLLM | None = None
+        if await self._batch_lane(task):
+            inst, replay = await self.replaying(task, "generate")
         stats = BatchStats(asked=task.batch_size)
         current_batch.set(stats)
         try:
             candidates = await inst.propose(task, stats)
-        except Filtered as f:
-            f.count(stats)
-            log.debug("%s: batch filtered (%s)", task.instructor, f.reason)
-            candidates = []
-        except (BudgetExhausted, LLMError) as exc:
+        except Exception as exc:
+            if replay is not None and await self._deferred(task, replay):
+                return
+            failed = await self._failed_proposal(task, stats, exc)
+            if failed is None:
+                return
+            candidates = failed
+        else:
+            if replay is not None and await self._deferred(task, replay):
+                return
+        await self._proposed(task, inst, config, stats, candidates)
+
+    async def _failed_proposal(
+        self, task: GenerateBatch, stats: BatchStats, exc: Exception
+    ) -> list[Candidate] | None:
+        """What step 1 yields after ``exc``: none when it was filtered; None once a
+        failed batch is reported. Any other error propagates."""
+        if isinstance(exc, Filtered):
+            exc.count(stats)
+            log.debug("%s: batch filtered (%s)", task.instructor, exc.reason)
+            return []
+        if isinstance(exc, BudgetExhausted | LLMError):
             if isinstance(exc, LLMError):
                 stats.failures += 1
             await self._report(task, stats, error=exc)
-            return
+            return None
+        raise exc
+
+    async def _proposed(
+        self,
+        task: GenerateBatch,
+        inst: Instructor,
+        config: Config,
+        stats: BatchStats,
+        candidates: list[Candidate],
+    ) -> None:
         stats.proposed = len(candidates)
         if not candidates:
             await self._report(task, stats)
@@ -153,6 +228,9 @@ class GeneratorService:
         """Step 2: respond to every candidate the count has room for, concurrently;
         report the batch."""
         inst, _ = await self.instructor(msg)
+        replay: ReplayLLM | None = None
+        if await self._batch_lane(msg):
+            inst, replay = await self.replaying(msg, "respond")
         stats = msg.stats.model_copy()
         current_batch.set(stats)
 
@@ -170,6 +248,8 @@ class GeneratorService:
         results = await asyncio.gather(
             *(respond(c) for c in msg.candidates), return_exceptions=True
         )
+        if replay is not None and await self._deferred(msg, replay):
+            return
         items: list[Item] = []
         artifacts: list[Artifact] = []
         error: BaseException | None = None

@@ -160,10 +160,11 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         svc = TopicsService(
             settings, store, bus, objects, board=RedisJobBoard(redis, settings.redis_prefix)
         )
-        from airoboros.contracts import BatchCompleted, CandidatesScreened
+        from airoboros.contracts import BatchCompleted, CallsDeferred, CandidatesScreened
 
         bus.subscribe(BatchCompleted, svc.on_completed, concurrency=4, group=GROUP)
         bus.subscribe(CandidatesScreened, svc.on_screened, concurrency=4, group=GROUP)
+        bus.subscribe(CallsDeferred, svc.on_deferred, concurrency=2, group=GROUP)
         stop = asyncio.Event()
         await bus.start()
         for message_type, group in PIPELINE_QUEUES:
@@ -179,6 +180,9 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
             state["ready"] = False
             stop.set()
             await ticker
+            for ctl in list(svc.controllers.values()):
+                if ctl.lane is not None:  # batch jobs stay open for whoever takes the job
+                    await ctl.lane.stop(cancel_open=False)
             await bus.close()
             await redis.aclose()
             await store.close()

@@ -27,6 +27,7 @@ from airoboros.config import Config
 from airoboros.contracts import (
     Artifact,
     BatchCompleted,
+    CallsDeferred,
     CandidatesScreened,
     GenerateBatch,
     Item,
@@ -44,6 +45,7 @@ from airoboros.store import (
     RowRepository,
     StoredItem,
 )
+from airoboros.topics.batches import BatchLane
 from airoboros.topics.inputs import batch_inputs
 from airoboros.topics.topics import TopicPicker
 
@@ -73,6 +75,8 @@ class InstructorView:
     tokens: int = 0
     cost: float = 0.0
     wasted_tokens: float = 0.0
+    #: (batch lane) its batch jobs: open, done (answers stored), failed; None: online
+    batches: dict[str, int] | None = None
 
     @property
     def done(self) -> bool:
@@ -216,6 +220,9 @@ class JobController:
         #: after a restart it probes at once, which is harmless)
         self._last_done: dict[str, float] = {}
         self.started = time.monotonic()
+        #: (batch lane) the job's batch jobs, when an instructor's calls go through the
+        #: Batch API (set by airoboros.topics.lifecycle.open_job)
+        self.lane: BatchLane | None = None
 
     @property
     def finished(self) -> bool:
@@ -259,6 +266,13 @@ class JobController:
                     "job %s: %s batch failed: %s", self.job_id, msg.instructor, msg.error_message
                 )
         await self.tick()
+
+    async def on_deferred(self, msg: CallsDeferred) -> None:
+        """(batch lane) Calls a command needs answered: stored, sent as a batch job."""
+        if self.lane is not None:
+            await self.lane.on_deferred(msg)
+        else:
+            log.warning("job %s: calls deferred, but no instructor is in batch mode", self.job_id)
 
     # --- the control loop ---------------------------------------------------------------
     async def tick(self) -> None:
@@ -419,11 +433,19 @@ class JobController:
 
     async def start(self) -> None:
         await self.publish(JobEvent(job_id=self.job_id, status="running"))
+        if self.lane is not None:
+            self.lane.start()
         await self.tick()
 
     async def _finish(self, outcome: JobOutcome) -> None:
         if self._finished.is_set():
             return
+        if self.lane is not None:
+            # Batch jobs still open buy nothing now (cancel, or a count reached).
+            try:
+                await self.lane.stop(cancel_open=True)
+            except Exception:
+                log.exception("job %s: could not cancel its open batch jobs", self.job_id)
         if self.on_finish is not None:
             # Before the status: a job reads "done" only once its export exists.
             try:
@@ -478,6 +500,7 @@ class JobController:
                     tokens=st.tokens,
                     cost=st.cost,
                     wasted_tokens=st.wasted_tokens,
+                    batches=self.lane.last_summary.get(name) if self.lane else None,
                 )
             )
         return views

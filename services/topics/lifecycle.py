@@ -34,8 +34,10 @@ from airoboros.contracts import Artifact, Message
 from airoboros.errors import ConfigError
 from airoboros.llm import LLMClient, UsageMeter
 from airoboros.llm.accounting import Usage
+from airoboros.llm.batch import BatchClient
 from airoboros.ports import ObjectStore
 from airoboros.store import ArtifactRepository, ProgressRepository, Store, StoredItem
+from airoboros.topics.batches import BatchLane
 from airoboros.topics.controller import JobController, JobOutcome
 from airoboros.topics.topics import TopicPicker, TopicsSource, instructor_topics, resolve_topics
 
@@ -196,6 +198,9 @@ class JobAdapters:
     #: seconds after which a task whose message was lost is replaced (None: from config)
     task_timeout: float | None = None
     trace_context: dict[str, str] | None = None
+    #: (batch lane) commands already sent died with the last process (in-process bus):
+    #: send the latest of each unfinished task again on opening
+    revive_batches: bool = False
 
 
 async def open_job(
@@ -245,4 +250,26 @@ async def open_job(
         on_artifacts=on_artifacts,
         trace_context=adapters.trace_context,
     )
+    if any(config.batch_for(n) for n in plan.active):
+        controller.lane = await open_batch_lane(job_id, config, adapters)
     return plan, controller
+
+
+async def open_batch_lane(job_id: str, config: Config, adapters: JobAdapters) -> BatchLane:
+    """(batch lane) The job's batch jobs, picked up where the store has them: tasks
+    waiting for answers stay in flight (and, in one process, commands sent before a
+    crash are sent again)."""
+    store = adapters.store
+    if adapters.revive_batches:
+        revived = await store.batches.revive(job_id)
+        if revived:
+            log.info("job %s: %d commands waiting for batch answers resumed", job_id, revived)
+    await store.batches.keep_alive(job_id, await store.batches.waiting_tasks(job_id))
+    return BatchLane(
+        job_id,
+        config,
+        batches=store.batches,
+        progress=store.progress,
+        publish=adapters.publish,
+        client=BatchClient.for_config(config),
+    )

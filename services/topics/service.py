@@ -25,6 +25,7 @@ from airoboros.config import Config, parse_config
 from airoboros.contracts import (
     AdapterPublished,
     BatchCompleted,
+    CallsDeferred,
     CandidatesProposed,
     CandidatesScreened,
     DatasetExported,
@@ -38,6 +39,7 @@ from airoboros.policy import ServerPolicy
 from airoboros.ports import ObjectStore
 from airoboros.settings import TopicsSettings
 from airoboros.store import JobRecord, Store
+from airoboros.topics.batches import store_deferred
 from airoboros.topics.controller import JobController, JobOutcome, grant_and_forward, stop_policy
 from airoboros.topics.lifecycle import CardShelf, JobAdapters, make_plan, open_job
 from airoboros.topics.topics import ObjectTopics, generate_topics
@@ -79,6 +81,7 @@ PIPELINE_QUEUES: list[tuple[type[Any], str]] = [
     (CandidatesProposed, "dedupe"),
     (CandidatesScreened, GROUP),
     (BatchCompleted, GROUP),
+    (CallsDeferred, GROUP),
     # Kept for the trainer, which may start later than the job ends.
     (DatasetExported, "trainer"),
     # Kept for the router, which reloads its experts when one is published.
@@ -350,6 +353,9 @@ class TopicsService:
             },
             "cost": round(sum(s.cost for s in stats.values()), 6),
             "dead_letters": await self.store.dead_letters.for_job(job_id),
+            # (batch lane) per instructor, its batch jobs by state (submitting, open,
+            # completed, expired, failed, cancelled)
+            "batches": await self.store.batches.counts(job_id),
             "export": job.export_uri,
             "export_pending": job.export_pending,
             "export_error": job.export_error,
@@ -581,6 +587,15 @@ class TopicsService:
         if done is not None:
             await self._on_completed(done)
 
+    async def on_deferred(self, msg: CallsDeferred) -> None:
+        """(batch lane) Store the calls a command needs answered (any replica may: the
+        store is shared); the job's controller sends them as batch jobs."""
+        ctl = self.controllers.get(msg.job_id)
+        if ctl is not None and not ctl.finished and ctl.lane is not None:
+            await ctl.lane.on_deferred(msg)
+            return
+        await store_deferred(self.store.batches, msg)
+
     async def on_dead_letter(self, queue: str, body: bytes, headers: dict[str, Any]) -> None:
         try:
             data = json.loads(body)
@@ -605,6 +620,8 @@ class TopicsService:
                 continue
             if not await self.store.jobs.try_lease(job_id, self.owner, self.settings.lease_seconds):
                 self.controllers.pop(job_id, None)  # lost the lease (we were too slow)
+                if ctl.lane is not None:  # its batch jobs are the new holder's now
+                    await ctl.lane.stop(cancel_open=False)
                 continue
             await ctl.tick()
             if not ctl.finished:

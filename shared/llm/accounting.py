@@ -198,3 +198,14 @@ class UsageMeter:
         async with self._settled:
             self._held.pop(call_id, None)
             self._settled.notify_all()
+
+
+def call_cost(
+    price: Price | None, prompt_tokens: int, completion_tokens: int, *, discount: float = 1.0
+) -> float:
+    """USD of one call at ``price`` (per million tokens), times ``discount``: the share a
+    Batch API call pays (``Config.batch_discount_for``), 1.0 online. 0 without a price."""
+    if price is None:
+        return 0.0
+    online = (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1_000_000
+    return online * discount

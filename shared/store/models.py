@@ -222,3 +222,74 @@ class AdapterRecord(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now
     )
+
+
+class BatchCall(Base):
+    """(batch lane) One call that goes through the Batch API, by its key (the
+    ``custom_id`` of its line): pending, submitted (in ``submission_id``), answered, or
+    failed for good (``answer`` holds the error)."""
+
+    __tablename__ = "batch_calls"
+
+    job_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instructor: Mapped[str] = mapped_column(String(64))
+    #: the task whose command asked it first (its cost is in the task's stats once done)
+    task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    #: USD its answer cost (at the batch price)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    submission_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    #: ``BatchAnswer`` as JSON, once answered or failed for good
+    answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class BatchCommand(Base):
+    """(batch lane) A command waiting for the answers of its calls (``keys``), sent
+    again with them once every one is answered or failed for good."""
+
+    __tablename__ = "batch_commands"
+
+    job_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: the ``message_id`` of the command that was deferred (a redelivery is one command)
+    command_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64), index=True)
+    instructor: Mapped[str] = mapped_column(String(64))
+    command: Mapped[str] = mapped_column(Text)
+    keys: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="waiting")  # waiting|dispatched
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class BatchSubmission(Base):
+    """(batch lane) One batch job: recorded before its input file is uploaded and before
+    it is created, so a restart finds it (by ``id`` in the job's metadata) instead of
+    creating it again. state: submitting | open | completed | failed | expired |
+    cancelled (the Batch API's, once it answered) | applied (results stored)."""
+
+    __tablename__ = "batch_submissions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    instructor: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="submitting")
+    batch_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: the most its calls can cost (held against max_cost while it is open)
+    reserved_cost: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=_now, onupdate=_now
+    )

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from airoboros.contracts import Artifact, BatchStats, Item
+from airoboros.contracts import Artifact, BatchAnswer, BatchStats, Item
 from airoboros.counting import CategoryCounts
 
 if TYPE_CHECKING:
@@ -451,6 +451,150 @@ class DeadLetterRepository(Protocol):
         ...
 
 
+@dataclass
+class PendingCall:
+    """(batch lane) A call to send in a batch job: its key, request body, and how many
+    times it was submitted already."""
+
+    key: str
+    body: dict[str, Any]
+    attempts: int = 0
+
+
+@dataclass
+class ReadyCommand:
+    """(batch lane) A waiting command whose every call is answered or failed for good."""
+
+    command_id: str
+    task_id: str
+    instructor: str
+    command: dict[str, Any]
+    #: answers by call key (a superset of the command's own)
+    answers: dict[str, BatchAnswer]
+
+
+@dataclass
+class Submission:
+    """(batch lane) One batch job as the store has it."""
+
+    id: str
+    job_id: str
+    instructor: str
+    #: submitting | open | completed | failed | expired | cancelled
+    state: str
+    batch_id: str | None = None
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    reserved_cost: float = 0.0
+
+
+class BatchRepository(Protocol):
+    """(batch lane) What the controller keeps of calls sent through the Batch API: the
+    calls (by key), the commands waiting for their answers, and the batch jobs (ids, file
+    ids, states), so that a restart neither submits a batch twice nor loses one."""
+
+    async def defer(
+        self,
+        job_id: str,
+        *,
+        command_id: str,
+        task_id: str,
+        instructor: str,
+        command: dict[str, Any],
+        calls: Sequence[tuple[str, dict[str, Any]]],
+    ) -> bool:
+        """Record a deferred command and its calls (keys already known are not added
+        again: an answered call stays answered). False when ``command_id`` is known (a
+        redelivery): nothing is written."""
+        ...
+
+    async def pending(self, job_id: str, instructor: str, limit: int) -> list[PendingCall]:
+        """Up to ``limit`` calls of ``instructor`` not yet in a batch job, oldest first."""
+        ...
+
+    async def pending_instructors(self, job_id: str) -> list[str]:
+        """The instructors that have calls pending."""
+        ...
+
+    async def submit(
+        self, job_id: str, instructor: str, keys: Sequence[str], reserved_cost: float
+    ) -> Submission:
+        """Record a new batch job (state ``submitting``, a fresh id) holding the pending
+        calls among ``keys`` (their attempts go up by one), atomically."""
+        ...
+
+    async def calls_of(self, submission_id: str) -> list[PendingCall]:
+        """The calls a batch job holds (still submitted in it)."""
+        ...
+
+    async def update_submission(self, submission_id: str, **fields: Any) -> None:
+        """Set ``state``, ``batch_id`` or file ids of a batch job."""
+        ...
+
+    async def submissions(self, job_id: str, *, unfinished: bool = False) -> list[Submission]:
+        """The job's batch jobs, oldest first; ``unfinished``: only those submitting or
+        open."""
+        ...
+
+    async def apply(
+        self,
+        submission_id: str,
+        state: str,
+        answers: dict[str, BatchAnswer],
+        *,
+        max_attempts: int,
+        errors: dict[str, str] | None = None,
+    ) -> tuple[int, int]:
+        """Store a finished batch job's results and set its final ``state``, in one
+        transaction: each of its calls with an answer is answered; each without one is
+        pending again while it has attempts left, else failed for good (with ``errors``'
+        reason). Returns (answered, pending again); (0, 0) when the job was applied
+        already."""
+        ...
+
+    async def fail_pending(self, job_id: str, instructor: str, error: str) -> int:
+        """Fail for good every pending call of ``instructor`` (the budget cannot hold
+        them); returns how many."""
+        ...
+
+    async def ready(self, job_id: str) -> list[ReadyCommand]:
+        """The waiting commands whose calls all have an answer or failed, oldest first."""
+        ...
+
+    async def answers(self, job_id: str, keys: Sequence[str]) -> dict[str, BatchAnswer]:
+        """The answers (or final failures) stored for ``keys``."""
+        ...
+
+    async def dispatched(self, job_id: str, command_id: str) -> bool:
+        """Mark a waiting command as sent again; False when it was not waiting (another
+        controller sent it)."""
+        ...
+
+    async def waiting_tasks(self, job_id: str) -> list[str]:
+        """Tasks with a command waiting for answers."""
+        ...
+
+    async def keep_alive(self, job_id: str, task_ids: Sequence[str]) -> int:
+        """Keep these tasks in flight (restart their clock; an expired one counts again):
+        a task waiting for a batch job is not lost."""
+        ...
+
+    async def revive(self, job_id: str) -> int:
+        """Mark waiting again the latest command of each unfinished task that was sent
+        already (in-process, it died with the process that ran it); returns how many."""
+        ...
+
+    async def unapplied_cost(self, job_id: str) -> float:
+        """USD of the answered calls whose task has not completed yet: billed by the
+        Batch API, but not yet in the job's counters (``ProgressRepository.stats``)."""
+        ...
+
+    async def counts(self, job_id: str) -> dict[str, dict[str, int]]:
+        """Per instructor, its batch jobs by state."""
+        ...
+
+
 class Store(Protocol):
     """The SQL store: every repository over one database, and its connection."""
 
@@ -470,6 +614,8 @@ class Store(Protocol):
     def vectors(self) -> VectorRepository: ...
     @property
     def dead_letters(self) -> DeadLetterRepository: ...
+    @property
+    def batches(self) -> BatchRepository: ...
 
     @property
     def dialect(self) -> str:

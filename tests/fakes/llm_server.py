@@ -305,6 +305,13 @@ class Script:
     seed: int = 1234
     models: tuple[str, ...] = ("gpt-4", "gpt-4o-mini", "test-model")
     require_key: str | None = None
+    #: (Batch API, tests/fakes/batch_api.py) outcomes of the batch jobs in the order they
+    #: are created: ok | expired | failed (later ones: ok)
+    batch_outcomes: list[str] = field(default_factory=list)
+    #: the first N lines over all batch jobs are answered with an error (error file)
+    batch_line_errors: int = 0
+    #: seconds a batch job spends in each of validating, in_progress and finalizing
+    batch_state_seconds: float = 0.0
 
 
 class ScriptedLLM:
@@ -545,6 +552,10 @@ class ScriptedLLM:
             body = await request.json()
             return await self._complete(request, body, str(body.get("prompt", "")), chat=False)
 
+        from tests.fakes.batch_api import BatchAPI
+
+        self.batch_api = BatchAPI(self)
+        self.batch_api.mount(app)
         return app
 
     def _auth(self, request: Request) -> JSONResponse | None:

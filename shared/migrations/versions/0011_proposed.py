@@ -2,7 +2,7 @@
 funnel: proposed, then duplicates, withheld, filtered, kept).
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-06
 """
 
@@ -10,9 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-# 0010 is the batch lane's (issue 15, branch i15-batch); whichever lands second revises
-# the other.
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

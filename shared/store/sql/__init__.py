@@ -19,6 +19,7 @@ from airoboros.errors import StoreError
 from airoboros.store.ports import (
     AdapterRegistry,
     ArtifactRepository,
+    BatchRepository,
     DeadLetterRepository,
     JobRepository,
     ProgressRepository,
@@ -27,6 +28,7 @@ from airoboros.store.ports import (
     VectorRepository,
 )
 from airoboros.store.sql.artifacts import SqlArtifacts
+from airoboros.store.sql.batches import SqlBatches
 from airoboros.store.sql.dead_letters import SqlDeadLetters
 from airoboros.store.sql.engine import Database, normalize_url
 from airoboros.store.sql.jobs import SqlJobs, SqlUploads
@@ -50,6 +52,7 @@ class SqlStore:
         self.registry: AdapterRegistry = SqlAdapterRegistry(self._db)
         self.vectors: VectorRepository = SqlVectors(self._db)
         self.dead_letters: DeadLetterRepository = SqlDeadLetters(self._db)
+        self.batches: BatchRepository = SqlBatches(self._db)
 
     @property
     def url(self) -> str:
