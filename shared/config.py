@@ -77,6 +77,8 @@ class InstructorConfig(BaseModel):
     topic_avoidance: str | None = None
     #: Model for this instructor's calls (the original validated this key but never used it).
     model: str | None = None
+    #: (new) structured output for this instructor's calls; unset: the top-level key
+    structured_output: Literal["auto", "json_schema", "off"] | None = None
 
     @field_validator("flesch", mode="before")
     @classmethod
@@ -162,6 +164,10 @@ class Config(BaseModel):
     object_store_url: str | None = None
     #: Vector store URL; default: in-process faiss.
     vector_store_url: str | None = None
+    #: Ask for a JSON schema of the items (response_format) instead of marker formats:
+    #: auto probes the endpoint once per (base_url, model), json_schema always asks (a
+    #: refusal is an error), off never asks.
+    structured_output: Literal["auto", "json_schema", "off"] = "auto"
 
     # ---------------------------------------------------------------------------------
     @property
@@ -192,6 +198,10 @@ class Config(BaseModel):
     def model_for(self, name: str) -> str:
         inst = self.instructors[name]
         return inst.model or inst.api_params.get("model") or self.model
+
+    def structured_output_for(self, name: str) -> str:
+        s = self.instructors[name].structured_output if name in self.instructors else None
+        return self.structured_output if s is None else s
 
     def min_docsearch_score_for(self, name: str) -> float:
         s = self.instructors[name].min_docsearch_score
@@ -335,6 +345,21 @@ def _model_problems(cfg: Config) -> list[str]:
             f"vector_store_url: {cfg.vector_store_url!r} is not available in an embedded run "
             "(use faiss://, or run the dedupe service for Weaviate)"
         )
+    if cfg.api == "completions":
+        for name in ["(top level)", *cfg.instructors]:
+            mode = (
+                cfg.structured_output if name == "(top level)" else cfg.structured_output_for(name)
+            )
+            if mode == "json_schema":
+                key = (
+                    "structured_output"
+                    if name == "(top level)"
+                    else f"instructors.{name}.structured_output"
+                )
+                problems.append(
+                    f"{key}: json_schema needs api: chat (the completions API has no "
+                    "response_format); use auto or off"
+                )
     if cfg.max_cost is not None:
         for name in ["(top level)", *cfg.instructors]:
             model = cfg.model if name == "(top level)" else cfg.model_for(name)
