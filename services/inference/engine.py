@@ -297,7 +297,9 @@ class LocalEngine:
         if request.response_format is not None:
             # Compiling is CPU work of milliseconds to seconds: off the event loop, and
             # before anything is queued so that a bad schema is a 400.
-            grammars = self._grammars or await asyncio.to_thread(self._make_grammars)
+            grammars = self._grammars
+            if grammars is None:
+                grammars = await asyncio.to_thread(self._make_grammars)
             compiled = await asyncio.to_thread(grammars.compile, request.response_format)
         import torch
 
