@@ -196,10 +196,11 @@ def run_lib(lib: Lib, tok: Any, vocab: int, runs: int, max_tokens: int) -> dict[
     compile_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     masked = plain = 0.0
-    steps = ok = 0
+    steps = ok = invalid = 0
     for _ in range(runs):
         m = factory()
         out: list[int] = []
+        ended = False
         for _ in range(max_tokens):
             logits = torch.randn(1, vocab, generator=gen)
             t0 = time.perf_counter()
@@ -210,20 +211,23 @@ def run_lib(lib: Lib, tok: Any, vocab: int, runs: int, max_tokens: int) -> dict[
             plain += time.perf_counter() - t0
             steps += 1
             if t == eos:
+                ended = True
                 break
             out.append(t)
             if m.done():
+                ended = True
                 break
         try:
             jsonschema.validate(json.loads(tok.decode(out)), SCHEMA)
             ok += 1
         except (ValueError, jsonschema.ValidationError):
-            pass
+            invalid += ended
     return {
         "setup_s": setup,
         "compile_s": compile_s,
         "mask_us": 1e6 * (masked - plain) / max(1, steps),
         "correct": f"{ok}/{runs}",
+        "invalid": invalid,
         "ok": ok,
     }
 
@@ -242,7 +246,9 @@ def main() -> None:
     print(f"(trained a {len(big)}-token BPE on the stdlib in {time.perf_counter() - t0:.1f} s)")
     tokenizers.append((f"{len(big) // 1000}k BPE", big))
     libs: list[Lib] = [XGrammar(), LLGuidance(), FormatEnforcer()]
-    print(f"{'tokenizer':10} {'library':20} {'setup s':>8} {'compile s':>9} {'mask us/tok':>11} {'valid':>7}")
+    print(
+        f"{'tokenizer':10} {'library':20} {'setup s':>8} {'compile s':>9} {'mask us/tok':>11} {'valid':>7} {'invalid':>7}"
+    )
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for tname, tok in tokenizers:
         for lib in libs:
@@ -254,7 +260,7 @@ def main() -> None:
             results[(tname, lib.name)] = r
             print(
                 f"{tname:10} {lib.name:20} {r['setup_s']:8.3f} {r['compile_s']:9.4f} "
-                f"{r['mask_us']:11.1f} {r['correct']:>7}"
+                f"{r['mask_us']:11.1f} {r['correct']:>7} {r['invalid']:>7}"
             )
     big_name = tokenizers[-1][0]
     xg = results.get((big_name, "xgrammar"))
