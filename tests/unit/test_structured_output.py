@@ -1,0 +1,130 @@
+"""Structured output, unit level: the JSON shapes of the instructors' items, reading JSON
+answers (whole, cut off, wrong), the prompts' format blocks, and the config key."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from airoboros.config import parse_config
+from airoboros.errors import ConfigError
+from airoboros.generator.instructors.base import (
+    InlineInstructor,
+    TaskListInstructor,
+    load_prompt,
+    parse_pairs,
+)
+from airoboros.generator.instructors.structured import TASKS, pairs
+from airoboros.generator.registry import implemented_instructors
+from airoboros.llm.structured import parse_json_items
+
+
+def engines() -> list[tuple[str, type]]:
+    out = []
+    for name, cls in implemented_instructors().items():
+        if cls.propose is TaskListInstructor.propose or cls.propose is InlineInstructor.propose:
+            out.append((name, cls))
+    return out
+
+
+def test_the_two_engines_cover_sixteen_instructors() -> None:
+    assert len(engines()) == 16
+
+
+@pytest.mark.parametrize("name, cls", engines())
+def test_every_engine_prompt_gets_the_json_shape_instead_of_markers(name: str, cls: type) -> None:
+    text = load_prompt(cls.prompt_file or f"{name}.txt")
+    if cls.propose is TaskListInstructor.propose:
+        shape = TASKS
+    else:
+        shape = pairs(cls.start_key, cls.end_key)
+    out = shape.prompt(text)
+    assert "never translate" not in out  # the marker block is gone, not just appended to
+    assert f'{{"{shape.key}": [{{"' in out
+    assert all(f'"{f}"' in out for f in shape.fields)
+    # What the prompt said each marker holds is kept as the field's description.
+    block = text[text.index("Format") :]
+    for field in shape.fields:
+        said = re.search(rf"(?m)^{field.upper()}:[ \t]*(.+?)[ \t]*$", block)
+        if said:
+            assert json.dumps(f"<{said.group(1)}>", ensure_ascii=False) in out
+    # The rest of the prompt is untouched.
+    head = text[: text.index("Format")]
+    assert out.startswith(head)
+
+
+def test_a_prompt_without_a_format_block_gets_the_shape_appended() -> None:
+    out = TASKS.prompt("Write three tasks about otters.")
+    assert out.startswith("Write three tasks about otters.\n\nFormat: one JSON object")
+    assert '{"tasks": [{"instruction": "<the task>"}, ...]}' in out
+
+
+def test_schema_is_openai_strict() -> None:
+    schema = pairs("QUESTION", "ANSWER").schema()
+    item = schema["properties"]["items"]["items"]
+    assert item["required"] == ["question", "answer"]
+    assert item["additionalProperties"] is False and schema["additionalProperties"] is False
+    fmt = TASKS.response_format()
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+
+
+def test_whole_json_gives_every_complete_item_in_order() -> None:
+    text = json.dumps(
+        {
+            "items": [
+                {"question": " Q1 ", "answer": "A1"},
+                {"question": "Q2", "answer": ""},  # empty: skipped as the marker parser does
+                {"question": "Q3"},  # missing field: skipped
+                "not an object",
+                {"question": "Q4", "answer": 4},  # not a string: skipped
+                {"question": "Q5", "answer": "A5"},
+            ]
+        }
+    )
+    items, whole = parse_json_items(text, "items", ("question", "answer"))
+    assert whole and items == [("Q1", "A1"), ("Q5", "A5")]
+    # The same pairs as the marker format gives for the same content.
+    markers = "QUESTION: Q1\nANSWER: A1\n\nQUESTION: Q5\nANSWER: A5"
+    assert items == parse_pairs(markers)
+
+
+def test_json_cut_by_the_token_limit_keeps_its_complete_items() -> None:
+    text = '{"tasks": [{"instruction": "one"}, {"instruction": "two"}, {"instruction": "thr'
+    assert TASKS.parse(text, truncated=True) == [("one",), ("two",)]
+    # Not cut off: invalid JSON is unparseable, as a reply without markers is.
+    assert TASKS.parse(text, truncated=False) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "Sure! Here are tasks: TSK 1. one", '{"task": [{"instruction": "x"}]}', "[1, 2]", "{"],
+)
+def test_wrong_answers_give_no_items(text: str) -> None:
+    assert TASKS.parse(text, truncated=False) == []
+
+
+def test_config_key_top_level_and_per_instructor() -> None:
+    cfg = parse_config(
+        {
+            "structured_output": "off",
+            "instructors": {"general": {"structured_output": "json_schema"}, "riddle": {}},
+        }
+    )
+    assert cfg.structured_output_for("general") == "json_schema"
+    assert cfg.structured_output_for("riddle") == "off"
+    assert parse_config({}).structured_output == "auto"
+    with pytest.raises(ConfigError) as info:
+        parse_config({"structured_output": "yes"})
+    assert "structured_output" in str(info.value)
+
+
+def test_json_schema_needs_the_chat_api() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {"api": "completions", "instructors": {"general": {"structured_output": "json_schema"}}}
+        )
+    assert "instructors.general.structured_output" in str(info.value)
+    # auto with the completions API is fine: it uses the markers.
+    parse_config({"api": "completions", "structured_output": "auto"})
