@@ -117,3 +117,37 @@ async def test_json_schema_against_a_server_without_it_fails_clearly(
     assert not (tmp_path / "instructions.jsonl").exists() or not read_rows(
         tmp_path / "instructions.jsonl"
     )
+
+
+async def test_every_category_with_structured_output_and_faults(tmp_path, llm_server, embedder):
+    """The example config (every category, every phase) against a server with structured
+    output, faults included: exact counts; the task lists, pairs and document questions
+    came as JSON, the instructors without a shape used their markers."""
+    import yaml
+
+    from tests.e2e.helpers import example_config, write_docs
+
+    srv = llm_server(
+        structured_output=True,
+        latency=0.005,
+        refusal_rate=0.03,
+        error_500_rate=0.03,
+        malformed_rate=0.03,
+        duplicate_rate=0.1,
+    )
+    cfg = example_config(tmp_path, srv.base_url, docs=write_docs(tmp_path / "docs"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = await run(path, embedder)
+    assert result.status == "done", result.detail
+    targets = {n: c["count"] for n, c in cfg["instructors"].items()}
+    assert {n: s.accepted for n, s in result.states.items()} == targets
+    rows = read_rows(tmp_path / "instructions.jsonl")
+    by_cat = Counter(r["category"] for r in rows)
+    for name in ("general", "trivia", "agent", "card", "documents", "cot"):
+        assert by_cat[name] == targets[name], name
+    prompts = srv.llm.prompts
+    assert any('{"questions": [{"question"' in p for p in prompts)  # documents
+    assert any('{"tasks": [' in p for p in prompts)
+    assert not any("TSK 1." in p for p in prompts)
+    assert srv.llm.stats["response_format"] >= len(targets) // 2

@@ -49,12 +49,20 @@ def _items(
     if fields == ["instruction"]:
         text = llm.answer(prompt + "\nTSK", messages)
         return {key: [{"instruction": t.strip()} for t in _TSK.findall(text)]}
-    if len(fields) == 2:
-        start, end = fields[0].upper(), fields[1].upper()
-        text = llm.answer(prompt + f"\n{start}:\n{end}:", messages)
-        pattern = re.compile(rf"{start}:\s*(.*?)\s*{end}:\s*(.*?)\s*(?={start}:|\Z)", re.S)
-        return {key: [{fields[0]: q, fields[1]: a} for q, a in pattern.findall(text)]}
-    return None
+    # Fields named after markers: the marker answer (asked for by naming the markers),
+    # one item per block that starts with the first marker.
+    marks = [f.upper() for f in fields]
+    text = llm.answer(prompt + "\n" + "\n".join(f"{m}:" for m in marks), messages)
+    split = re.compile(rf"(?m)^\s*({'|'.join(marks)}):[ \t]*")
+    pieces = split.split(text)
+    items: list[dict[str, str]] = []
+    for i in range(1, len(pieces) - 1, 2):
+        mark, value = pieces[i], pieces[i + 1].strip()
+        if mark == marks[0]:
+            items.append({})
+        if items and fields[marks.index(mark)] not in items[-1]:
+            items[-1][fields[marks.index(mark)]] = value
+    return {key: [i for i in items if len(i) == len(fields)]}
 
 
 def _from_schema(schema: dict[str, Any], llm: ScriptedLLM) -> Any:

@@ -280,7 +280,11 @@ class Instructor:
         """Whether this instructor's item lists are asked for as JSON (its
         ``structured_output`` and, for auto, the endpoint's verdict)."""
         mode = self.ctx.config.structured_output_for(self.name)
-        return await self.ctx.llm.structured.use_structured(mode, self.ctx.model, self.name)
+        # A stand-in for the client (unit tests' canned replies) has no structured support.
+        support = getattr(self.ctx.llm, "structured", None)
+        if mode == "off" or support is None:
+            return False
+        return bool(await support.use_structured(mode, self.ctx.model, self.name))
 
     async def ask_shaped(
         self,

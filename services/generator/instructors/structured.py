@@ -27,7 +27,8 @@ from airoboros.llm.structured import json_schema_format, parse_json_items
 
 #: The marker-format block of the packaged prompts: "Format: only the numbered list ..."
 #: or "Format each item exactly like this:" through '"X" ... never translate it/them.'
-_FORMAT_BLOCK = re.compile(r"(?ms)^Format\b.*?never translate (?:it|them)\.[ \t]*$")
+FORMAT_BLOCK = r"(?ms)^Format\b.*?never translate (?:it|them)\.[ \t]*$"
+_FORMAT_BLOCK = re.compile(FORMAT_BLOCK)
 _MARKER_LINE = re.compile(r"(?m)^[ \t]*([A-Z]+):[ \t]*(.+?)[ \t]*$")
 
 
@@ -46,6 +47,10 @@ class ItemShape:
     fields: tuple[str, ...]
     #: what each field holds, when the prompt does not say (same order as ``fields``)
     descriptions: tuple[str, ...]
+    #: the prompt's marker-format block (a regex), replaced by the JSON shape
+    block: str = FORMAT_BLOCK
+    #: said after the shape (what the replaced block said besides the format)
+    note: str = ""
 
     def schema(self) -> dict[str, Any]:
         item = {
@@ -66,7 +71,7 @@ class ItemShape:
 
     def prompt(self, prompt: str) -> str:
         """``prompt`` with its marker-format block replaced by the JSON shape."""
-        block = _FORMAT_BLOCK.search(prompt)
+        block = re.search(self.block, prompt)
         said = dict(_MARKER_LINE.findall(block.group(0))) if block else {}
         example = {
             self.key: [
@@ -81,6 +86,8 @@ class ItemShape:
             "Format: one JSON object and nothing else, of this shape (one element of "
             f'"{self.key}" per item):\n{shape}'
         )
+        if self.note:
+            text += "\n" + self.note
         if block is None:
             return prompt.rstrip() + "\n\n" + text
         return prompt[: block.start()] + text + prompt[block.end() :]
@@ -93,6 +100,13 @@ class ItemShape:
 
 
 TASKS = ItemShape("tasks", ("instruction",), ("the task",))
+#: documents: a question over a passage, its answer, and the quote that supports it
+DOCUMENT_QA = ItemShape(
+    "questions",
+    ("question", "answer", "quote"),
+    ("the question", "the answer", "the exact words from the passage"),
+    block=r"(?ms)^Use exactly this layout.*?never translate them\.[ \t]*$",
+)
 
 
 def pairs(start_key: str, end_key: str) -> ItemShape:
