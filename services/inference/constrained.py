@@ -19,6 +19,7 @@ or is cut by max_tokens/stop as any other.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Any
 
 from airoboros.errors import ConfigError, InvalidRequest, Unsupported
 from airoboros.parsing import check_shape
+
+log = logging.getLogger(__name__)
 
 #: the largest schema accepted, as JSON text (a posted schema is a stranger's data)
 MAX_SCHEMA_CHARS = 64_000
@@ -177,5 +180,15 @@ class Grammars:
         import xgrammar as xgr
 
         if bitmask.device != logits.device:
-            bitmask = bitmask.to(logits.device)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        if logits.device.type == "cpu":
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+            return
+        # On an accelerator xgrammar's own kernels need triton or a compiler at run time;
+        # plain torch ops are the fallback when those are missing (not measured here: no
+        # GPU in this project's test runs).
+        try:
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        except Exception:
+            log.warning("xgrammar's mask kernel failed; using torch ops", exc_info=True)
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows, backend="torch_native")

@@ -4,8 +4,8 @@ reading the JSON answers it gives.
 ``structured_output`` in a config is ``auto`` (probe the endpoint once and remember the
 verdict per (base_url, model) for the life of the process), ``json_schema`` (always ask
 for it; an endpoint that refuses it is an error naming the key) or ``off`` (never ask).
-The probe is one tiny chat call with a one-field schema: an answer that is valid JSON of
-that shape means supported; a 400/422 answer (or an answer that ignores the format)
+The probe is one tiny chat call ("Say hello.") with a one-field schema: an answer that is
+JSON of that shape means supported; a 400/422 answer, or prose (the format was ignored),
 means not supported. A transient failure (timeout, 5xx, 429 after the client's retries)
 decides nothing: the call at hand uses the markers and the next one probes again.
 """
@@ -27,9 +27,9 @@ PROBE_SCHEMA: dict[str, Any] = {
     "required": ["ok"],
     "additionalProperties": False,
 }
-PROBE_MESSAGES = [
-    {"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}
-]
+#: The probe does not ask for JSON in words: a server that ignores response_format then
+#: answers in prose, and is judged not to support it.
+PROBE_MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 #: (base_url, model) -> supported; shared by every client of the process
 _VERDICTS: dict[tuple[str, str], bool] = {}

@@ -128,3 +128,68 @@ def test_json_schema_needs_the_chat_api() -> None:
     assert "instructors.general.structured_output" in str(info.value)
     # auto with the completions API is fine: it uses the markers.
     parse_config({"api": "completions", "structured_output": "auto"})
+
+
+async def test_probe_verdicts_per_endpoint_and_model() -> None:
+    """A server that honours the format, one that refuses it, one that ignores it: one
+    probe each, remembered per (base_url, model)."""
+    from dataclasses import dataclass
+
+    from airoboros.errors import BadRequestError, ServerError
+    from airoboros.llm.structured import StructuredSupport, forget_verdicts
+
+    @dataclass
+    class Settings:
+        base_url: str
+        api: str = "chat"
+
+    @dataclass
+    class Reply:
+        text: str
+
+    class Client:
+        def __init__(self, url: str, answer: object) -> None:
+            self.settings = Settings(url)
+            self.answer = answer
+            self.calls: list[dict[str, object]] = []
+
+        async def complete(self, messages: object, **kw: object) -> Reply:
+            self.calls.append(kw)
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return Reply(str(self.answer))
+
+    forget_verdicts()
+    try:
+        cases = {
+            "http://json": ('{"ok": true}', True),
+            "http://refuses": (BadRequestError("unsupported response_format", status=400), False),
+            "http://ignores": ("Hello! How can I help?", False),
+        }
+        for url, (answer, verdict) in cases.items():
+            client = Client(url, answer)
+            support = StructuredSupport(client)
+            assert await support.use_structured("auto", "m", "general") is verdict
+            assert await support.use_structured("auto", "m", "general") is verdict
+            assert support.probes == 1 and len(client.calls) == 1
+            params = client.calls[0]["params"]
+            assert isinstance(params, dict) and params["response_format"]["type"] == "json_schema"
+            # Another client of the same endpoint and model reuses the verdict.
+            other = StructuredSupport(Client(url, answer))
+            assert await other.use_structured("auto", "m", "general") is verdict
+            assert other.probes == 0
+            assert await support.use_structured("off", "m", "general") is False
+            assert await support.use_structured("json_schema", "m", "general") is True
+        # A transient failure decides nothing: no verdict, markers for now, probe again.
+        flaky = StructuredSupport(Client("http://flaky", ServerError("502", status=502)))
+        assert await flaky.use_structured("auto", "m", "general") is False
+        assert await flaky.use_structured("auto", "m", "general") is False
+        assert flaky.probes == 2
+        # json_schema over the completions API is a config error.
+        completions = Client("http://c", "{}")
+        completions.settings.api = "completions"
+        with pytest.raises(ConfigError):
+            await StructuredSupport(completions).use_structured("json_schema", "m", "general")
+        assert await StructuredSupport(completions).use_structured("auto", "m", "g") is False
+    finally:
+        forget_verdicts()
