@@ -278,6 +278,11 @@ class InferenceService:
             raise Unsupported("suffix is not supported by this server", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise Unsupported("best_of (other than n) is not supported", param="best_of")
+        if (req.model_extra or {}).get("response_format") not in (None, {"type": "text"}):
+            raise Unsupported(
+                "response_format is supported on /v1/chat/completions only",
+                param="response_format",
+            )
         adapter = self._adapter_for(req.model)
         assert req.model is not None
         sampling = self._sampling(req)

@@ -252,3 +252,17 @@ def test_through_the_router_with_the_openai_sdk(
             else:
                 text = client.chat.completions.create(**kw).choices[0].message.content or ""
             jsonschema.validate(json.loads(text), schema)
+
+
+def test_response_format_on_text_completions_is_refused(server: AppServer) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(
+            model=BASE_ID,
+            prompt="hi",
+            max_tokens=3,
+            extra_body={"response_format": {"type": "json_object"}},
+        )
+    assert "chat/completions" in str(info.value)
+    # Without it, the same request is fine.
+    assert client.completions.create(model=BASE_ID, prompt="hi", max_tokens=3).choices
