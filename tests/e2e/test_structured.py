@@ -147,7 +147,10 @@ async def test_every_category_with_structured_output_and_faults(tmp_path, llm_se
     for name in ("general", "trivia", "agent", "card", "documents", "cot"):
         assert by_cat[name] == targets[name], name
     prompts = srv.llm.prompts
-    assert any('{"questions": [{"question"' in p for p in prompts)  # documents
+    assert any('{"questions": [{"question": "<the question>", "answer"' in p for p in prompts)
+    assert any('{"questions": [{"question": "<a question>"}' in p for p in prompts)  # gtkm
+    assert any('"contextualanswer": "<the' in p for p in prompts)  # awareness
+    assert by_cat["awareness"] >= targets["awareness"] and by_cat["gtkm"] >= targets["gtkm"]
     assert any('{"tasks": [' in p for p in prompts)
     assert not any("TSK 1." in p for p in prompts)
     assert srv.llm.stats["response_format"] >= len(targets) // 2

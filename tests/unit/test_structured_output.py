@@ -193,3 +193,26 @@ async def test_probe_verdicts_per_endpoint_and_model() -> None:
         assert await StructuredSupport(completions).use_structured("auto", "m", "g") is False
     finally:
         forget_verdicts()
+
+
+@pytest.mark.parametrize(
+    "prompt_file, shape_name",
+    [
+        ("documents.txt", "DOCUMENT_QA"),
+        ("gtkm.txt", "GTKM_QUESTIONS"),
+        ("awareness_temporal.txt", "AWARENESS_WITH_CONTEXT"),
+        ("awareness_location.txt", "AWARENESS_WITH_CONTEXT"),
+        ("awareness_character.txt", "AWARENESS_CHARACTER"),
+    ],
+)
+def test_the_instructors_own_shapes_replace_their_layout(prompt_file: str, shape_name: str) -> None:
+    from airoboros.generator.instructors import structured
+
+    shape = getattr(structured, shape_name)
+    text = load_prompt(prompt_file)
+    out = shape.prompt(text)
+    assert "untranslated" not in out and "never translate" not in out
+    assert out.count("Format: one JSON object") == 1
+    assert all(f'"{f}": "<' in out for f in shape.fields)
+    # Not appended: the layout was found and replaced in place.
+    assert len(out) - len(text) < 400

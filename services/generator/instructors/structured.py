@@ -109,6 +109,31 @@ DOCUMENT_QA = ItemShape(
 )
 
 
+#: gtkm: questions to a character, one per item
+GTKM_QUESTIONS = ItemShape(
+    "questions",
+    ("question",),
+    ("a question",),
+    block=r"(?m)^Write in .*keep the marker QUESTION: untranslated\..*$",
+)
+_AWARENESS_BLOCK = r"(?m)^Write in .*keeping the markers .*untranslated.*$"
+#: awareness, location and time variants: the question, the situation, the answer without
+#: it and the answer with it
+AWARENESS_WITH_CONTEXT = ItemShape(
+    "items",
+    ("question", "context", "answer", "contextualanswer"),
+    ("the question", "the context", "the answer without the context", "the answer with it"),
+    block=_AWARENESS_BLOCK,
+)
+#: awareness, character variant: the assistant's answer and the character's
+AWARENESS_CHARACTER = ItemShape(
+    "items",
+    ("question", "answer", "contextualanswer"),
+    ("the question", "the assistant's answer", "the character's answer"),
+    block=_AWARENESS_BLOCK,
+)
+
+
 def pairs(start_key: str, end_key: str) -> ItemShape:
     """The shape of an instructor's ``START:``/``END:`` pairs."""
     return ItemShape("items", (start_key.lower(), end_key.lower()), ("the request", "the answer"))
