@@ -49,6 +49,14 @@ def _items(
     if fields == ["instruction"]:
         text = llm.answer(prompt + "\nTSK", messages)
         return {key: [{"instruction": t.strip()} for t in _TSK.findall(text)]}
+    if fields == ["fact", "counter", "question"]:
+        # counterfactual_contextual: three numbered sections, item n of each together.
+        text = llm.answer(prompt, messages)
+        sections = re.split(r"(?m)^(?:FACTS|COUNTER|QUESTIONS):\s*$", text)[1:]
+        lists = [re.findall(r"(?m)^\d+\. (.*)$", sec) for sec in sections]
+        if len(lists) != 3:
+            return {key: []}
+        return {key: [dict(zip(fields, t, strict=True)) for t in zip(*lists, strict=False)]}
     # Fields named after markers: the marker answer (asked for by naming the markers),
     # one item per block that starts with the first marker.
     marks = [f.upper() for f in fields]

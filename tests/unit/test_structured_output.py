@@ -203,6 +203,7 @@ async def test_probe_verdicts_per_endpoint_and_model() -> None:
         ("awareness_temporal.txt", "AWARENESS_WITH_CONTEXT"),
         ("awareness_location.txt", "AWARENESS_WITH_CONTEXT"),
         ("awareness_character.txt", "AWARENESS_CHARACTER"),
+        ("counterfactual_contextual.txt", "COUNTERFACTUALS"),
     ],
 )
 def test_the_instructors_own_shapes_replace_their_layout(prompt_file: str, shape_name: str) -> None:
@@ -216,3 +217,35 @@ def test_the_instructors_own_shapes_replace_their_layout(prompt_file: str, shape
     assert all(f'"{f}": "<' in out for f in shape.fields)
     # Not appended: the layout was found and replaced in place.
     assert len(out) - len(text) < 400
+
+
+def test_counterfactual_json_items_become_the_same_facts_as_sections() -> None:
+    from airoboros.generator.instructors.counterfactual import facts_of, parse_counterfactual
+
+    sections = (
+        "FACTS:\n1. Prague's bridge opened in 1402. [source: https://en.wikipedia.org/wiki/X]\n"
+        "2. Oslo is in Norway. [source: https://en.wikipedia.org/wiki/Y]\n\n"
+        "COUNTER:\n1. Prague's bridge opened in 1502.\n2. Oslo is in Norway.\n\n"
+        "QUESTIONS:\n1. When did the bridge open?\n2. Where is Oslo?\n"
+    )
+    as_json = json.dumps(
+        {
+            "items": [
+                {
+                    "fact": "Prague's bridge opened in 1402. [source: https://en.wikipedia.org/wiki/X]",
+                    "counter": "Prague's bridge opened in 1502.",
+                    "question": "When did the bridge open?",
+                },
+                {  # the counter equals the fact: dropped, as from the sections
+                    "fact": "Oslo is in Norway. [source: https://en.wikipedia.org/wiki/Y]",
+                    "counter": "Oslo is in Norway.",
+                    "question": "Where is Oslo?",
+                },
+            ]
+        }
+    )
+    from airoboros.generator.instructors.structured import COUNTERFACTUALS
+
+    from_json = facts_of(COUNTERFACTUALS.parse(as_json, truncated=False))
+    assert from_json == parse_counterfactual(sections)
+    assert len(from_json) == 1 and from_json[0].source == "https://en.wikipedia.org/wiki/X"

@@ -134,6 +134,23 @@ AWARENESS_CHARACTER = ItemShape(
 )
 
 
+#: counterfactual_contextual: a true passage, its falsified copy, and a question on what
+#: differs (the prompt's three numbered sections become one list of items)
+COUNTERFACTUALS = ItemShape(
+    "items",
+    ("fact", "counter", "question"),
+    (
+        "3 or 4 sentences of true facts about a famous or influential person, place, "
+        "discovery or historical event, ending with its source in square brackets, like "
+        "[source: https://en.wikipedia.org/wiki/Page_name]",
+        "the same passage with its key facts (names, dates, numbers, places) wrong but "
+        "plausible, a sentence or two of related detail added, and no source",
+        "one simple question about a detail that differs between the two versions, not answered",
+    ),
+    block=r"(?ms)^Write three sections.*?never translate them\.[ \t]*$",
+)
+
+
 def pairs(start_key: str, end_key: str) -> ItemShape:
     """The shape of an instructor's ``START:``/``END:`` pairs."""
     return ItemShape("items", (start_key.lower(), end_key.lower()), ("the request", "the answer"))
