@@ -151,6 +151,7 @@ async def test_every_category_with_structured_output_and_faults(tmp_path, llm_se
     assert any('{"questions": [{"question": "<a question>"}' in p for p in prompts)  # gtkm
     assert any('"contextualanswer": "<the' in p for p in prompts)  # awareness
     assert any('{"items": [{"fact": "<3 or 4 sentences' in p for p in prompts)
+    assert any('{"characters": [{"name": "<the' in p for p in prompts)
     assert by_cat["counterfactual_contextual"] == targets["counterfactual_contextual"]
     assert by_cat["awareness"] >= targets["awareness"] and by_cat["gtkm"] >= targets["gtkm"]
     assert any('{"tasks": [' in p for p in prompts)

@@ -57,6 +57,18 @@ def _items(
         if len(lists) != 3:
             return {key: []}
         return {key: [dict(zip(fields, t, strict=True)) for t in zip(*lists, strict=False)]}
+    if fields == ["name", "description", "guide"]:
+        # character cards: the NAME: line of each DESCRIPTION becomes "name".
+        text = llm.answer(prompt + "\nDESCRIPTION:\nGUIDE:", messages)
+        cards = []
+        for desc, guide in re.findall(
+            r"DESCRIPTION:\s*(.*?)\s*GUIDE:\s*(.*?)\s*(?=DESCRIPTION:|\Z)", text, re.S
+        ):
+            name = re.search(r"NAME:\s*(.+)", desc)
+            rest = re.sub(r"NAME:\s*.+\n?", "", desc, count=1).strip()
+            if name:
+                cards.append({"name": name.group(1).strip(), "description": rest, "guide": guide})
+        return {key: cards}
     # Fields named after markers: the marker answer (asked for by naming the markers),
     # one item per block that starts with the first marker.
     marks = [f.upper() for f in fields]

@@ -204,6 +204,7 @@ async def test_probe_verdicts_per_endpoint_and_model() -> None:
         ("awareness_location.txt", "AWARENESS_WITH_CONTEXT"),
         ("awareness_character.txt", "AWARENESS_CHARACTER"),
         ("counterfactual_contextual.txt", "COUNTERFACTUALS"),
+        ("character.txt", "CHARACTERS"),
     ],
 )
 def test_the_instructors_own_shapes_replace_their_layout(prompt_file: str, shape_name: str) -> None:

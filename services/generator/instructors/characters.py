@@ -23,6 +23,7 @@ from airoboros.generator.instructors.base import Filtered, Instructor, load_prom
 from airoboros.generator.instructors.structured import (
     AWARENESS_CHARACTER,
     AWARENESS_WITH_CONTEXT,
+    CHARACTERS,
     GTKM_QUESTIONS,
 )
 from airoboros.templates import render
@@ -78,9 +79,20 @@ class Character(Instructor):
             skip=skip,
             language=self.ctx.language,
         )
-        reply = await self.ask_items(prompt)
+        reply, found = await self.ask_shaped(
+            prompt,
+            replace(CHARACTERS, note=f"Write everything in {self.ctx.language}."),
+            # The marker cards carry their name on the description's NAME: line.
+            lambda text: [("", d, g) for d, g in parse_cards(text)],
+        )
+        # A JSON card's name becomes that NAME: line, so both read the same from here.
+        described = [(f"NAME: {name}\n{d}" if name else d, g) for name, d, g in found]
         cards = self.usable(
-            parse_cards(reply.text), reply, stats, texts=lambda c: c, limit=task.batch_size
+            [c for c in described if _NAME.search(c[0])],
+            reply,
+            stats,
+            texts=lambda c: c,
+            limit=task.batch_size,
         )
         out = []
         for description, guide in cards:

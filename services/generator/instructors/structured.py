@@ -51,6 +51,9 @@ class ItemShape:
     block: str = FORMAT_BLOCK
     #: said after the shape (what the replaced block said besides the format)
     note: str = ""
+    #: describe the fields with ``descriptions`` even where the prompt's block says what
+    #: its markers hold (when the markers do not map one to one onto the fields)
+    own_descriptions: bool = False
 
     def schema(self) -> dict[str, Any]:
         item = {
@@ -73,6 +76,8 @@ class ItemShape:
         """``prompt`` with its marker-format block replaced by the JSON shape."""
         block = re.search(self.block, prompt)
         said = dict(_MARKER_LINE.findall(block.group(0))) if block else {}
+        if self.own_descriptions:
+            said = {}
         example = {
             self.key: [
                 {
@@ -148,6 +153,21 @@ COUNTERFACTUALS = ItemShape(
         "one simple question about a detail that differs between the two versions, not answered",
     ),
     block=r"(?ms)^Write three sections.*?never translate them\.[ \t]*$",
+)
+
+
+#: character: a role-play card (its NAME: line is made from "name" when read)
+CHARACTERS = ItemShape(
+    "characters",
+    ("name", "description", "guide"),
+    (
+        "the character's name",
+        "one paragraph describing the character",
+        "one or two sentences telling an actor how to stay in this character when "
+        "replying (tone, vocabulary, quirks)",
+    ),
+    block=r"(?ms)^Write everything in .*?keep the markers .*?^Write nothing else.*?$",
+    own_descriptions=True,
 )
 
 
