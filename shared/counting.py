@@ -93,6 +93,9 @@ class CategoryCounts:
     skipped: str | None = None
     #: tokens of finished batches that bought no kept row (see ``apply``)
     wasted_tokens: float = 0.0
+    #: candidates step 1 proposed: usable items after the per-item checks (what dedupe
+    #: screened); the top of the quality report's funnel (airoboros.report)
+    proposed: int = 0
     reserved: int = field(default=0, compare=False)
 
     # --- what is left ---------------------------------------------------------------
@@ -228,6 +231,7 @@ class CategoryCounts:
         self.completion_tokens += s.completion_tokens
         self.cost += s.cost
         self.batches += 1
+        self.proposed += s.proposed
         if s.proposed > 0 or outcome.produced > 0:
             # The yield is learnt from replies that worked: a wholly failed one is retried
             # (and counted in the streak), not a reason to ask for more items at once.

@@ -585,3 +585,109 @@ class DocumentsUploaded(BaseModel):
     files: list[UploadedFile]
     #: passages found in the files (what the documents instructor works from)
     passages: int
+
+
+# --- the quality report of a job (GET /v1/jobs/{id}/report; docs/report.md) ----------------
+
+
+class Diversity(BaseModel):
+    """How varied a set of kept instructions is (airoboros.report). Each figure is null
+    when there is too little to measure (no instruction, or fewer than two vectors)."""
+
+    model_config = ConfigDict(extra="allow")
+    #: instructions measured (all of them, or a random sample of a large category)
+    instructions: int
+    #: distinct word unigrams / all unigrams of those instructions (1: no word repeats)
+    distinct_1: float | None = None
+    #: distinct word bigrams / all bigrams (low: the same phrasings again and again)
+    distinct_2: float | None = None
+    #: bytes of the instructions / bytes zlib-compressed (high: repetitive; it grows with
+    #: the amount of text, so compare sets of similar size)
+    compression_ratio: float | None = None
+    #: mean cosine of each instruction's nearest other instruction, by the embeddings
+    #: dedupe stored (high: near-duplicates below the dedupe threshold)
+    nn_cosine: float | None = None
+    #: what ``nn_cosine`` was measured on: "category" (the category's own vectors), "job"
+    #: (the whole job index: the totals, or a category with fewer than two vectors of its
+    #: own there) or null (not screened by dedupe)
+    nn_scope: str | None = None
+    #: vectors of that index used as queries (a random sample of a large index)
+    nn_sampled: int = 0
+
+
+class CategoryReport(BaseModel):
+    """One category (instructor) of a job: where its items went, what it cost, how
+    varied what it kept is."""
+
+    model_config = ConfigDict(extra="allow")
+    category: str
+    target: int
+    #: candidates step 1 proposed (usable items after the per-item checks; what dedupe
+    #: screened)
+    proposed: int
+    #: replies in which no item could be parsed
+    unparseable: int
+    #: items dropped by response_filters or the instructor's checks (either step)
+    filtered: int
+    #: items, or whole answers, that were refusals
+    refused: int
+    #: candidates too similar to what the dataset held
+    duplicates: int
+    #: accepted candidates not answered for want of room in the count
+    withheld: int
+    #: rows made past the count, not kept
+    dropped: int
+    #: rows (and character cards) counted toward the target
+    kept: int
+    #: rows of the category in the dataset (an rp chat is one kept unit over several rows)
+    rows: int
+    #: kept / (kept + duplicates); null before any candidate was screened
+    dedupe_yield: float | None = None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    #: cost / kept; null while nothing is kept
+    cost_per_kept: float | None = None
+    #: tokens of calls that bought no kept row (airoboros.counting.CategoryCounts.apply)
+    wasted_tokens: int
+    #: cost_per_kept times the rows still missing (null while nothing is kept)
+    cost_to_finish: float | None = None
+    diversity: Diversity
+
+
+class ReportTotals(BaseModel):
+    """The job's totals over every category (usage outside batches included)."""
+
+    model_config = ConfigDict(extra="allow")
+    target: int
+    proposed: int
+    unparseable: int
+    filtered: int
+    refused: int
+    duplicates: int
+    withheld: int
+    dropped: int
+    kept: int
+    rows: int
+    dedupe_yield: float | None = None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    cost_per_kept: float | None = None
+    wasted_tokens: int
+    cost_to_finish: float | None = None
+    diversity: Diversity
+
+
+class JobReport(BaseModel):
+    """``GET /v1/jobs/{id}/report``, and ``<output>.report.json`` beside an embedded run's
+    output: the quality report of a job (docs/report.md)."""
+
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    status: str
+    generated_at: str
+    categories: list[CategoryReport]
+    totals: ReportTotals

@@ -51,6 +51,7 @@ from airoboros.topics.topics import FileTopics
 
 if TYPE_CHECKING:
     from airoboros.dedupe.service import Deduper
+    from airoboros.protocol import JobReport
     from airoboros.topics.controller import JobController, JobOutcome
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,35 @@ class RunResult:
     requests_per_minute: float
     #: retried attempts of this run's calls (429, 5xx, timeouts)
     retries: int = 0
+    #: the job's quality report (airoboros.report), and the file it was written to
+    report: JobReport | None = None
+    report_path: Path | None = None
+
+
+def report_path_for(output_path: str | Path) -> Path:
+    """Where an embedded run writes its report: beside the output, named after it
+    (``instructions.jsonl`` -> ``instructions.report.json``)."""
+    return Path(output_path).with_suffix(".report.json")
+
+
+def write_report(report: JobReport, path: Path) -> Path | None:
+    """Write ``report`` to ``path`` (atomically), unless a file there is not a report of
+    the same job: a user's file is never overwritten. Returns the path written, or None."""
+    import json
+
+    if path.exists():
+        try:
+            prior = json.loads(path.read_text())
+            ours = isinstance(prior, dict) and prior.get("job_id") == report.job_id
+        except (OSError, UnicodeDecodeError, ValueError):
+            ours = False
+        if not ours:
+            log.warning("not writing the report: %s exists and is not this job's report", path)
+            return None
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(report.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
+    return path
 
 
 class Generation:
@@ -190,6 +220,7 @@ class Generation:
             if bus.dead_letters:
                 log.error("%d messages failed permanently", len(bus.dead_letters))
             rows = await store.rows.count(plan.job_id)
+            report, report_path = await self._report(store)
             return RunResult(
                 plan,
                 Path(cfg.output_path),
@@ -200,6 +231,8 @@ class Generation:
                 rows,
                 controller.requests_per_minute(),
                 llm.stats.retries,
+                report,
+                report_path,
             )
         finally:
             await bus.close()
@@ -208,6 +241,23 @@ class Generation:
             if deduper_ready is not None and not deduper_ready.done():
                 deduper_ready.cancel()
                 await asyncio.gather(deduper_ready, return_exceptions=True)
+
+    async def _report(self, store: Store) -> tuple[JobReport | None, Path | None]:
+        """The job's quality report, written beside the output. A report that cannot be
+        made or written is logged, never a reason to fail a run whose rows are safe."""
+        from airoboros.report import build_report
+
+        try:
+            report = await build_report(store, self.plan.job_id)
+        except Exception:
+            log.exception("could not build the quality report")
+            return None, None
+        try:
+            path = write_report(report, report_path_for(self.config.output_path))
+        except OSError as exc:
+            log.warning("could not write the quality report: %s", exc)
+            path = None
+        return report, path
 
     @staticmethod
     async def _wait(controller: JobController, deduper: asyncio.Future[Deduper]) -> JobOutcome:

@@ -73,7 +73,8 @@ def cmd_generate_instructions(args: argparse.Namespace) -> int:
 
 
 def summary_lines(result: Any) -> list[str]:
-    """The end-of-run summary: totals, then one line per instructor."""
+    """The end-of-run summary: totals, then the quality report's table, one line per
+    category (airoboros.report; per instructor counts if there is no report)."""
     wasted = sum(st.wasted_tokens for st in result.states.values())
     lines = [
         f"{result.status}: {result.rows} rows in {result.output_path} · "
@@ -81,6 +82,14 @@ def summary_lines(result: Any) -> list[str]:
         f"{result.usage.total_tokens:,} tokens ({wasted:,.0f} bought no kept row) · "
         f"${result.usage.cost:.4f}"
     ]
+    report = getattr(result, "report", None)
+    if report is not None:
+        from airoboros.report import report_table
+
+        lines.extend(report_table(report))
+        if result.report_path is not None:
+            lines.append(f"quality report: {result.report_path}")
+        return lines
     for name, s in result.states.items():
         lines.append(
             f"  {name:<26} {s.accepted}/{s.target} accepted, {s.duplicates} duplicates, "

@@ -7,6 +7,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from airoboros.report import Pace, cost_to_finish, eta_seconds, format_duration
+
 if TYPE_CHECKING:
     from airoboros.cli.embedded import Generation
 
@@ -59,6 +61,31 @@ _COUNTS = (
 )
 
 
+def project(rows: list[dict[str, Any]], pace: Pace) -> tuple[float | None, float | None]:
+    """Add to each running row the cost to finish (its cost per kept row so far times the
+    rows missing) and its ETA (the rows missing at the rate it kept rows in this run), as
+    ``to_finish`` and ``eta`` (None: no rate yet); return the job's: the sum of the costs
+    and the latest ETA (each None if a running category has none)."""
+    costs: list[float | None] = []
+    etas: list[float | None] = []
+    for r in rows:
+        rate = pace.rate(r["name"], r["accepted"])
+        if r["state"] != "running":
+            r["to_finish"] = r["eta"] = None
+            continue
+        r["to_finish"] = cost_to_finish(r["target"], r["accepted"], r["cost"])
+        r["eta"] = eta_seconds(r["target"], r["accepted"], rate)
+        costs.append(r["to_finish"])
+        etas.append(r["eta"])
+    cost = None if None in costs else sum(c or 0.0 for c in costs)
+    eta = None if None in etas else max((e or 0.0 for e in etas), default=0.0)
+    return cost, eta
+
+
+def _money(x: float | None) -> str:
+    return "?" if x is None else f"${x:.4f}"
+
+
 class PlainProgress:
     """One log line per instructor whose numbers changed, at most every ``interval`` s."""
 
@@ -66,6 +93,7 @@ class PlainProgress:
         self.interval = interval
         self._last = 0.0
         self._seen: dict[str, tuple[Any, ...]] = {}
+        self.pace = Pace()
 
     def __call__(self, gen: Generation) -> None:
         now = time.monotonic()
@@ -73,7 +101,9 @@ class PlainProgress:
             return
         self._last = now
         ctl: Any = gen.controller
-        for r in _rows(gen):
+        rows = _rows(gen)
+        cost_left, eta = project(rows, self.pace)
+        for r in rows:
             key = (*(r[k] for k in _COUNTS), r["state"])
             if self._seen.get(r["name"]) == key:
                 continue
@@ -86,6 +116,8 @@ class PlainProgress:
             )  # fmt: skip
         if ctl is not None:
             log.info("requests/min: %.1f", ctl.requests_per_minute())
+        if any(r["state"] == "running" for r in rows):
+            log.info("to finish: %s, ETA %s", _money(cost_left), format_duration(eta))
 
     def close(self) -> None:
         pass
@@ -101,6 +133,7 @@ class LiveProgress:
         self.console = Console(stderr=True)
         self.live = Live(console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
+        self.pace = Pace()
 
     def __call__(self, gen: Generation) -> None:
         from rich.table import Table
@@ -119,20 +152,29 @@ class LiveProgress:
             "retries",
             "tokens",
             "cost",
+            "to finish",
+            "ETA",
             "",
         ):
             table.add_column(col, justify="right" if col not in ("instructor", "") else "left")
-        for r in _rows(gen):
+        rows = _rows(gen)
+        cost_left, eta = project(rows, self.pace)
+        for r in rows:
+            running = r["state"] == "running"
             table.add_row(
                 r["name"],
                 f"{r['accepted']}/{r['target']}",
                 *(str(r[k]) for k in _COUNTS[1:]),
                 f"{r['tokens']:,}",
                 f"${r['cost']:.4f}",
+                _money(r["to_finish"]) if running else "",
+                format_duration(r["eta"]) if running else "",
                 r["state"],
             )
         if ctl is not None:
             table.caption = f"{ctl.requests_per_minute():.1f} requests/min"
+            if any(r["state"] == "running" for r in rows):
+                table.caption += f" · to finish {_money(cost_left)}, ETA {format_duration(eta)}"
         self.live.update(table)
 
     def close(self) -> None:

@@ -144,7 +144,9 @@ class DedupeService:
         deduper = await self.deduper()
         flags = await deduper.screen(
             msg.namespace or msg.job_id,
-            [c.candidate_id for c in msg.candidates],
+            # Keyed by instructor too: the quality report (airoboros.report) tells each
+            # category's vectors apart in an index the job's categories share.
+            [f"{msg.instructor}:{c.candidate_id}" for c in msg.candidates],
             [c.text_for_dedupe() for c in msg.candidates],
             msg.threshold,
         )

@@ -41,6 +41,7 @@ from airoboros.protocol import (
     ItemsPage,
     JobCreated,
     JobList,
+    JobReport,
     JobStatus,
     TopicsGenerated,
     TopicsRequest,
@@ -311,6 +312,17 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     ) -> ItemsPage:
         page = await svc().items(job_id, who, category=category, after=after, limit=limit)
         return body_of(ItemsPage, page)
+
+    @app.get("/v1/jobs/{job_id}/report", responses=ERROR_RESPONSES)
+    async def report(job_id: str, who: Caller) -> JobReport:
+        """The job's quality report: per category, where its items went, dedupe yield,
+        diversity of the kept instructions, cost per kept row, tokens that bought
+        nothing (docs/report.md). Computed from the store on each call."""
+        from airoboros.report import build_report
+
+        s = svc()
+        await s.job(job_id, who)  # the same 404 for no job and another owner's
+        return await build_report(s.store, job_id)
 
     @app.get(
         "/v1/jobs/{job_id}/export", response_class=StreamingResponse, responses=EXPORT_RESPONSES

@@ -96,6 +96,8 @@ class InstructorProgress(Base):
     withheld: Mapped[int] = mapped_column(Integer, default=0)
     retries: Mapped[int] = mapped_column(Integer, default=0)
     asked: Mapped[int] = mapped_column(Integer, default=0)
+    #: candidates step 1 proposed (usable items, what dedupe screened); migration 0011
+    proposed: Mapped[int] = mapped_column(Integer, default=0)
     #: consecutive batches without a usable item / with duplicates only (reset on resume)
     fail_streak: Mapped[int] = mapped_column(Integer, default=0)
     dup_streak: Mapped[int] = mapped_column(Integer, default=0)

@@ -184,6 +184,7 @@ COUNTERS = (
     "fail_streak",
     "dup_streak",
     "wasted_tokens",
+    "proposed",
 )
 #: CategoryCounts fields stored as columns of instructor_stats (``reserved`` is derived)
 STORED = (*COUNTERS, "last_failure", "skipped")
