@@ -82,6 +82,8 @@ class InstructorConfig(BaseModel):
     model: str | None = None
     #: (new) this instructor's calls go through the Batch API (None: the top-level ``batch``)
     batch: bool | None = None
+    #: (new) structured output for this instructor's calls; unset: the top-level key
+    structured_output: Literal["auto", "json_schema", "off"] | None = None
 
     @field_validator("flesch", mode="before")
     @classmethod
@@ -180,6 +182,10 @@ class Config(BaseModel):
     batch_poll_interval: float = Field(default=5.0, gt=0, le=3600)
     #: Requests in one batch job at most (OpenAI allows 50,000).
     batch_max_requests: int = Field(default=50_000, ge=1, le=50_000)
+    #: Ask for a JSON schema of the items (response_format) instead of marker formats:
+    #: auto probes the endpoint once per (base_url, model), json_schema always asks (a
+    #: refusal is an error), off never asks.
+    structured_output: Literal["auto", "json_schema", "off"] = "auto"
 
     # ---------------------------------------------------------------------------------
     @property
@@ -223,6 +229,10 @@ class Config(BaseModel):
             return own.batch_discount
         family = any(model == m or model.startswith(m + "-") for m in DEFAULT_PRICES)
         return 0.5 if family else 1.0
+
+    def structured_output_for(self, name: str) -> str:
+        s = self.instructors[name].structured_output if name in self.instructors else None
+        return self.structured_output if s is None else s
 
     def min_docsearch_score_for(self, name: str) -> float:
         s = self.instructors[name].min_docsearch_score
@@ -366,6 +376,21 @@ def _model_problems(cfg: Config) -> list[str]:
             f"vector_store_url: {cfg.vector_store_url!r} is not available in an embedded run "
             "(use faiss://, or run the dedupe service for Weaviate)"
         )
+    if cfg.api == "completions":
+        for name in ["(top level)", *cfg.instructors]:
+            mode = (
+                cfg.structured_output if name == "(top level)" else cfg.structured_output_for(name)
+            )
+            if mode == "json_schema":
+                key = (
+                    "structured_output"
+                    if name == "(top level)"
+                    else f"instructors.{name}.structured_output"
+                )
+                problems.append(
+                    f"{key}: json_schema needs api: chat (the completions API has no "
+                    "response_format); use auto or off"
+                )
     if cfg.max_cost is not None:
         for name in ["(top level)", *cfg.instructors]:
             model = cfg.model if name == "(top level)" else cfg.model_for(name)

@@ -24,7 +24,7 @@ from airoboros.contracts import BatchStats
 
 #: Errors after which no call of the job can succeed (a single bad request can be the
 #: prompt's fault, so it only counts as a failure).
-FATAL_ERRORS = frozenset({"auth_error", "model_not_found"})
+FATAL_ERRORS = frozenset({"auth_error", "model_not_found", "structured_output_unsupported"})
 #: Excerpts of the endpoint's answers kept in a stop reason, in characters.
 EXCERPT_CHARS = 160
 

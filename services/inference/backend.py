@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 
 from airoboros.contracts import AdapterPublished
 from airoboros.errors import ApiError, UnknownModel
+from airoboros.inference.constrained import FormatSpec
 
 FinishReason = Literal["stop", "length"]
 
@@ -66,6 +67,8 @@ class GenerationRequest:
     n: int = 1
     #: whether the client streams (a hint: TGI then uses /generate_stream)
     stream: bool = True
+    #: the output must be JSON of this shape (``response_format``); None: free text
+    response_format: FormatSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ from airoboros.inference.backend import (
     ServedAdapter,
     unknown_model,
 )
+from airoboros.inference.constrained import Constraint, Grammars
 from airoboros.inference.settings import InferenceSettings
 from airoboros.inference.text import IncrementalDecoder, StopMatcher
 from airoboros.loading import MODEL_LOAD_LOCK
@@ -119,6 +120,8 @@ class _Seq:
     last: int = -1  # the latest sampled token, fed to the next decode step
     finished: bool = False
     released: bool = False  # its adapter pin has been returned
+    #: the grammar of its response_format (None: unconstrained)
+    constraint: Constraint | None = None
 
     @property
     def slot(self) -> str:
@@ -169,6 +172,8 @@ class LocalEngine:
         self._pad = 0
         self._bos: int | None = None
         self._keep_logits = False
+        #: constrained decoding for response_format, made on first use
+        self._grammars: Grammars | None = None
         self.max_context = 0
         self.device: Any = None
         #: counters for tests and metrics: steps run, the largest batch decoded, the most
@@ -288,6 +293,14 @@ class LocalEngine:
             )
         if len(self._waiting) + request.n > self.settings.max_waiting:
             raise Overloaded(f"{len(self._waiting)} sequences are waiting already; retry shortly")
+        compiled = None
+        if request.response_format is not None:
+            # Compiling is CPU work of milliseconds to seconds: off the event loop, and
+            # before anything is queued so that a bad schema is a 400.
+            grammars = self._grammars
+            if grammars is None:
+                grammars = await asyncio.to_thread(self._make_grammars)
+            compiled = await asyncio.to_thread(grammars.compile, request.response_format)
         import torch
 
         gens = []
@@ -308,6 +321,9 @@ class LocalEngine:
                     generator=generator,
                     decoder=IncrementalDecoder(self._tok),
                     stops=StopMatcher(request.stop),
+                    constraint=None
+                    if compiled is None or self._grammars is None
+                    else self._grammars.constraint(compiled),
                 )
             )
             gens.append(gen)
@@ -436,6 +452,12 @@ class LocalEngine:
         if pad is None:
             pad = next(iter(eos), 0)
         self._pad = int(pad)
+
+    def _make_grammars(self) -> Grammars:
+        if self._grammars is None:
+            vocab = int(getattr(self._base.config, "vocab_size", 0) or len(self._tok))
+            self._grammars = Grammars(self._tok, vocab, sorted(self._eos))
+        return self._grammars
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         vocab = int(self._base.config.vocab_size)
@@ -818,6 +840,17 @@ class LocalEngine:
         import torch
 
         logits = logits.float()
+        constrained = [i for i, s in enumerate(rows) if s.constraint is not None]
+        if constrained and self._grammars is not None:
+            # Each constrained row keeps only the tokens its grammar allows next; the
+            # other rows of the batch are untouched.
+            bitmask = self._grammars.allocate(len(rows))  # [B, ceil(V/32)]
+            for i in constrained:
+                constraint = rows[i].constraint
+                assert constraint is not None
+                constraint.fill(bitmask, i)
+                self._grammars.restrict(bitmask, i)
+            self._grammars.apply(logits, bitmask, constrained)
         chosen = logits.argmax(dim=-1)  # [B], greedy for every row first
         sampled = [i for i, s in enumerate(rows) if s.sampling.temperature > 0]
         if sampled:
@@ -850,6 +883,10 @@ class LocalEngine:
         """Take ``token`` into ``seq``; queue its text; True when ``seq`` has finished."""
         seq.generated += 1
         seq.last = token
+        if seq.constraint is not None and not seq.constraint.accept(token):
+            log.warning(
+                "the grammar refused a token it allowed (%d); the JSON may be invalid", token
+            )
         finish: FinishReason | None = None
         if token in self._eos:
             finish = "stop"

@@ -20,6 +20,7 @@ from airoboros.inference.backend import (
     SamplingParams,
     unknown_model,
 )
+from airoboros.inference.constrained import parse_response_format
 from airoboros.inference.prompt import PromptTurn, render_chat
 from airoboros.inference.settings import InferenceSettings
 from airoboros.protocol import (
@@ -228,11 +229,7 @@ class InferenceService:
             raise Unsupported("logprobs are not supported by this server", param="logprobs")
         if req.tools:
             raise Unsupported("tools are not supported by this server", param="tools")
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise Unsupported(
-                f"response_format {fmt!r} is not supported (only 'text')", param="response_format"
-            )
+        response_format = parse_response_format(req.response_format)
         adapter = self._adapter_for(req.model)
         assert req.model is not None
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -250,6 +247,7 @@ class InferenceService:
                 stop=req.stop_list(),
                 n=req.n,
                 stream=bool(req.stream),
+                response_format=response_format,
             )
         )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -280,6 +278,11 @@ class InferenceService:
             raise Unsupported("suffix is not supported by this server", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise Unsupported("best_of (other than n) is not supported", param="best_of")
+        if (req.model_extra or {}).get("response_format") not in (None, {"type": "text"}):
+            raise Unsupported(
+                "response_format is supported on /v1/chat/completions only",
+                param="response_format",
+            )
         adapter = self._adapter_for(req.model)
         assert req.model is not None
         sampling = self._sampling(req)

@@ -223,6 +223,11 @@ class TGIBackend:
             )
         if request.adapter is not None and request.adapter not in self._adapters:
             raise unknown_model(request.adapter)
+        if request.response_format is not None:
+            raise Unsupported(
+                "response_format (json) is not supported with the TGI backend",
+                param="response_format",
+            )
         prompt_tokens = 0
         if self._tok is not None:
             prompt_tokens = len(self._tok(request.prompt)["input_ids"])

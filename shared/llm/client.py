@@ -36,6 +36,7 @@ from airoboros.errors import (
 )
 from airoboros.llm.accounting import UsageMeter
 from airoboros.llm.limiter import RateLimiter
+from airoboros.llm.structured import StructuredSupport
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,8 @@ class LLMClient:
         self.worst = WorstCase()
         #: set when the first request has been sent (start-up work waits for it)
         self.first_sent = asyncio.Event()
+        #: whether calls may ask for a JSON schema (``structured_output``)
+        self.structured = StructuredSupport(self)
         self._client = openai.AsyncOpenAI(
             api_key=settings.api_key or "not-needed",
             base_url=settings.base_url,
@@ -259,7 +262,8 @@ class LLMClient:
         params: dict[str, Any] | None = None,
     ) -> Completion:
         """One completion, retried as needed. Raises BudgetExhausted before any call once
-        the budget is spent, and LLMError when the call cannot succeed."""
+        the budget is spent, and LLMError when the call cannot succeed. ``params`` go to
+        the SDK as they are (``response_format`` included, chat API only)."""
         params = dict(params or {})
         max_tokens = params.pop("max_tokens", None) or self.settings.max_completion_tokens
         deadline = time.monotonic() + self.settings.max_retry_time
@@ -383,6 +387,8 @@ class LLMClient:
         if max_tokens is not None:
             extra["max_tokens"] = max_tokens
         if self.settings.api == "completions":
+            # The completions API has no response_format: callers fall back to markers.
+            params = {k: v for k, v in params.items() if k != "response_format"}
             raw = await self._client.completions.with_raw_response.create(
                 model=model,
                 prompt=messages_to_prompt(messages),

@@ -168,3 +168,45 @@ async def test_64_concurrent_streams_match_solo_runs(lmoe_server: str) -> None:
     await aclient.close()
     assert together == alone
     assert len(set(alone)) > 1  # the two experts and the seeds really differ
+
+
+def test_response_format_passes_through_to_constrained_decoding(lmoe_server: str) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "dish": {"type": "string", "maxLength": 12},
+            "minutes": {"type": "integer", "minimum": 1, "maximum": 99},
+        },
+        "required": ["dish", "minutes"],
+        "additionalProperties": False,
+    }
+    c = client(lmoe_server)
+    for stream in (False, True):
+        kw: dict[str, object] = {
+            "model": "auto",
+            "messages": [{"role": "user", "content": "A recipe and its time, as JSON."}],
+            "max_tokens": 200,
+            "seed": 3,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "recipe", "schema": schema},
+            },
+        }
+        if stream:
+            text = "".join(
+                (ch.choices[0].delta.content or "") if ch.choices else ""
+                for ch in c.chat.completions.create(**kw, stream=True)  # type: ignore[call-overload]
+            )
+        else:
+            text = c.chat.completions.create(**kw).choices[0].message.content or ""  # type: ignore[call-overload]
+        jsonschema.validate(json.loads(text), schema)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(
+            model="auto",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            response_format={"type": "xml"},  # type: ignore[arg-type, typeddict-item]
+        )
+    assert "response_format" in str(info.value)

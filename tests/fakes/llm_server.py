@@ -312,6 +312,10 @@ class Script:
     batch_line_errors: int = 0
     #: seconds a batch job spends in each of validating, in_progress and finalizing
     batch_state_seconds: float = 0.0
+    #: answer ``response_format`` (json_schema, json_object) with JSON of that shape;
+    #: when False such requests get a 400 "unsupported response_format", counted only in
+    #: stats["response_format_refused"] (not in "requests"), as a server without it would
+    structured_output: bool = False
 
 
 class ScriptedLLM:
@@ -542,6 +546,19 @@ class ScriptedLLM:
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Any:
             body = await request.json()
+            if body.get("response_format") and not self.script.structured_output:
+                self.stats["response_format_refused"] += 1
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": "unsupported response_format",
+                            "type": "invalid_request_error",
+                            "param": "response_format",
+                            "code": None,
+                        }
+                    },
+                    status_code=400,
+                )
             prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
             return await self._complete(
                 request, body, prompt, chat=True, messages=list(body.get("messages", []))
@@ -660,6 +677,13 @@ class ScriptedLLM:
             text = "Sure! " + paragraph(self.rng, 1).replace("QUESTION", "").replace("TSK", "")
         elif outcome == "refusal":
             text = "I'm sorry, but I can't help with that request."
+        elif body.get("response_format"):
+            from tests.fakes.structured_answers import structured_answer
+
+            self.stats["response_format"] += 1
+            text = structured_answer(self, prompt, messages, body["response_format"])
+            if outcome == "truncate":
+                text, finish = text[: max(1, len(text) // 2)], "length"
         else:
             text = self.answer(prompt, messages)
             if outcome == "truncate":

@@ -254,7 +254,6 @@ REFUSED = (
     "logit_bias",
     "logprobs",
     "tools",
-    "response_format",
     "suffix",
     "best_of",
 )

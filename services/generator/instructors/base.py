@@ -25,8 +25,17 @@ from typing import Any, ClassVar, TypeVar
 from airoboros.catalog import CATALOG, InstructorSpec
 from airoboros.config import Config, InstructorConfig
 from airoboros.contracts import Artifact, BatchStats, Candidate, GenerateBatch, Item
+from airoboros.errors import BadRequestError
+from airoboros.generator.instructors.structured import (
+    TASKS,
+    ItemShape,
+    StructuredOutputRefused,
+    as_pairs,
+    pairs,
+)
 from airoboros.llm import LLMClient, ResponseFilter
 from airoboros.llm.filters import REFUSAL_OPENINGS
+from airoboros.llm.structured import refused_format
 from airoboros.templates import render
 
 log = logging.getLogger(__name__)
@@ -267,6 +276,50 @@ class Instructor:
         )
         return Reply(text, finish == "length", prompt_t, completion_t)
 
+    async def structured(self) -> bool:
+        """Whether this instructor's item lists are asked for as JSON (its
+        ``structured_output`` and, for auto, the endpoint's verdict)."""
+        mode = self.ctx.config.structured_output_for(self.name)
+        # A stand-in for the client (unit tests' canned replies) has no structured support.
+        support = getattr(self.ctx.llm, "structured", None)
+        if mode == "off" or support is None:
+            return False
+        return bool(await support.use_structured(mode, self.ctx.model, self.name))
+
+    async def ask_shaped(
+        self,
+        prompt: str,
+        shape: ItemShape,
+        markers: Callable[[str], Sequence[tuple[str, ...]]],
+        **params: Any,
+    ) -> tuple[Reply, list[tuple[str, ...]]]:
+        """``ask_items`` for a list of items of ``shape``: as JSON through
+        ``response_format`` where structured output is used (the prompt's marker format
+        replaced by the JSON shape), else in the prompt's marker format read by
+        ``markers``. The items come back as the same tuples either way. In auto mode an
+        endpoint that refuses the format after all is remembered as not supporting it and
+        the call is made again with markers."""
+        if await self.structured():
+            try:
+                reply = await self.ask_items(
+                    shape.prompt(prompt), response_format=shape.response_format(), **params
+                )
+            except BadRequestError as exc:
+                if not refused_format(exc):
+                    raise
+                if self.ctx.config.structured_output_for(self.name) == "json_schema":
+                    raise StructuredOutputRefused(
+                        f"structured_output is json_schema but the endpoint refused "
+                        f"response_format for model {self.ctx.model!r} ({exc}); set "
+                        "structured_output: auto (or off) for this endpoint",
+                        status=exc.status,
+                    ) from None
+                self.ctx.llm.structured.refused(self.ctx.model)
+            else:
+                return reply, shape.parse(reply.text, reply.truncated)
+        reply = await self.ask_items(prompt, **params)
+        return reply, list(markers(reply.text))
+
     def usable(
         self,
         items: Sequence[T],
@@ -384,9 +437,11 @@ class TaskListInstructor(Instructor):
         prompt = render(
             self.prompt_template, **{**self.common_values(task), **self.extra_values(task)}
         )
-        reply = await self.ask_items(prompt)
+        reply, found = await self.ask_shaped(
+            prompt, TASKS, lambda text: [(t,) for t in parse_tasks(text)]
+        )
         tasks = self.usable(
-            parse_tasks(reply.text), reply, stats, texts=lambda t: (t,), limit=task.batch_size
+            [t for (t,) in found], reply, stats, texts=lambda t: (t,), limit=task.batch_size
         )
         return [self.candidate(t) for t in tasks]
 
@@ -427,16 +482,20 @@ class InlineInstructor(Instructor):
         prompt = render(
             self.prompt_template, **{**self.common_values(task), **self.extra_values(task)}
         )
-        reply = await self.ask_items(prompt)
-        pairs = self.usable(
-            parse_pairs(reply.text, self.start_key, self.end_key),
+        reply, found = await self.ask_shaped(
+            prompt,
+            pairs(self.start_key, self.end_key),
+            lambda text: parse_pairs(text, self.start_key, self.end_key),
+        )
+        qa = self.usable(
+            as_pairs(found),
             reply,
             stats,
             texts=lambda qa: qa,
             limit=task.batch_size,
         )
         out = []
-        for q, a in pairs:
+        for q, a in qa:
             if not self.accept_pair(q, a):
                 stats.filtered += 1
                 continue

@@ -13,12 +13,19 @@ import difflib
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from airoboros.cards import CARD_KIND, card_data, card_name
 from airoboros.contracts import Artifact, BatchStats, Candidate, GenerateBatch, Item
 from airoboros.generator.instructors.base import Filtered, Instructor, load_prompt
+from airoboros.generator.instructors.structured import (
+    AWARENESS_CHARACTER,
+    AWARENESS_WITH_CONTEXT,
+    CHARACTERS,
+    GTKM_QUESTIONS,
+)
 from airoboros.templates import render
 
 #: rules appended to every in-character system prompt (never stored in the dataset)
@@ -72,9 +79,20 @@ class Character(Instructor):
             skip=skip,
             language=self.ctx.language,
         )
-        reply = await self.ask_items(prompt)
+        reply, found = await self.ask_shaped(
+            prompt,
+            replace(CHARACTERS, note=f"Write everything in {self.ctx.language}."),
+            # The marker cards carry their name on the description's NAME: line.
+            lambda text: [("", d, g) for d, g in parse_cards(text)],
+        )
+        # A JSON card's name becomes that NAME: line, so both read the same from here.
+        described = [(f"NAME: {name}\n{d}" if name else d, g) for name, d, g in found]
         cards = self.usable(
-            parse_cards(reply.text), reply, stats, texts=lambda c: c, limit=task.batch_size
+            [c for c in described if _NAME.search(c[0])],
+            reply,
+            stats,
+            texts=lambda c: c,
+            limit=task.batch_size,
         )
         out = []
         for description, guide in cards:
@@ -182,8 +200,11 @@ class Gtkm(_CardUser):
             question_count=n,
             language=self.ctx.language,
         )
-        reply = await self.ask_items(prompt)
-        found = [q for q in _QUESTION_LINE.findall(reply.text) if q]
+        shape = replace(GTKM_QUESTIONS, note=f"Write the questions in {self.ctx.language}.")
+        reply, items = await self.ask_shaped(
+            prompt, shape, lambda text: [(q,) for q in _QUESTION_LINE.findall(text) if q]
+        )
+        found = [q for (q,) in items]
         questions = self.usable(found, reply, stats, texts=lambda q: (q,))
         if len(questions) < 2:
             if questions:
@@ -277,9 +298,22 @@ class Awareness(_CardUser):
             character=card_data(card).get("description", "") if card else "",
             aspect=spec.get("aspect", ""),
         )
-        reply = await self.ask_items(prompt)
+        with_context = variant != "character"
+        shape = replace(
+            AWARENESS_WITH_CONTEXT if with_context else AWARENESS_CHARACTER,
+            note=f"Write in {self.ctx.language}.",
+        )
+        reply, items = await self.ask_shaped(
+            prompt,
+            shape,
+            lambda text: [
+                tuple(b[k] for k in ("q", "c", "a", "ca") if with_context or k != "c")
+                for b in parse_awareness(text, with_context=with_context)
+            ],
+        )
+        keys = ("q", "c", "a", "ca") if with_context else ("q", "a", "ca")
         blocks = self.usable(
-            parse_awareness(reply.text, with_context=variant != "character"),
+            [{"c": "", **dict(zip(keys, item, strict=True))} for item in items],
             reply,
             stats,
             texts=lambda b: (b["q"],),

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch, Item
 from airoboros.generator.instructors.base import Ctx, Instructor, load_prompt
 from airoboros.generator.instructors.contextual import valid_block
+from airoboros.generator.instructors.structured import COUNTERFACTUALS
 from airoboros.templates import render
 
 #: requests for the source, one added to about half of the questions (the same one on
@@ -79,21 +81,38 @@ def split_source(text: str) -> tuple[str, str | None]:
 def parse_counterfactual(text: str) -> list[Fact]:
     """Complete (fact, counter, question) triples, by item number, in order. Items whose
     number is missing from any of the three lists are dropped."""
+    return facts_of(section_triples(text))
+
+
+def section_triples(text: str) -> list[tuple[str, ...]]:
+    """(number, fact, counter, question), raw, of each number found in all three sections."""
     m = _SECTIONS.search(text)
     if not m:
         return []
     facts, counters, questions = (numbered(m.group(i)) for i in (1, 2, 3))
+    return [
+        (str(n), facts[n], counters[n], questions[n])
+        for n in sorted(facts)
+        if n in counters and n in questions
+    ]
+
+
+def facts_of(items: Sequence[tuple[str, ...]]) -> list[Fact]:
+    """Facts from raw items: (number, fact, counter, question) from the sections, or
+    (fact, counter, question) from JSON (numbered from 1 in order). The source is split
+    off; a repeated fact, or one equal to its counter, is dropped."""
     out: list[Fact] = []
     seen: set[str] = set()
-    for n in sorted(facts):
-        if n not in counters or n not in questions:
-            continue
-        fact, source = split_source(facts[n])
-        counter, _ = split_source(counters[n])  # a source the model added anyway
+    for i, item in enumerate(items, 1):
+        n, (raw_fact, raw_counter, question) = (
+            (int(item[0]), item[1:]) if len(item) == 4 else (i, item)
+        )
+        fact, source = split_source(raw_fact)
+        counter, _ = split_source(raw_counter)  # a source the model added anyway
         if not fact or not counter or fact in seen or fact == counter:
             continue
         seen.add(fact)
-        out.append(Fact(n, fact, counter, questions[n], source))
+        out.append(Fact(n, fact, counter, question, source))
     return out
 
 
@@ -132,9 +151,13 @@ class CounterfactualContextual(Instructor):
         return real, fake
 
     async def propose(self, task: GenerateBatch, stats: BatchStats) -> list[Candidate]:
-        reply = await self.ask_items(render(self.prompt_template, **self.common_values(task)))
+        reply, found = await self.ask_shaped(
+            render(self.prompt_template, **self.common_values(task)),
+            replace(COUNTERFACTUALS, note=f"Write in {self.ctx.language}."),
+            section_triples,
+        )
         facts = self.usable(
-            parse_counterfactual(reply.text),
+            facts_of(found),
             reply,
             stats,
             texts=lambda f: (f.fact, f.question),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from airoboros.contracts import BatchStats, Candidate, GenerateBatch
 from airoboros.documents import (
@@ -28,6 +28,7 @@ from airoboros.documents import (
 )
 from airoboros.generator.instructors.base import Filtered, Instructor, count_loss, gather_candidates
 from airoboros.generator.instructors.contextual import valid_block
+from airoboros.generator.instructors.structured import DOCUMENT_QA
 from airoboros.templates import render
 
 log = logging.getLogger(__name__)
@@ -170,10 +171,22 @@ class Documents(Instructor):
 
     async def _one(self, passage: Passage, stats: BatchStats) -> list[Candidate]:
         _, questions, support = passage_settings(self.ctx.inst)
-        reply = await self.ask_items(self.prompt(passage, questions))
+        shape = replace(
+            DOCUMENT_QA,
+            note=f"Write the questions, answers and quotes in {self.ctx.language}.",
+        )
+        reply, found = await self.ask_shaped(
+            self.prompt(passage, questions),
+            shape,
+            lambda text: [(q.question, q.answer, q.quote or "") for q in parse_qa(text)],
+        )
         # Answers are filtered one by one below (reject_reason), with the grounding checks.
         triples = self.usable(
-            parse_qa(reply.text), reply, stats, texts=lambda qa: (), apply_filters=False
+            [QA(q, a, quote or None) for q, a, quote in found],
+            reply,
+            stats,
+            texts=lambda qa: (),
+            apply_filters=False,
         )
         out: list[Candidate] = []
         for qa in triples[:questions]:
