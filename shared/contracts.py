@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 #: "MAJOR.MINOR" of the messages this release writes. A MINOR step only adds optional
 #: fields, which readers of the same MAJOR ignore (tolerant readers); a MAJOR step changes
 #: meaning, and a bus refuses (dead-letters) a message whose MAJOR it does not know.
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 
 def new_id() -> str:

@@ -194,8 +194,8 @@ async def test_drain_waits_for_follow_up_handler_still_running(bus: InMemoryBus)
 
 
 def test_schema_version_is_major_minor_and_reads_the_legacy_integer() -> None:
-    assert SCHEMA_VERSION == "1.1"
-    assert JobEvent(job_id="j", status="done").schema_version == "1.1"
+    assert SCHEMA_VERSION == "1.2"
+    assert JobEvent(job_id="j", status="done").schema_version == "1.2"
     legacy = '{"schema_version": 1, "job_id": "j", "status": "done"}'
     assert JobEvent.model_validate_json(legacy).schema_version == "1.0"
     assert JobEvent(job_id="j", status="done", schema_version="1.07").schema_version == "1.7"
