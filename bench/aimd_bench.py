@@ -10,7 +10,10 @@ default where no limits are configured), keeps --max-concurrency calls pending f
 Reported per K: calls/s in the steady state (after --warmup seconds) as a fraction of
 K/latency (target >= 0.9), the same over the whole run (slow start included), and the
 share of all requests the server answered 429 (target <= 2%), with the window at the
-end. With --baseline, the same run with the window off (a fixed max_concurrency that
+end. Beside it, in the same run, the oracle: the same client with the window off and
+max_concurrency K, as if it had been told K (its calls/s is what this machine's client
+can do at K; "aimd / oracle" separates the algorithm from the machine's CPU). With
+--baseline, also the same run with the window off (a fixed max_concurrency that
 pauses everyone on each 429), the behaviour before adaptive concurrency.
 
     .venv/bin/python bench/aimd_bench.py [--ks 4,16,64] [--latency 0.2] [--duration 20]
@@ -80,8 +83,10 @@ def stats(url: str) -> dict[str, Any]:
         return dict(json.loads(r.read()))
 
 
-async def run(url: str, args: argparse.Namespace, adaptive: bool) -> dict[str, Any]:
-    limiter = RateLimiter(max_concurrency=args.max_concurrency, adaptive_concurrency=adaptive)
+async def run(
+    url: str, args: argparse.Namespace, adaptive: bool, concurrency: int
+) -> dict[str, Any]:
+    limiter = RateLimiter(max_concurrency=concurrency, adaptive_concurrency=adaptive)
     client = LLMClient(LLMSettings(base_url=f"{url}/v1", api_key="k"), limiter, UsageMeter())
     done: list[float] = []
     failed = 0
@@ -114,10 +119,12 @@ async def run(url: str, args: argparse.Namespace, adaptive: bool) -> dict[str, A
     }
 
 
-def measure(k: int, args: argparse.Namespace, adaptive: bool) -> dict[str, Any]:
+def measure(
+    k: int, args: argparse.Namespace, adaptive: bool, concurrency: int | None = None
+) -> dict[str, Any]:
     proc, url = start_server(k, args.latency)
     try:
-        out = asyncio.run(run(url, args, adaptive))
+        out = asyncio.run(run(url, args, adaptive, concurrency or args.max_concurrency))
         st = stats(url)
     finally:
         proc.terminate()
@@ -165,14 +172,21 @@ def main() -> None:
     )
     results = []
     for k in ks:
+        # The oracle: a client told K (window off, max_concurrency K) on this machine.
+        oracle = measure(k, args, adaptive=False, concurrency=k)
+        show("oracle  ", oracle)
         r = measure(k, args, adaptive=True)
+        r["vs_oracle"] = r["steady_rate"] / max(1e-9, oracle["steady_rate"])
         show("aimd    ", r)
+        print(f"          K={k:>3}: aimd / oracle (steady) = {r['vs_oracle']:.2f}", flush=True)
         results.append(r)
         if args.baseline:
             show("fixed   ", measure(k, args, adaptive=False))
     summary = ", ".join(
         f"K={r['k']} {r['steady']:.2f}/ {100 * r['share_429']:.1f}%" for r in results
     )
+    oracle_line = ", ".join(f"K={r['k']} {r['vs_oracle']:.2f}" for r in results)
+    print(f"aimd vs oracle (a client told K, same run): {oracle_line}")
     print(f"aimd: {summary} (target >= 0.9, <= 2%)")
 
 

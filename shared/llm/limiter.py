@@ -91,10 +91,12 @@ Outcome = Literal["ok", "congested", "other"]
 #: The window a fresh adaptive limiter starts at (never above max_concurrency).
 AIMD_INITIAL = 4
 #: Multiplicative decrease the first time the server pushes back, or when it pushes back
-#: below the remembered ceiling (its capacity fell).
+#: well below the remembered ceiling (its capacity fell) ...
 AIMD_BETA = 0.5
-#: ... and when it pushes back again at the remembered ceiling (a probe that failed).
+#: ... and when it pushes back near the ceiling (at AIMD_NEAR x ceiling or above: a probe
+#: that failed, or a ceiling first measured a little high).
 AIMD_BETA_NEAR = 0.9
+AIMD_NEAR = 0.8
 #: Near the ceiling the window grows by one only every max(AIMD_PROBE_CALLS,
 #: AIMD_PROBE_RTTS x window) successes, so probes that fail stay rare (~1 in that many).
 AIMD_PROBE_CALLS = 200
@@ -138,9 +140,13 @@ def aimd_update(
       than half the window was used teaches nothing about the server and grows nothing.
       A window that grows past the ceiling without a 429 forgets it (capacity grew).
     - congestion, for a call sent after the last decrease (so a burst of 429s from one
-      round trip decreases once): the ceiling becomes ``level``; the window is multiplied
-      by AIMD_BETA_NEAR when that is at or above the ceiling already known, else by
-      AIMD_BETA; slow start then regrows it to ``level - 1``, the last level that worked.
+      round trip decreases once): near the ceiling already known (``level`` at least
+      AIMD_NEAR x ceiling) the window is multiplied by AIMD_BETA_NEAR and regrows by
+      +1/window, and the ceiling becomes the lower of the two; elsewhere (none known, or
+      far below it: the capacity fell) the window is multiplied by AIMD_BETA, the
+      ceiling becomes ``level`` and slow start regrows the window to 0.9 x ``level``.
+      (``level`` counts answers the server sent that this process has not read yet, so
+      it can exceed the server's count by a few: hence the margins.)
     The window stays within [1, max_window].
     """
     if outcome == "ok":
@@ -155,10 +161,14 @@ def aimd_update(
             if st.ceiling and math.floor(st.cwnd) > st.ceiling:
                 st.ceiling = 0
     elif outcome == "congested" and seq > st.recovery_seq:
-        beta = AIMD_BETA_NEAR if st.ceiling and level >= st.ceiling else AIMD_BETA
-        st.ceiling = level
-        st.cwnd = min(st.cwnd, float(level)) * beta
-        st.ssthresh = float(max(1, level - 1))
+        if st.ceiling and level >= AIMD_NEAR * st.ceiling:
+            st.ceiling = min(st.ceiling, level)
+            st.cwnd = min(st.cwnd, float(level)) * AIMD_BETA_NEAR
+            st.ssthresh = st.cwnd
+        else:
+            st.ceiling = level
+            st.cwnd = min(st.cwnd, float(level)) * AIMD_BETA
+            st.ssthresh = max(1.0, 0.9 * level)
         st.recovery_seq = last_seq
     st.cwnd = min(max(st.cwnd, 1.0), float(max_window))
     st.ssthresh = min(max(st.ssthresh, 1.0), float(max_window))
