@@ -129,15 +129,23 @@ class AIMDState:
 
 
 def aimd_update(
-    st: AIMDState, outcome: Outcome, seq: int, level: int, last_seq: int, max_window: int
+    st: AIMDState,
+    outcome: Outcome,
+    seq: int,
+    level: int,
+    in_flight: int,
+    last_seq: int,
+    max_window: int,
 ) -> None:
-    """Apply one call's outcome to ``st`` (in place). ``last_seq`` is the seq of the latest
-    call sent; ``level`` the calls in flight when this one was sent.
+    """Apply one call's outcome to ``st`` (in place). ``level``: the calls in flight when
+    this one was sent; ``in_flight``: when its answer came (itself included);
+    ``last_seq``: the seq of the latest call sent.
 
     - success: slow start (+1 per success, the window doubles per round trip) below
       ``ssthresh``; near a known ceiling +1 per max(AIMD_PROBE_CALLS, AIMD_PROBE_RTTS x
-      window) successes; elsewhere +1/window (one per round trip). A call sent while less
-      than half the window was used teaches nothing about the server and grows nothing.
+      window) successes; elsewhere +1/window (one per round trip). A call answered while
+      less than half the window was used teaches nothing about the server and grows
+      nothing (so a light load does not inflate the window).
       A window that grows past the ceiling without a 429 forgets it (capacity grew).
     - congestion, for a call sent after the last decrease (so a burst of 429s from one
       round trip decreases once): near the ceiling already known (``level`` at least
@@ -151,7 +159,7 @@ def aimd_update(
     """
     if outcome == "ok":
         limit = max(1, math.floor(st.cwnd))
-        if 2 * level >= limit:
+        if 2 * in_flight >= limit:
             if st.cwnd < st.ssthresh:
                 st.cwnd = min(st.cwnd + 1.0, max(st.ssthresh, st.cwnd))
             elif st.ceiling and st.cwnd >= st.ceiling - 1:
@@ -205,8 +213,16 @@ class AIMDWindow:
 
     def release(self, ticket: Ticket) -> None:
         """Give the place back and learn from the call's outcome."""
+        aimd_update(
+            self.state,
+            ticket.outcome,
+            ticket.seq,
+            ticket.level,
+            self.in_flight,
+            self.seq,
+            self.max_window,
+        )
         self.in_flight = max(0, self.in_flight - 1)
-        aimd_update(self.state, ticket.outcome, ticket.seq, ticket.level, self.seq, self.max_window)
 
 
 class RateLimiter:
