@@ -47,6 +47,16 @@ def _rows(gen: Generation) -> list[dict[str, Any]]:
     return out
 
 
+def concurrency_line(gen: Generation) -> str:
+    """``concurrency 12/64 (adaptive)`` while the adaptive window limits the calls in
+    flight (window/max_concurrency), else ``""``."""
+    limiter: Any = gen.llm.limiter if gen.llm is not None else None
+    window = limiter.concurrency_window() if limiter is not None else None
+    if window is None:
+        return ""
+    return f"concurrency {window}/{limiter.max_concurrency} (adaptive)"
+
+
 _COUNTS = (
     "accepted",
     "duplicates",
@@ -86,6 +96,8 @@ class PlainProgress:
             )  # fmt: skip
         if ctl is not None:
             log.info("requests/min: %.1f", ctl.requests_per_minute())
+        if window := concurrency_line(gen):
+            log.info("%s", window)
 
     def close(self) -> None:
         pass
@@ -133,6 +145,8 @@ class LiveProgress:
             )
         if ctl is not None:
             table.caption = f"{ctl.requests_per_minute():.1f} requests/min"
+            if window := concurrency_line(gen):
+                table.caption += f" · {window}"
         self.live.update(table)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -271,3 +272,29 @@ async def test_turning_it_off_lets_waiters_go() -> None:
     assert entered == 3
     release.set()
     await asyncio.gather(*tasks)
+
+
+# --- shown ---------------------------------------------------------------------------
+
+
+def test_the_window_is_shown_in_progress_and_metrics() -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from airoboros.cli.progress import concurrency_line
+
+    limiter = RateLimiter(max_concurrency=64)
+    gen: Any = SimpleNamespace(llm=SimpleNamespace(limiter=limiter))
+    assert concurrency_line(gen) == "concurrency 4/64 (adaptive)"
+    assert REGISTRY.get_sample_value("airoboros_llm_concurrency_window") == 4
+    w = limiter.window
+    assert w is not None
+    p = Pipe(w)
+    p.round_trip()
+    limiter._window_release(w.acquire())  # the gauge follows each change
+    assert concurrency_line(gen) == f"concurrency {w.limit}/64 (adaptive)"
+    assert REGISTRY.get_sample_value("airoboros_llm_concurrency_window") == w.limit == 8
+    fixed: Any = SimpleNamespace(llm=SimpleNamespace(limiter=RateLimiter(requests_per_minute=60)))
+    assert concurrency_line(fixed) == ""
+    assert REGISTRY.get_sample_value("airoboros_llm_concurrency_window") == 32
