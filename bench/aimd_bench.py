@@ -17,7 +17,8 @@ can do at K; "aimd / oracle" separates the algorithm from the machine's CPU). Wi
 pauses everyone on each 429), the behaviour before adaptive concurrency.
 
     .venv/bin/python bench/aimd_bench.py [--ks 4,16,64] [--latency 0.2] [--duration 20]
-                                         [--warmup 5] [--max-concurrency 128] [--baseline]
+                                         [--latencies 0.2,0.2,0.5] [--warmup 5]
+                                         [--max-concurrency 128] [--baseline]
 """
 
 from __future__ import annotations
@@ -120,16 +121,20 @@ async def run(
 
 
 def measure(
-    k: int, args: argparse.Namespace, adaptive: bool, concurrency: int | None = None
+    k: int,
+    latency: float,
+    args: argparse.Namespace,
+    adaptive: bool,
+    concurrency: int | None = None,
 ) -> dict[str, Any]:
-    proc, url = start_server(k, args.latency)
+    proc, url = start_server(k, latency)
     try:
         out = asyncio.run(run(url, args, adaptive, concurrency or args.max_concurrency))
         st = stats(url)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    ideal = k / args.latency
+    ideal = k / latency
     out.update(
         k=k,
         ideal=ideal,
@@ -158,30 +163,43 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ks", default="4,16,64")
     p.add_argument("--latency", type=float, default=0.2)
+    p.add_argument(
+        "--latencies",
+        default=None,
+        help="per K, comma separated (default: --latency for every K); a small machine "
+        "may need a longer one for K=64, see what the oracle reaches",
+    )
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--max-concurrency", type=int, default=128)
     p.add_argument("--baseline", action="store_true", help="also run with the window off")
     args = p.parse_args()
     ks = [int(x) for x in args.ks.split(",")]
+    if args.latencies:
+        latencies = [float(x) for x in args.latencies.split(",")]
+        if len(latencies) != len(ks):
+            p.error("--latencies needs one value per K")
+    else:
+        latencies = [args.latency] * len(ks)
+    shown = ", ".join(f"K={k} {lat}s" for k, lat in zip(ks, latencies, strict=True))
     print(
-        f"latency {args.latency}s, {args.duration:.0f}s per K (steady state after "
+        f"latency {shown}; {args.duration:.0f}s per K (steady state after "
         f"{args.warmup:.0f}s), max_concurrency {args.max_concurrency}, "
         f"load {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     results = []
-    for k in ks:
+    for k, latency in zip(ks, latencies, strict=True):
         # The oracle: a client told K (window off, max_concurrency K) on this machine.
-        oracle = measure(k, args, adaptive=False, concurrency=k)
+        oracle = measure(k, latency, args, adaptive=False, concurrency=k)
         show("oracle  ", oracle)
-        r = measure(k, args, adaptive=True)
+        r = measure(k, latency, args, adaptive=True)
         r["vs_oracle"] = r["steady_rate"] / max(1e-9, oracle["steady_rate"])
         show("aimd    ", r)
         print(f"          K={k:>3}: aimd / oracle (steady) = {r['vs_oracle']:.2f}", flush=True)
         results.append(r)
         if args.baseline:
-            show("fixed   ", measure(k, args, adaptive=False))
+            show("fixed   ", measure(k, latency, args, adaptive=False))
     summary = ", ".join(
         f"K={r['k']} {r['steady']:.2f}/ {100 * r['share_429']:.1f}%" for r in results
     )
