@@ -104,8 +104,13 @@ async def run(
                 continue
             done.append(time.monotonic())
 
+    workers = [asyncio.ensure_future(worker()) for _ in range(args.max_concurrency)]
     try:
-        await asyncio.gather(*(worker() for _ in range(args.max_concurrency)))
+        # Calls still retrying well after the end are cut (the baseline's pauses).
+        _, late = await asyncio.wait(workers, timeout=args.duration + 10)
+        for w in late:
+            w.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
     finally:
         await client.close()
     end = time.monotonic()
