@@ -95,7 +95,7 @@ AIMD_INITIAL = 4
 AIMD_BETA = 0.5
 #: ... and when it pushes back near the ceiling (at AIMD_NEAR x ceiling or above: a probe
 #: that failed, or a ceiling first measured a little high).
-AIMD_BETA_NEAR = 0.9
+AIMD_BETA_NEAR = 0.95
 AIMD_NEAR = 0.8
 #: Near the ceiling the window grows by one only every max(AIMD_PROBE_CALLS,
 #: AIMD_PROBE_RTTS x window) successes, so probes that fail stay rare (~1 in that many).

@@ -113,7 +113,7 @@ def test_near_the_ceiling_probes_are_rare_and_a_failed_probe_costs_little() -> N
     while len(p.flight) > 1:
         p.answer("ok", refill=False)
     p.answer("congested")  # the probe at 11 fails
-    assert w.limit == 9  # x0.9 of 11 (near the ceiling), not x0.5
+    assert w.limit == 10  # x0.95 of 11 (near the ceiling), not x0.5
     assert w.state.ceiling == 11
 
 
@@ -140,7 +140,7 @@ def test_capacity_that_grew_is_found() -> None:
 def test_bounds_one_and_max() -> None:
     w, p = steady(8, 2)
     for _ in range(10):
-        p.round_trip("congested")  # x0.5 or x0.9 per round trip
+        p.round_trip("congested")  # x0.5 or x0.95 per round trip
     assert w.limit == 1 and w.cwnd == 1.0
     rounds = 0
     while w.limit < 8 and rounds < 5000:
