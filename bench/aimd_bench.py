@@ -9,8 +9,8 @@ default where no limits are configured), keeps --max-concurrency calls pending f
 
 Reported per K: calls/s in the steady state (after --warmup seconds) as a fraction of
 K/latency (target >= 0.9), the same over the whole run (slow start included), and the
-share of all requests the server answered 429 (target <= 2%), with the window at the
-end. Beside it, in the same run, the oracle: the same client with the window off and
+share of all requests the server answered 429 (target <= 2%; also after warm-up alone:
+the first doubling past K costs up to ~K refusals once), with the window at the end. Beside it, in the same run, the oracle: the same client with the window off and
 max_concurrency K, as if it had been told K (its calls/s is what this machine's client
 can do at K; "aimd / oracle" separates the algorithm from the machine's CPU). With
 --baseline, also the same run with the window off (a fixed max_concurrency that
@@ -104,6 +104,11 @@ async def run(
                 continue
             done.append(time.monotonic())
 
+    async def snapshot() -> dict[str, Any]:
+        await asyncio.sleep(args.warmup)
+        return await asyncio.to_thread(stats, url)
+
+    at_warmup = asyncio.ensure_future(snapshot())
     workers = [asyncio.ensure_future(worker()) for _ in range(args.max_concurrency)]
     try:
         # Calls still retrying well after the end are cut (the baseline's pauses).
@@ -122,6 +127,7 @@ async def run(
         "overall_rate": len(done) / (end - start),
         "window": limiter.concurrency_window(),
         "client_429": client.stats.rate_limited,
+        "at_warmup": await at_warmup,
     }
 
 
@@ -150,6 +156,8 @@ def measure(
         rejected=st["rejected"],
         peak=st["peak_in_flight"],
     )
+    w = out["at_warmup"]
+    out["steady_429"] = (st["rejected"] - w["rejected"]) / max(1, st["requests"] - w["requests"])
     return out
 
 
@@ -157,7 +165,8 @@ def show(label: str, r: dict[str, Any]) -> None:
     print(
         f"{label} K={r['k']:>3}: steady {r['steady_rate']:7.1f}/s = {r['steady']:.2f} of "
         f"K/latency ({r['ideal']:.0f}/s), whole run {r['overall']:.2f}; "
-        f"{r['rejected']}/{r['requests']} answered 429 ({100 * r['share_429']:.1f}%); "
+        f"{r['rejected']}/{r['requests']} answered 429 ({100 * r['share_429']:.1f}%, "
+        f"{100 * r['steady_429']:.1f}% after warm-up); "
         f"{r['ok']} ok, {r['failed']} failed; window at the end {r['window']}; "
         f"server peak {r['peak']}",
         flush=True,

@@ -149,8 +149,8 @@ def aimd_update(
       A window that grows past the ceiling without a 429 forgets it (capacity grew).
     - congestion, for a call sent after the last decrease (so a burst of 429s from one
       round trip decreases once): near the ceiling already known (``level`` at least
-      AIMD_NEAR x ceiling) the window is multiplied by AIMD_BETA_NEAR and regrows by
-      +1/window, and the ceiling becomes the lower of the two; elsewhere (none known, or
+      AIMD_NEAR x ceiling) the window is multiplied by AIMD_BETA_NEAR (and is at most
+      ``level - 1``) and regrows by +1/window, and the ceiling becomes the lower of the two; elsewhere (none known, or
       far below it: the capacity fell) the window is multiplied by AIMD_BETA, the
       ceiling becomes ``level`` and slow start regrows the window to 0.9 x ``level``.
       (``level`` counts answers the server sent that this process has not read yet, so
@@ -171,7 +171,9 @@ def aimd_update(
     elif outcome == "congested" and seq > st.recovery_seq:
         if st.ceiling and level >= AIMD_NEAR * st.ceiling:
             st.ceiling = min(st.ceiling, level)
-            st.cwnd = min(st.cwnd, float(level)) * AIMD_BETA_NEAR
+            # ... and at most the last level that worked, so the next probe is a whole
+            # step of AIMD_PROBE_CALLS successes away (x0.95 of 5 would leave a quarter).
+            st.cwnd = min(min(st.cwnd, float(level)) * AIMD_BETA_NEAR, float(level - 1))
             st.ssthresh = st.cwnd
         else:
             st.ceiling = level

@@ -221,7 +221,7 @@ if outcome == 'ok' then
 elseif outcome == 'congested' and seq > recovery then
   if ceiling > 0 and level >= near * ceiling then
     ceiling = math.min(ceiling, level)
-    cwnd = math.min(cwnd, level) * beta_near
+    cwnd = math.min(math.min(cwnd, level) * beta_near, level - 1)
     ss = cwnd
   else
     ceiling = level
