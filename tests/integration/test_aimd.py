@@ -137,3 +137,42 @@ async def test_two_replicas_share_one_window_through_redis(redis: Any) -> None:
     for lim in limiters:  # each shows the shared window (as of its last call)
         shown = lim.concurrency_window()
         assert shown is not None and k - 2 <= shown <= k + 1
+
+
+async def test_the_shared_window_waits_out_a_redis_blip(redis: Any, monkeypatch: Any) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from airoboros.llm import shared_limits
+
+    r, prefix = redis
+    monkeypatch.setattr(shared_limits, "REDIS_BACKOFF", (0.01, 0.05))
+    limiter = RedisRateLimiter(r, f"{prefix}:limit", max_concurrency=8)
+    fails = {"take": 2, "give": 2}
+
+    def flaky(name: str, real: Any) -> Any:
+        async def call(**kw: Any) -> Any:
+            if fails[name] > 0:
+                fails[name] -= 1
+                raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379.")
+            return await real(**kw)
+
+        return call
+
+    limiter._window_take = flaky("take", limiter._window_take)
+    limiter._window_give = flaky("give", limiter._window_give)
+    # Taking a place waits for Redis (no error, no skipped limit) ...
+    async with limiter.slot(1) as ticket:
+        assert ticket.seq == 1 and fails["take"] == 0
+        ticket.outcome = "ok"
+    # ... and giving it back is retried in the background until Redis answers.
+    slots = f"{prefix}:limit:aimd:slots"
+    for _ in range(100):
+        if fails["give"] == 0 and await r.zcard(slots) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert fails["give"] == 0
+    assert await r.zcard(slots) == 0
+    async with asyncio.timeout(2):  # the place is free again
+        async with limiter.slot(1) as ticket:
+            ticket.outcome = "ok"
+    assert ticket.seq == 2
