@@ -176,3 +176,35 @@ async def test_the_shared_window_waits_out_a_redis_blip(redis: Any, monkeypatch:
         async with limiter.slot(1) as ticket:
             ticket.outcome = "ok"
     assert ticket.seq == 2
+
+
+async def test_the_redis_window_follows_the_same_rules_as_the_local_one(redis: Any) -> None:
+    import random
+
+    from airoboros.llm.limiter import AIMDWindow, Ticket
+
+    r, prefix = redis
+    shared = RedisRateLimiter(r, f"{prefix}:limit", max_concurrency=40)
+    local = AIMDWindow(40)
+    rng = random.Random(15)
+    held: list[tuple[Ticket, Ticket]] = []  # (shared's, local's) for the same call
+    outcomes: list[Any] = ["ok"] * 6 + ["congested", "other"]
+    compared = 0
+    for _ in range(1500):
+        if local.has_room() and (not held or rng.random() < 0.55):
+            mine = local.acquire()
+            theirs = await shared._window_acquire()
+            assert theirs is not None
+            assert (theirs.seq, theirs.level) == (mine.seq, mine.level)
+            held.append((theirs, mine))
+        else:
+            theirs, mine = held.pop(rng.randrange(len(held)))
+            theirs.outcome = mine.outcome = rng.choice(outcomes)
+            local.release(mine)
+            shared._window_release(theirs)
+            await asyncio.gather(*shared._pending)
+            cwnd = float(await r.hget(f"{prefix}:limit:aimd", "cwnd"))
+            assert cwnd == pytest.approx(local.cwnd, rel=1e-9), (compared, local.state)
+            compared += 1
+    assert compared > 500
+    assert local.state.ceiling > 0  # the run met decreases, probes and regrowth
