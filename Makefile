@@ -56,6 +56,10 @@ bench: setup
 	$(BIN)/python bench/trainer_bench.py
 	$(BIN)/python bench/router_bench.py
 	$(BIN)/python bench/inference_bench.py
+	$(BIN)/python bench/aimd_bench.py
+	$(BIN)/python bench/batch_bench.py
+	$(BIN)/python bench/structured_bench.py
+	$(BIN)/python bench/report_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -148,6 +148,10 @@ class Config(BaseModel):
     max_concurrency: int = Field(default=32, ge=1, le=100_000)
     requests_per_minute: float | None = Field(default=None, gt=0, le=1e9)
     tokens_per_minute: float | None = Field(default=None, gt=0, le=1e12)
+    #: Adapt the calls in flight (1..max_concurrency) to what the endpoint accepts (AIMD
+    #: on 429, 503 and timeouts). Unset: on unless requests_per_minute/tokens_per_minute
+    #: is set, and off once the endpoint's x-ratelimit-* headers give its limits.
+    adaptive_concurrency: bool | None = None
     #: Budget in USD; new calls stop the moment it is reached.
     max_cost: float | None = Field(default=None, gt=0, le=1e9)
     prices: dict[str, Price] = Field(default_factory=dict)

@@ -8,7 +8,8 @@ Families (all prefixed ``airoboros_``):
   topic: the consumer lag as a message feels it), ``handler_seconds`` (per topic, outcome);
 - LLM calls, by model and instructor: ``llm_requests_total`` (outcome ok or the error
   code), ``llm_tokens_total`` (kind prompt/completion), ``llm_cost_usd_total``,
-  ``llm_request_seconds``;
+  ``llm_request_seconds``; ``llm_concurrency_window`` (calls the adaptive AIMD window
+  lets in flight; max_concurrency while it is off);
 - rows, by instructor: ``items_total`` (outcome accepted, duplicate, filtered, refused,
   unparseable, truncated, withheld, dropped), counted once per batch when it is committed;
 - routing: ``routing_decisions_total`` (expert, method), ``routing_decision_seconds``;
@@ -55,6 +56,10 @@ LLM_TOKENS = Counter(
 LLM_COST = Counter("airoboros_llm_cost_usd_total", "LLM cost in USD", ["model", "instructor"])
 LLM_SECONDS = Histogram(
     "airoboros_llm_request_seconds", "Duration of one LLM call", ["model"], buckets=_LONG
+)
+LLM_CONCURRENCY_WINDOW = Gauge(
+    "airoboros_llm_concurrency_window",
+    "LLM calls allowed in flight: the adaptive (AIMD) window, else max_concurrency",
 )
 
 ITEMS = Counter(

@@ -52,6 +52,16 @@ def _rows(gen: Generation) -> list[dict[str, Any]]:
     return out
 
 
+def concurrency_line(gen: Generation) -> str:
+    """``concurrency 12/64 (adaptive)`` while the adaptive window limits the calls in
+    flight (window/max_concurrency), else ``""``."""
+    limiter: Any = gen.llm.limiter if gen.llm is not None else None
+    window = limiter.concurrency_window() if limiter is not None else None
+    if window is None:
+        return ""
+    return f"concurrency {window}/{limiter.max_concurrency} (adaptive)"
+
+
 _COUNTS = (
     "accepted",
     "duplicates",
@@ -121,6 +131,8 @@ class PlainProgress:
             log.info("requests/min: %.1f", ctl.requests_per_minute())
         if any(r["state"] == "running" for r in rows):
             log.info("to finish: %s, ETA %s", _money(cost_left), format_duration(eta))
+        if window := concurrency_line(gen):
+            log.info("%s", window)
 
     def close(self) -> None:
         pass
@@ -178,6 +190,8 @@ class LiveProgress:
             table.caption = f"{ctl.requests_per_minute():.1f} requests/min"
             if any(r["state"] == "running" for r in rows):
                 table.caption += f" · to finish {_money(cost_left)}, ETA {format_duration(eta)}"
+            if window := concurrency_line(gen):
+                table.caption += f" · {window}"
         self.live.update(table)
 
     def close(self) -> None:

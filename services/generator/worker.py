@@ -61,7 +61,11 @@ async def run_worker(settings: GeneratorSettings, stop: asyncio.Event | None = N
                     max_concurrency=min(cfg.max_concurrency, settings.max_concurrency),
                     requests_per_minute=cfg.requests_per_minute,
                     tokens_per_minute=cfg.tokens_per_minute,
+                    adaptive_concurrency=cfg.adaptive_concurrency,
                 )
+                # A place in the shared window outlives a replica that died mid-call by
+                # one call at most.
+                limiter.slot_ttl = cfg.request_timeout + 60.0
                 meter = RedisUsageMeter(
                     redis,
                     f"{settings.redis_prefix}:usage:{job_id}",

@@ -188,6 +188,14 @@ def classify(exc: Exception) -> LLMError:
     return ServerError(f"unexpected error: {type(exc).__name__}: {exc}")
 
 
+def congestion(err: LLMError) -> bool:
+    """Whether a failure says the endpoint is overloaded (the adaptive window shrinks):
+    429 (not a spent quota), 503, or a timeout."""
+    if isinstance(err, RateLimitError | LLMTimeoutError):
+        return True
+    return isinstance(err, ServerError) and err.status == 503
+
+
 def messages_to_prompt(messages: list[dict[str, str]]) -> str:
     """The airoboros chat format, for the completions API."""
     system = DEFAULT_SYSTEM
@@ -278,7 +286,7 @@ class LLMClient:
             call_id = uuid.uuid4().hex
             reserved = False
             try:
-                async with self.limiter.slot(estimate):
+                async with self.limiter.slot(estimate) as ticket:
                     await self.meter.acheck()
                     # The budget is a cap: the call's worst case is held before it is sent,
                     # and a call that fits only with a shorter answer is capped at it.
@@ -310,11 +318,13 @@ class LLMClient:
                                 messages, model=model, params=params, max_tokens=cap
                             )
                         except Exception as exc:
-                            code = classify(exc).code
-                            metrics.LLM_REQUESTS.labels(model, instructor, code).inc()
+                            failure = classify(exc)
+                            ticket.outcome = "congested" if congestion(failure) else "other"
+                            metrics.LLM_REQUESTS.labels(model, instructor, failure.code).inc()
                             raise
                         finally:
                             metrics.LLM_SECONDS.labels(model).observe(time.perf_counter() - started)
+                        ticket.outcome = "ok"
                         span.set_attribute("gen_ai.usage.input_tokens", usage[0])
                         span.set_attribute("gen_ai.usage.output_tokens", usage[1])
                 self.limiter.learn(headers)
@@ -355,10 +365,14 @@ class LLMClient:
                     self.settings.backoff_cap, self.settings.backoff_base * 2 ** (attempt - 1)
                 )
                 delay = random.uniform(0, delay)  # full jitter
-                if isinstance(err, RateLimitError):
+                if isinstance(err, RateLimitError) and (
+                    err.retry_after is not None or not self.limiter.adaptive
+                ):
                     wait = err.retry_after if err.retry_after is not None else max(delay, 1.0)
                     self.limiter.pause(wait)  # everyone waits, not just this call
                     delay = max(delay, wait)
+                # (A 429 with no Retry-After under the adaptive window pauses no one: the
+                # window was cut as the call left its slot; this call backs off alone.)
                 if delay > remaining:
                     raise type(err)(
                         f"{err} (retry budget of {self.settings.max_retry_time:.0f}s spent)",

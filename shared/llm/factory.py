@@ -30,6 +30,7 @@ def make_llm(
             max_concurrency=config.max_concurrency,
             requests_per_minute=config.requests_per_minute,
             tokens_per_minute=config.tokens_per_minute,
+            adaptive_concurrency=config.adaptive_concurrency,
         )
     settings = LLMSettings(
         base_url=config.resolved_base_url(),

@@ -2,7 +2,9 @@
 
 The requests/min and tokens/min of a config hold for all generator replicas together:
 each bucket is one Redis hash updated by a Lua script (atomic), and a 429 seen by one
-replica pauses them all. A job's token and money totals live in Redis too, so its budget
+replica pauses them all. The adaptive concurrency window (AIMD) is shared the same way:
+its state and the calls in flight are in Redis, changed only by Lua scripts, so all
+replicas together keep within the one window. A job's token and money totals live in Redis too, so its budget
 stops every replica's calls the moment it is reached.
 
 While Redis is down (``airoboros.errors.is_unavailable``) every call that needs it waits
@@ -14,16 +16,20 @@ the LLM client would count as endpoint errors and, past its retries, as failed b
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from airoboros.config import Price
 from airoboros.errors import BudgetExhausted, is_unavailable
+from airoboros.llm import limiter as lim
 from airoboros.llm.accounting import Usage, UsageMeter
-from airoboros.llm.limiter import RateLimiter, TokenBucket
+from airoboros.llm.limiter import RateLimiter, Ticket, TokenBucket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,15 +155,179 @@ class RedisTokenBucket(TokenBucket):
         _background(self._pending, self._give(keys=[self.key], args=[self.capacity, amount]))
 
 
+# The shared AIMD window. KEYS[1]: a hash (cwnd, ssthresh, ceiling, recovery, seq);
+# KEYS[2]: a sorted set of the places taken, scored by when each expires (a replica that
+# died mid-call gives its places back that way). Take a place if the window has room:
+# returns {seq, limit, level} (seq 0: no room).
+_WINDOW_TAKE = """
+local h = KEYS[1]
+local z = KEYS[2]
+local maxw = tonumber(ARGV[1])
+local initial = tonumber(ARGV[2])
+local id = ARGV[3]
+local ttl = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+local cwnd = tonumber(redis.call('HGET', h, 'cwnd') or '-1')
+if cwnd < 0 then
+  cwnd = math.min(initial, maxw)
+  redis.call('HSET', h, 'cwnd', tostring(cwnd), 'ssthresh', tostring(maxw))
+end
+local limit = math.max(1, math.floor(math.min(cwnd, maxw)))
+local n = redis.call('ZCARD', z)
+redis.call('EXPIRE', h, 86400)
+if n >= limit then return {0, limit, n} end
+local seq = redis.call('HINCRBY', h, 'seq', 1)
+redis.call('ZADD', z, now + ttl, id)
+redis.call('EXPIRE', z, 86400)
+return {seq, limit, n + 1}
+"""
+
+# Give a place back and apply the call's outcome: the rules of
+# airoboros.llm.limiter.aimd_update, line for line. Returns the window (a string).
+_WINDOW_GIVE = """
+local h = KEYS[1]
+local z = KEYS[2]
+local id = ARGV[1]
+local outcome = ARGV[2]
+local seq = tonumber(ARGV[3])
+local level = tonumber(ARGV[4])
+local maxw = tonumber(ARGV[5])
+local initial = tonumber(ARGV[6])
+local probe_calls = tonumber(ARGV[7])
+local probe_rtts = tonumber(ARGV[8])
+local beta = tonumber(ARGV[9])
+local beta_near = tonumber(ARGV[10])
+local near = tonumber(ARGV[11])
+local in_flight = redis.call('ZCARD', z)
+redis.call('ZREM', z, id)
+local cwnd = tonumber(redis.call('HGET', h, 'cwnd') or tostring(math.min(initial, maxw)))
+local ss = tonumber(redis.call('HGET', h, 'ssthresh') or tostring(maxw))
+local ceiling = tonumber(redis.call('HGET', h, 'ceiling') or '0')
+local recovery = tonumber(redis.call('HGET', h, 'recovery') or '0')
+if outcome == 'ok' then
+  local limit = math.max(1, math.floor(cwnd))
+  if 2 * in_flight >= limit then
+    if cwnd < ss then
+      cwnd = math.min(cwnd + 1, math.max(ss, cwnd))
+    elseif ceiling > 0 and cwnd >= ceiling - 1 then
+      cwnd = cwnd + 1 / math.max(probe_calls, probe_rtts * cwnd)
+    else
+      cwnd = cwnd + 1 / cwnd
+    end
+    if ceiling > 0 and math.floor(cwnd) > ceiling then ceiling = 0 end
+  end
+elseif outcome == 'congested' and seq > recovery then
+  if ceiling > 0 and level >= near * ceiling then
+    ceiling = math.min(ceiling, level)
+    cwnd = math.min(math.min(cwnd, level) * beta_near, level - 1)
+    ss = cwnd
+  else
+    ceiling = level
+    cwnd = math.min(cwnd, level) * beta
+    ss = math.max(1, 0.9 * level)
+  end
+  recovery = tonumber(redis.call('HGET', h, 'seq') or '0')
+end
+cwnd = math.min(math.max(cwnd, 1), maxw)
+ss = math.min(math.max(ss, 1), maxw)
+redis.call('HSET', h, 'cwnd', tostring(cwnd), 'ssthresh', tostring(ss),
+  'ceiling', tostring(ceiling), 'recovery', tostring(recovery))
+redis.call('EXPIRE', h, 86400)
+return tostring(cwnd)
+"""
+
+
 class RedisRateLimiter(RateLimiter):
-    """RateLimiter whose buckets and 429 pauses are shared through Redis under ``scope``
-    (one scope per endpoint and key, so every job and replica on it shares the limit)."""
+    """RateLimiter whose buckets, 429 pauses and adaptive window are shared through Redis
+    under ``scope`` (one scope per endpoint and key, so every job and replica on it shares
+    the limit)."""
 
     def __init__(self, redis: Any, scope: str, **kwargs: Any) -> None:
         self.redis = redis
         self.scope = scope
         super().__init__(**kwargs)
         self._pending: set[asyncio.Task[Any]] = set()
+        #: seconds a place in the window outlives a replica that died holding it
+        self.slot_ttl = 3600.0
+        self._window_keys = [f"{scope}:aimd", f"{scope}:aimd:slots"]
+        self._window_take = redis.register_script(_WINDOW_TAKE)
+        self._window_give = redis.register_script(_WINDOW_GIVE)
+        self._window_lock = asyncio.Lock()
+        self._window_freed = asyncio.Event()
+
+    def _mirror(self, cwnd: float) -> None:
+        """Show the shared window locally (progress, metrics)."""
+        if self.window is not None:
+            self.window.state.cwnd = cwnd
+            self._show_window()
+
+    def _initial(self) -> int:
+        return min(self.max_concurrency, self.initial_window or lim.AIMD_INITIAL)
+
+    def stop_adapting(self) -> None:
+        super().stop_adapting()
+        self._window_freed.set()
+
+    async def _window_acquire(self) -> Ticket | None:
+        if self.window is None:
+            return None
+        # One caller of this process asks Redis at a time (FIFO here); it asks again when
+        # a place of this process comes free, or after a short wait for the others'.
+        async with self._window_lock:
+            delay = 0.002
+            while True:
+                w = self.window
+                if w is None:
+                    return None
+                self._window_freed.clear()
+                slot_id = uuid.uuid4().hex
+                args = [w.max_window, self._initial(), slot_id, self.slot_ttl]
+                seq, limit, level = (
+                    int(x)
+                    for x in await _redis(
+                        functools.partial(self._window_take, keys=self._window_keys, args=args),
+                        "the concurrency window",
+                    )
+                )
+                if self.window is not None and limit != self.window.limit:
+                    self._mirror(float(limit))
+                if seq > 0:
+                    return Ticket(seq=seq, level=level, id=slot_id)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._window_freed.wait(), delay)
+                delay = min(delay * 2, 0.05)
+
+    def _window_release(self, ticket: Ticket) -> None:
+        max_window = self.max_concurrency
+        args = [
+            ticket.id,
+            ticket.outcome,
+            ticket.seq,
+            ticket.level,
+            max_window,
+            self._initial(),
+            lim.AIMD_PROBE_CALLS,
+            lim.AIMD_PROBE_RTTS,
+            lim.AIMD_BETA,
+            lim.AIMD_BETA_NEAR,
+            lim.AIMD_NEAR,
+        ]
+
+        async def give() -> None:
+            try:
+                cwnd = await _redis(
+                    lambda: self._window_give(keys=self._window_keys, args=args),
+                    "the concurrency window",
+                )
+                self._mirror(float(cwnd))
+            finally:
+                self._window_freed.set()
+
+        # In the background, waiting out a Redis outage: the call is done; until Redis
+        # answers, its place stays taken (the window is only stricter meanwhile).
+        _background(self._pending, give())
 
     def _bucket(self, kind: str, rate: float, capacity: float) -> TokenBucket:
         return RedisTokenBucket(self.redis, f"{self.scope}:{kind}", rate, capacity)
