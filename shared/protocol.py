@@ -617,12 +617,11 @@ class Diversity(BaseModel):
     nn_sampled: int = 0
 
 
-class CategoryReport(BaseModel):
-    """One category (instructor) of a job: where its items went, what it cost, how
-    varied what it kept is."""
+class Funnel(BaseModel):
+    """Where a category's (or the job's) items went, what they cost, how varied what was
+    kept is: the fields a category and the job's totals share."""
 
     model_config = ConfigDict(extra="allow")
-    category: str
     target: int
     #: candidates step 1 proposed (usable items after the per-item checks; what dedupe
     #: screened)
@@ -658,29 +657,14 @@ class CategoryReport(BaseModel):
     diversity: Diversity
 
 
-class ReportTotals(BaseModel):
-    """The job's totals over every category (usage outside batches included)."""
+class CategoryReport(Funnel):
+    """One category (instructor) of a job."""
 
-    model_config = ConfigDict(extra="allow")
-    target: int
-    proposed: int
-    unparseable: int
-    filtered: int
-    refused: int
-    duplicates: int
-    withheld: int
-    dropped: int
-    kept: int
-    rows: int
-    dedupe_yield: float | None = None
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost: float
-    cost_per_kept: float | None = None
-    wasted_tokens: int
-    cost_to_finish: float | None = None
-    diversity: Diversity
+    category: str
+
+
+class ReportTotals(Funnel):
+    """The job's totals over every category (usage outside batches included)."""
 
 
 class JobReport(BaseModel):
