@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,7 +46,7 @@ from airoboros.llm.batch import (
     answer_of,
     endpoint_for,
     parse_jsonl,
-    worst_cost,
+    worst_usage,
     write_jsonl,
 )
 from airoboros.store import BatchRepository, ProgressRepository, Submission
@@ -194,36 +195,41 @@ class BatchLane:
                         )
                     break
                 sub = await self.batches.submit(
-                    self.job_id, instructor, [c.key for c in fit], reserve
+                    self.job_id, instructor, [c.key for c in fit], reserve[1], reserve[0]
                 )
                 await self._create(sub, fresh=True)
 
     async def _anything_open(self) -> bool:
         return bool(await self.batches.submissions(self.job_id, unfinished=True))
 
-    async def _fit_budget(self, calls: list[DeferredCall]) -> tuple[list[DeferredCall], float]:
-        """The calls (a prefix of ``calls``) whose batch the budget can hold at its worst
-        case, with what it holds; all of them when there is no max_cost."""
+    async def _fit_budget(
+        self, calls: list[DeferredCall]
+    ) -> tuple[list[DeferredCall], tuple[int, float]]:
+        """The calls (a prefix of ``calls``) whose batch the budget (``max_cost`` and
+        ``max_tokens``) can hold at its worst case, with the tokens and cost it holds; all
+        of them when there is no budget."""
         cfg = self.config
-        if cfg.max_cost is None:
-            return calls, worst_cost(calls, cfg)
+        if cfg.max_cost is None and cfg.max_tokens is None:
+            return calls, worst_usage(calls, cfg)
         # Answers stored but not yet in the counters (their command still runs) are spent
         # too. Read first: a task completing in between is then counted twice, never
         # missed.
-        spent = await self.batches.unapplied_cost(self.job_id)
+        spent_tokens, spent = await self.batches.unapplied_usage(self.job_id)
         stats = await self.progress.stats(self.job_id)
         spent += sum(s.cost for s in stats.values())
-        held = sum(
-            s.reserved_cost for s in await self.batches.submissions(self.job_id, unfinished=True)
-        )
-        room = cfg.max_cost - spent - held
+        spent_tokens += sum(s.tokens for s in stats.values())
+        open_ = await self.batches.submissions(self.job_id, unfinished=True)
+        room = math.inf if cfg.max_cost is None else cfg.max_cost - spent
+        room -= sum(s.reserved_cost for s in open_)
+        token_room = math.inf if cfg.max_tokens is None else cfg.max_tokens - spent_tokens
+        token_room -= sum(s.reserved_tokens for s in open_)
         n = len(calls)
         while n > 0:
-            worst = worst_cost(calls[:n], cfg)
-            if worst <= room:
-                return calls[:n], worst
+            tokens, worst = worst_usage(calls[:n], cfg)
+            if worst <= room and tokens <= token_room:
+                return calls[:n], (tokens, worst)
             n //= 2
-        return [], 0.0
+        return [], (0, 0.0)
 
     async def _create(self, sub: Submission, *, fresh: bool) -> None:
         """Create the batch job of a ``submitting`` submission, exactly once. An error

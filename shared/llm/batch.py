@@ -145,10 +145,11 @@ def answer_of(line: LineResult, config: Config, model: str) -> BatchAnswer:
     )
 
 
-def worst_cost(calls: Iterable[DeferredCall], config: Config) -> float:
-    """The most a batch of ``calls`` can cost at the batch price: prompts at half a token
-    per character (a generous bound), completions at their max_tokens (else 4096)."""
-    total = 0.0
+def worst_usage(calls: Iterable[DeferredCall], config: Config) -> tuple[int, float]:
+    """The most tokens a batch of ``calls`` can use, and the most it can cost at the batch
+    price: prompts at half a token per character (a generous bound), completions at their
+    max_tokens (else 4096)."""
+    tokens, total = 0, 0.0
     for call in calls:
         body = call.body
         model = str(body.get("model", config.model))
@@ -156,13 +157,14 @@ def worst_cost(calls: Iterable[DeferredCall], config: Config) -> float:
         chars += len(str(body.get("prompt", "")))
         prompt = math.ceil(chars * 0.5) + 4 * len(body.get("messages", [])) + 8
         completion = int(body.get("max_tokens") or 4096)
+        tokens += prompt + completion
         total += call_cost(
             config.price_for(model),
             prompt,
             completion,
             discount=config.batch_discount_for(model),
         )
-    return total
+    return tokens, total
 
 
 # --- the replaying stand-in for LLMClient -------------------------------------------------
@@ -347,6 +349,6 @@ __all__ = [
     "call_key",
     "endpoint_for",
     "parse_jsonl",
-    "worst_cost",
+    "worst_usage",
     "write_jsonl",
 ]

@@ -242,6 +242,8 @@ class BatchCall(Base):
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     #: USD its answer cost (at the batch price)
     cost: Mapped[float] = mapped_column(Float, default=0.0)
+    #: tokens its answer used (prompt and completion)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     submission_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     #: ``BatchAnswer`` as JSON, once answered or failed for good
@@ -289,6 +291,8 @@ class BatchSubmission(Base):
     error_file_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     #: the most its calls can cost (held against max_cost while it is open)
     reserved_cost: Mapped[float] = mapped_column(Float, default=0.0)
+    #: the most tokens its calls can use (held against max_tokens while it is open)
+    reserved_tokens: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now

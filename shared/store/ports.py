@@ -487,6 +487,7 @@ class Submission:
     output_file_id: str | None = None
     error_file_id: str | None = None
     reserved_cost: float = 0.0
+    reserved_tokens: int = 0
 
 
 class BatchRepository(Protocol):
@@ -518,7 +519,12 @@ class BatchRepository(Protocol):
         ...
 
     async def submit(
-        self, job_id: str, instructor: str, keys: Sequence[str], reserved_cost: float
+        self,
+        job_id: str,
+        instructor: str,
+        keys: Sequence[str],
+        reserved_cost: float,
+        reserved_tokens: int = 0,
     ) -> Submission:
         """Record a new batch job (state ``submitting``, a fresh id) holding the pending
         calls among ``keys`` (their attempts go up by one), atomically."""
@@ -585,9 +591,9 @@ class BatchRepository(Protocol):
         already (in-process, it died with the process that ran it); returns how many."""
         ...
 
-    async def unapplied_cost(self, job_id: str) -> float:
-        """USD of the answered calls whose task has not completed yet: billed by the
-        Batch API, but not yet in the job's counters (``ProgressRepository.stats``)."""
+    async def unapplied_usage(self, job_id: str) -> tuple[int, float]:
+        """Tokens and USD of the answered calls whose task has not completed yet: billed
+        by the Batch API, but not yet in the job's counters (``ProgressRepository.stats``)."""
         ...
 
     async def counts(self, job_id: str) -> dict[str, dict[str, int]]:

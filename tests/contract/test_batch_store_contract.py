@@ -115,12 +115,12 @@ async def test_answers_are_spent_until_their_task_completes(job: Store):
     await defer(job, "c1", "t1", ["a", "b"])
     sub = await job.batches.submit("j", "general", ["a", "b"], 0.0)
     answers = {
-        "a": BatchAnswer(text="A", cost=0.25),
-        "b": BatchAnswer(text="B", cost=0.5),
+        "a": BatchAnswer(text="A", prompt_tokens=10, completion_tokens=5, cost=0.25),
+        "b": BatchAnswer(text="B", prompt_tokens=20, completion_tokens=7, cost=0.5),
     }
     await job.batches.apply(sub.id, "completed", answers, max_attempts=1)
-    assert await job.batches.unapplied_cost("j") == pytest.approx(0.75)
+    assert await job.batches.unapplied_usage("j") == (42, pytest.approx(0.75))
     await job.rows.apply_batch(
         "j", message_id="m1", task_id="t1", instructor="general", items=[], stats=BatchStats()
     )
-    assert await job.batches.unapplied_cost("j") == 0.0
+    assert await job.batches.unapplied_usage("j") == (0, 0.0)

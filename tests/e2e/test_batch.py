@@ -198,3 +198,27 @@ async def test_the_budget_holds_each_batch_and_is_never_passed(tmp_path, llm_ser
     assert result.usage.cost == pytest.approx(billed, rel=1e-6)
     rows = read_rows(tmp_path / "instructions.jsonl")
     assert 0 < len(rows) < 40
+
+
+async def test_the_token_budget_holds_each_batch_and_is_never_passed(
+    tmp_path, llm_server, embedder
+):
+    srv = llm_server()
+    cfg = batch_config(
+        tmp_path,
+        srv.base_url,
+        {"general": 20, "trivia": 20},
+        topics=[f"topic {i}" for i in range(40)],  # no online call at all
+        max_completion_tokens=300,
+        max_tokens=2500,
+    )
+    result = await run(cfg, embedder)
+
+    assert result.status == "budget_exhausted", result.detail
+    stats = srv.llm.stats
+    assert stats["requests"] == stats["batch_lines"] > 0
+    billed = stats["prompt_tokens"] + stats["completion_tokens"]
+    assert billed <= 2500
+    assert result.usage.total_tokens == billed
+    rows = read_rows(tmp_path / "instructions.jsonl")
+    assert 0 < len(rows) < 40

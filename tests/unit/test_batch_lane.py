@@ -22,7 +22,7 @@ from airoboros.llm.batch import (
     answer_of,
     call_key,
     parse_jsonl,
-    worst_cost,
+    worst_usage,
     write_jsonl,
 )
 from airoboros.store import SqlStore
@@ -134,14 +134,16 @@ def test_batch_discount_is_half_for_openai_models_and_can_be_overridden():
     assert a.cost == pytest.approx((12 * 30 + 30 * 60) / 1e6 / 2)
 
 
-def test_worst_cost_bounds_what_a_batch_can_cost():
+def test_worst_usage_bounds_what_a_batch_can_use_and_cost():
     cfg = Config.model_validate({"prices": {"gpt-4": {"prompt": 10, "completion": 10}}})
     calls = [DeferredCall(key="a", body=body("x" * 400, max_tokens=100))]
     # 400 chars at half a token each + formatting, 100 completion tokens, half price.
-    expected = (200 + 4 + 8 + 100) * 10 / 1e6 * 0.5
-    assert worst_cost(calls, cfg) == pytest.approx(expected)
+    tokens, cost = worst_usage(calls, cfg)
+    assert tokens == 200 + 4 + 8 + 100
+    assert cost == pytest.approx((200 + 4 + 8 + 100) * 10 / 1e6 * 0.5)
     no_cap = [DeferredCall(key="b", body=body("x"))]
-    assert worst_cost(no_cap, cfg) > 4000 * 10 / 1e6 * 0.5
+    tokens, cost = worst_usage(no_cap, cfg)
+    assert tokens > 4000 and cost > 4000 * 10 / 1e6 * 0.5
 
 
 # --- replay --------------------------------------------------------------------------------
@@ -179,12 +181,15 @@ async def test_replay_records_missing_calls_then_answers_them():
 # --- the budget holds a whole batch ---------------------------------------------------------
 
 
-async def _lane(tmp_path: Path, base_url: str, max_cost: float | None) -> tuple[BatchLane, Any]:
+async def _lane(
+    tmp_path: Path, base_url: str, max_cost: float | None, max_tokens: int | None = None
+) -> tuple[BatchLane, Any]:
     cfg = Config.model_validate(
         {
             "base_url": base_url,
             "openai_api_key": "sk-test",
             "max_cost": max_cost,
+            "max_tokens": max_tokens,
             "prices": {"gpt-4": {"prompt": 10, "completion": 10}},
             "instructors": {"joke": {}},
             "batch": True,
@@ -225,7 +230,7 @@ def deferred(task: str, n: int) -> CallsDeferred:
 
 async def test_budget_holds_a_whole_batch_before_it_is_created(tmp_path, llm_server):
     srv = llm_server()
-    one = worst_cost(
+    _, one = worst_usage(
         [deferred("t", 1).calls[0]],
         Config.model_validate({"prices": {"gpt-4": {"prompt": 10, "completion": 10}}}),
     )
@@ -248,6 +253,26 @@ async def test_budget_holds_a_whole_batch_before_it_is_created(tmp_path, llm_ser
         await lane.stop(cancel_open=True)
         await store.close()
     assert srv.llm.stats["batches_cancelled"] == 1
+
+
+async def test_token_budget_holds_a_whole_batch_before_it_is_created(tmp_path, llm_server):
+    srv = llm_server()
+    one, _ = worst_usage([deferred("t", 1).calls[0]], Config())
+    # max_tokens has room for two calls' worst case, not three: a batch of 4 is cut to 2,
+    # and while it is open its reservation holds the rest back.
+    lane, (store, _) = await _lane(tmp_path, srv.base_url, None, max_tokens=one * 2 + 1)
+    try:
+        await lane.on_deferred(deferred("t1", 4))
+        await lane.pump()
+        subs = await store.batches.submissions("j")
+        assert len(subs) == 1 and subs[0].reserved_tokens == one * 2
+        assert len(await store.batches.calls_of(subs[0].id)) == 2
+        await lane.pump()
+        assert srv.llm.stats["batches_created"] == 1
+        assert len(await store.batches.pending("j", "joke", 100)) == 2
+    finally:
+        await lane.stop(cancel_open=True)
+        await store.close()
 
 
 async def test_a_batch_the_budget_cannot_hold_fails_its_calls(tmp_path, llm_server):

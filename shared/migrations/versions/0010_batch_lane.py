@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("body", sa.Text(), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("cost", sa.Float(), nullable=False),
+        sa.Column("tokens", sa.Integer(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("submission_id", sa.String(64), nullable=True),
         sa.Column("answer", sa.Text(), nullable=True),
@@ -60,6 +61,7 @@ def upgrade() -> None:
         sa.Column("output_file_id", sa.String(128), nullable=True),
         sa.Column("error_file_id", sa.String(128), nullable=True),
         sa.Column("reserved_cost", sa.Float(), nullable=False),
+        sa.Column("reserved_tokens", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )

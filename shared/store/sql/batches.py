@@ -31,6 +31,7 @@ def _submission(r: BatchSubmission) -> Submission:
         output_file_id=r.output_file_id,
         error_file_id=r.error_file_id,
         reserved_cost=r.reserved_cost,
+        reserved_tokens=r.reserved_tokens,
     )
 
 
@@ -125,7 +126,12 @@ class SqlBatches:
             return sorted(rows.scalars())
 
     async def submit(
-        self, job_id: str, instructor: str, keys: Sequence[str], reserved_cost: float
+        self,
+        job_id: str,
+        instructor: str,
+        keys: Sequence[str],
+        reserved_cost: float,
+        reserved_tokens: int = 0,
     ) -> Submission:
         sub_id = "sub-" + uuid.uuid4().hex
         async with self._db.write() as s:
@@ -135,6 +141,7 @@ class SqlBatches:
                 instructor=instructor,
                 state="submitting",
                 reserved_cost=reserved_cost,
+                reserved_tokens=reserved_tokens,
             )
             s.add(row)
             await s.execute(
@@ -212,6 +219,7 @@ class SqlBatches:
                 if answer is not None:
                     call.state, call.answer = "answered", answer.model_dump_json()
                     call.cost = answer.cost
+                    call.tokens = answer.prompt_tokens + answer.completion_tokens
                     answered += 1
                 elif call.attempts >= max_attempts:
                     why = errors.get(call.key) or f"batch {state}"
@@ -360,21 +368,22 @@ class SqlBatches:
                     revived += 1
             return revived
 
-    async def unapplied_cost(self, job_id: str) -> float:
+    async def unapplied_usage(self, job_id: str) -> tuple[int, float]:
         async with self._db.session() as s:
             done = (
                 select(Task.task_id)
                 .where(Task.task_id == BatchCall.task_id, Task.status == "done")
                 .exists()
             )
-            total = (
+            tokens, cost = (
                 await s.execute(
-                    select(func.coalesce(func.sum(BatchCall.cost), 0.0)).where(
-                        BatchCall.job_id == job_id, BatchCall.state == "answered", ~done
-                    )
+                    select(
+                        func.coalesce(func.sum(BatchCall.tokens), 0),
+                        func.coalesce(func.sum(BatchCall.cost), 0.0),
+                    ).where(BatchCall.job_id == job_id, BatchCall.state == "answered", ~done)
                 )
-            ).scalar_one()
-            return float(total)
+            ).one()
+            return int(tokens), float(cost)
 
     async def counts(self, job_id: str) -> dict[str, dict[str, int]]:
         async with self._db.session() as s:
