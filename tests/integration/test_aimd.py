@@ -47,8 +47,24 @@ def steady_rate(srv: CapacityServer, start: float, end: float) -> float:
     return len(done) / (end - start)
 
 
+async def oracle_rate(k: int, latency: float, seconds: float = 4.0) -> float:
+    """The steady rate of a client told K (no window, K calls at once) against the same
+    server, measured in the same test: the baseline a loaded machine slows alike."""
+    with CapacityServer(capacity=k, latency=latency) as srv:
+        client = make_client(srv, RateLimiter(max_concurrency=k, adaptive_concurrency=False))
+        t0 = time.monotonic()
+        try:
+            ok, failed = await drive([client], seconds, k)
+        finally:
+            await client.close()
+        t1 = time.monotonic()
+    assert failed == 0 and ok > 0
+    return steady_rate(srv, t0 + 1.0, t1)
+
+
 @pytest.mark.parametrize(("k", "latency"), [(4, 0.1), (16, 0.2)])
 async def test_converges_to_the_hidden_capacity(k: int, latency: float) -> None:
+    baseline = await oracle_rate(k, latency)
     with CapacityServer(capacity=k, latency=latency) as srv:
         limiter = RateLimiter(max_concurrency=64)  # no limits configured: adaptive
         assert limiter.adaptive
@@ -63,7 +79,8 @@ async def test_converges_to_the_hidden_capacity(k: int, latency: float) -> None:
     assert failed == 0  # every call eventually succeeded
     assert ok == st["admitted"]
     rate = steady_rate(srv, t0 + 2.0, t1)
-    assert rate >= 0.8 * k / latency, (rate, st)
+    # As fast as a client told K, within 20% (both measured on this machine, now).
+    assert rate >= 0.8 * baseline, (rate, baseline, st)
     share = st["rejected"] / st["requests"]
     assert share <= 0.05, st
     window = limiter.concurrency_window()
@@ -114,6 +131,7 @@ async def test_two_replicas_share_one_window_through_redis(redis: Any) -> None:
     r, prefix = redis
     k, latency = 8, 0.1
     scope = f"{prefix}:limit"
+    baseline = await oracle_rate(k, latency)
     with CapacityServer(capacity=k, latency=latency) as srv:
         limiters = [RedisRateLimiter(r, scope, max_concurrency=32) for _ in range(2)]
         clients = [make_client(srv, lim) for lim in limiters]
@@ -129,7 +147,7 @@ async def test_two_replicas_share_one_window_through_redis(redis: Any) -> None:
     assert failed == 0 and ok == st["admitted"]
     # Together the two replicas keep to the one capacity: few refusals, full use.
     assert st["rejected"] / st["requests"] <= 0.05, st
-    assert steady_rate(srv, t0 + 2.0, t1) >= 0.8 * k / latency
+    assert steady_rate(srv, t0 + 2.0, t1) >= 0.8 * baseline
     state = {key.decode(): float(v) for key, v in (await r.hgetall(f"{scope}:aimd")).items()}
     assert k - 2 <= state["cwnd"] < k + 2, state  # one window for both, near K (not 2K)
     assert state["seq"] == st["requests"]  # every request of both took a place in it
