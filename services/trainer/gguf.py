@@ -169,7 +169,7 @@ def build_tokenizer(meta: GGUFTokenizerMeta) -> Any:
     }
     if meta.context_length:
         kwargs["model_max_length"] = int(meta.context_length)
-    tok = PreTrainedTokenizerFast(**{k: v for k, v in kwargs.items() if v is not None})
+    tok = PreTrainedTokenizerFast(**{k: v for k, v in kwargs.items() if v is not None})  # type: ignore[no-untyped-call]
     if meta.chat_template:
         tok.chat_template = meta.chat_template
     return tok
@@ -241,9 +241,9 @@ def greedy_answer(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
     model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
@@ -306,7 +306,7 @@ def import_gguf(
             ("pad_token_id", meta.pad_id),
         ):
             setattr(model.config, attr, tid)
-        model.generation_config = GenerationConfig(
+        model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
             bos_token_id=meta.bos_id, eos_token_id=meta.eos_id, pad_token_id=meta.pad_id
         )
         say(f"writing safetensors ({dtype})")
@@ -318,7 +318,7 @@ def import_gguf(
         # reload what was written: the folder a user gets is what is checked
         from transformers import AutoTokenizer
 
-        reloaded = AutoTokenizer.from_pretrained(str(tmp))
+        reloaded = AutoTokenizer.from_pretrained(str(tmp))  # type: ignore[no-untyped-call]
         verify_tokenizer(reloaded, meta)
         report.checks.append("ok: the written tokenizer reloads and passes the same checks")
         say(report.checks[-1])
