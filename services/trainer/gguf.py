@@ -84,7 +84,10 @@ def _field(reader: Any, key: str) -> Any:
 def read_tokenizer_meta(gguf_path: str | Path) -> GGUFTokenizerMeta:
     from gguf import GGUFReader
 
-    r = GGUFReader(str(gguf_path))
+    try:
+        r = GGUFReader(str(gguf_path))
+    except (ValueError, OSError, KeyError) as exc:
+        raise ImportCheckFailed(f"{gguf_path} is not a readable GGUF file ({exc})") from exc
     model = _field(r, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ImportCheckFailed(
@@ -297,9 +300,14 @@ def import_gguf(
     try:
         say("dequantizing the weights (transformers' GGUF loader)")
         torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch_dtype
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch_dtype
+            )
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
+            raise ImportCheckFailed(
+                f"transformers cannot load the weights of {gguf_path.name}: {exc}"
+            ) from exc
         for attr, tid in (
             ("bos_token_id", meta.bos_id),
             ("eos_token_id", meta.eos_id),

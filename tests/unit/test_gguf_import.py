@@ -230,3 +230,16 @@ def test_cli_prints_checks_and_fails_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("airoboros: import-gguf: tokenizer.ggml.model is 'llama'")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_file_that_is_not_gguf_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    assert main(["models", "import-gguf", str(junk), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    # progress lines, then the failure in one line
+    assert [e for e in err if not e.startswith("[")] == [err[-1]]
+    assert err[-1].startswith("airoboros: import-gguf: ") and "not a readable GGUF file" in err[-1]
+    assert not (tmp_path / "out").exists()
