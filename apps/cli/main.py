@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     from airoboros.cli.train import add_train_parser
 
     add_train_parser(sub)
+    from airoboros.cli.models import add_models_parser
+
+    add_models_parser(sub)
     return p
 
 

@@ -3,7 +3,8 @@ router and inference services.
 
     python -m airoboros.lmoe.api --base-model ./llama-2-7b-hf --lmoe ./lmoe \\
         [--router-max-samples 1000] [--router-k 25] [--agent-router] \\
-        [--host 127.0.0.1] [--port 8000] [--api-keys KEY1,KEY2]
+        [--host 127.0.0.1] [--port 8000] [--api-keys KEY1,KEY2] \\
+        [--prompt-format airoboros|chat-template|auto]
 
 The inference service serves the base model with every adapter of the LMoE package on a
 loopback port; the router serves the OpenAI API on ``--host:--port`` in front of it and
@@ -50,6 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated Bearer keys the router accepts from clients (default: the "
         "AIROBOROS_API_KEYS environment variable; the flag wins over it, --api-keys '' "
         "for none; neither set: no key needed)",
+    )
+    p.add_argument(
+        "--prompt-format",
+        choices=("airoboros", "chat-template", "auto"),
+        default="airoboros",
+        help="how chat messages become a prompt: airoboros (default: the format the experts "
+        "were trained on), chat-template (the base model's tokenizer template), auto (the "
+        "template when the tokenizer has one)",
     )
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -98,6 +107,7 @@ def build(args: argparse.Namespace, inference_port: int) -> tuple[Any, Any]:
             lmoe_paths=str(lmoe),
             adapter_roots=str(lmoe),
             api_keys=internal_key,
+            prompt_format=getattr(args, "prompt_format", "airoboros"),
         )
     )
     router = router_app(

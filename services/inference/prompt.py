@@ -20,6 +20,9 @@ from airoboros.errors import InvalidRequest
 
 DEFAULT_SYSTEM = "A chat."
 
+#: ``prompt_format`` of the inference service ("template": older spelling of "chat-template")
+PromptFormat = Literal["auto", "airoboros", "chat-template", "template"]
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -85,18 +88,23 @@ def has_template(tokenizer: Any | None) -> bool:
 def render_chat(
     turns: Sequence[PromptTurn],
     tokenizer: Any | None,
-    mode: Literal["auto", "airoboros", "template"] = "auto",
+    mode: PromptFormat = "auto",
 ) -> tuple[str, bool]:
     """The prompt text for ``turns`` and whether BOS must be put in front of it.
 
     A chat template writes its own BOS (as text) when the model wants one; the airoboros
-    format gets the tokenizer's BOS, as in training.
+    format gets the tokenizer's BOS, as in training. ``"template"`` is the older spelling
+    of ``"chat-template"``.
     """
-    use_template = mode == "template" or (mode == "auto" and has_template(tokenizer))
+    use_template = mode in ("chat-template", "template") or (
+        mode == "auto" and has_template(tokenizer)
+    )
     if not use_template:
         return airoboros_prompt(turns), True
     if not has_template(tokenizer):
-        raise InvalidRequest("prompt_format is 'template' but the tokenizer has no chat template")
+        raise InvalidRequest(
+            "prompt_format is 'chat-template' but the tokenizer has no chat template"
+        )
     check_turns(turns)
     assert tokenizer is not None
     text = tokenizer.apply_chat_template(

@@ -64,9 +64,9 @@ class InferenceSettings(ServiceSettings):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     #: how chat messages become a prompt: "airoboros" (``{system}\\nUSER: ...\\nASSISTANT: ``,
-    #: what the trainer trains on), "template" (the tokenizer's chat template), "auto" (the
-    #: template when the tokenizer has one, else airoboros)
-    prompt_format: Literal["auto", "airoboros", "template"] = "auto"
+    #: what the trainer trains on), "chat-template" (the tokenizer's chat template; "template"
+    #: is its older spelling), "auto" (the template when the tokenizer has one, else airoboros)
+    prompt_format: Literal["auto", "airoboros", "chat-template", "template"] = "auto"
     #: subscribe to ``adapter.published`` on the broker (``amqp_url``) and load each new
     #: adapter as it is announced
     subscribe_adapters: bool = False
