@@ -102,7 +102,15 @@ def cmd_segment_experts(args: argparse.Namespace) -> int:
         if args.split_above is not None:
             from airoboros.embeddings import SentenceTransformerEmbedder
 
-            embedder = SentenceTransformerEmbedder(args.embedding_model)
+            try:
+                embedder = SentenceTransformerEmbedder(args.embedding_model)
+                import faiss  # noqa: F401  (split_experts' k-means)
+            except ImportError as exc:
+                return fail(
+                    f"--split-above needs the embedder and faiss ({exc.name}): "
+                    "pip install 'airoboros[router]'",
+                    EXIT_CONFIG,
+                )
             split = split_experts(
                 rows,
                 expert_map,

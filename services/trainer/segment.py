@@ -9,6 +9,8 @@ routing samples (``{"instruction": system + " " + instruction}`` per own row) fo
 router's embedding index. See docs/trainer.md, "Segmentation".
 
 Everything here is pure Python on the core dependencies: no torch, no object store.
+The one exception is ``split_experts`` (``--split-above``): it imports numpy and faiss when
+called and takes the embedder as an argument.
 """
 
 from __future__ import annotations
@@ -910,8 +912,9 @@ def split_experts(
         if problem:
             raise SegmentError(f"row {i}: {problem}")
         c = row.get("category") or ""
-        e = m.expert_for(c)
-        owner.append(e if e is not None else (m.fallback if m.unmapped == "fallback" else None))
+        mapped = m.expert_for(c)
+        fallback_owner = m.fallback if m.unmapped == "fallback" else None
+        owner.append(mapped if mapped is not None else fallback_owner)
     taken = {e for e in m.experts} | set(m.categories())
     out_rows = [dict(r) for r in rows]
     splits: list[ExpertSplit] = []
