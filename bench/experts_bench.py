@@ -373,7 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator(str(model), tokenizer, args)
     flat = [r for _, r in held_rows]
     base_l = ev.losses(None, flat)
-    per_adapter = {n: ev.losses(adapters[n], flat) for n in names}
+    # each adapter only on the rows it is the oracle or the routed expert for
+    per_adapter: dict[str, dict[int, tuple[float, int]]] = {}
+    for n in names:
+        need = [i for i, (h, _) in enumerate(held_rows) if n in (h, routed[i])]
+        got = ev.losses(adapters[n], [flat[i] for i in need]) if need else []
+        per_adapter[n] = dict(zip(need, got, strict=True))
     single_l = ev.losses(single, flat)
     oracle_l = [per_adapter[n][i] for i, (n, _) in enumerate(held_rows)]
     routed_l = [per_adapter[e][i] if e in per_adapter else base_l[i] for i, e in enumerate(routed)]
