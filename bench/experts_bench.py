@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 if e in sub_adapters:
                     losses.append(ev.losses(sub_adapters[e], [sub_rows[j]])[0])
                 elif e in adapters:
-                    losses.append(per_adapter[e][idx[j]])
+                    losses.append(ev.losses(adapters[e], [sub_rows[j]])[0])
                 else:
                     losses.append(base_l[idx[j]])
             to_parts = sum(1 for e in sub_routed if e in sub_adapters)
