@@ -9,6 +9,8 @@ routing samples (``{"instruction": system + " " + instruction}`` per own row) fo
 router's embedding index. See docs/trainer.md, "Segmentation".
 
 Everything here is pure Python on the core dependencies: no torch, no object store.
+The one exception is ``split_experts`` (``--split-above``): it imports numpy and faiss when
+called and takes the embedder as an argument.
 """
 
 from __future__ import annotations
@@ -657,3 +659,345 @@ def summary_table(seg: Segmentation) -> list[str]:
         + (f", {seg.dropped} dropped" if seg.dropped else "")
     )
     return lines
+
+
+# --- automatic expert splitting ------------------------------------------------------------
+
+#: ``--split-above``: the most clusters tried, the fewest rows a cluster may have, and the
+#: silhouette (cosine) the best k must reach for the expert to be split at all
+SPLIT_K_MAX = 6
+SPLIT_MIN_ROWS = 5
+SPLIT_MIN_SILHOUETTE = 0.05
+#: a k whose clusters have two centroids closer than this (cosine similarity of the mean
+#: vectors) is not a split into topics but into near-duplicates, and is not considered
+SPLIT_MAX_CENTROID_SIMILARITY = 0.9
+#: a cluster is named after a programming language when at least this share of its rows
+#: mention it (and no other cluster of the expert has the same language)
+LANGUAGE_SHARE = 0.5
+SPLIT_FILE = "split.json"
+SPLIT_DATASET = "dataset.jsonl"
+SPLIT_MAP = "experts.yaml"
+
+_LANGUAGES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(pattern, re.IGNORECASE))
+    for name, pattern in (
+        ("python", r"\bpython\b|\bdef \w+\(|\bimport \w+|\bpandas\b|\bdjango\b|\bflask\b"),
+        ("javascript", r"\bjavascript\b|\bnode\.?js\b|console\.log|\breact\b|\btypescript\b"),
+        ("sql", r"\bsql\b|\bselect\b.+\bfrom\b|\bpostgres\w*\b|\bmysql\b|\bsqlite\b"),
+        ("java", r"\bjava\b(?!script)|public static void"),
+        ("cpp", r"\bc\+\+|\bcpp\b|#include"),
+        ("csharp", r"\bc#|\bcsharp\b|\.net\b"),
+        ("go", r"\bgolang\b|\bgo program\b|\bfunc main\(\)"),
+        ("rust", r"\brust\b|\bfn main\(\)|\bcargo\b"),
+        ("bash", r"\bbash\b|\bshell script\b"),
+        ("html", r"\bhtml\b|\bcss\b"),
+    )
+)
+
+_STOPWORDS_TEXT = (
+    "a about above after again all also an and any are as at be because been before being "
+    "below between both but by can could did do does doing down during each few for from "
+    "further had has have having he her here hers him his how i if in into is it its itself "
+    "just me more most my no nor not now of off on once only or other our out over own same "
+    "she should so some such than that the their them then there these they this those "
+    "through to too under until up very was we were what when where which while who whom why "
+    "will with would you your yours chat give write using use make please create explain "
+    "following one two given list example provide based new way"
+)
+_STOPWORDS = frozenset(_STOPWORDS_TEXT.split(" "))
+_WORD = re.compile(r"[a-z][a-z0-9+#]{2,}")
+
+
+@dataclass(frozen=True)
+class SubExpert:
+    name: str
+    description: str
+    #: indexes into the rows given to ``split_experts``
+    rows: tuple[int, ...]
+    top_terms: tuple[str, ...]
+    language: str | None = None
+
+
+@dataclass
+class ExpertSplit:
+    """What ``split_experts`` decided for one expert over the threshold."""
+
+    expert: str
+    rows: int
+    #: k tried -> silhouette (k skipped for a too-small cluster are absent)
+    silhouettes: dict[int, float]
+    #: the chosen sub-experts; empty when the expert stays whole
+    parts: list[SubExpert]
+    reason: str
+
+
+@dataclass
+class SplitResult:
+    #: the rows, relabelled: a split expert's rows get ``category`` = their sub-expert's
+    #: name (the original category kept in ``source_category``)
+    rows: list[dict[str, Any]]
+    #: the map with each split expert replaced (in place) by its sub-experts
+    expert_map: ExpertMap
+    splits: list[ExpertSplit]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "version": SUMMARY_VERSION,
+            "experts": {
+                s.expert: {
+                    "rows": s.rows,
+                    "silhouettes": {str(k): round(v, 4) for k, v in s.silhouettes.items()},
+                    "reason": s.reason,
+                    "parts": {
+                        p.name: {
+                            "rows": len(p.rows),
+                            "description": p.description,
+                            "top_terms": list(p.top_terms),
+                            "language": p.language,
+                        }
+                        for p in s.parts
+                    },
+                }
+                for s in self.splits
+            },
+        }
+
+
+def silhouette(vectors: Any, labels: Any) -> float:
+    """Mean silhouette with cosine distance (rows of ``vectors`` are unit length)."""
+    import numpy as np
+
+    x = np.asarray(vectors, dtype=np.float32)
+    lab = np.asarray(labels)
+    ks = np.unique(lab)
+    if len(ks) < 2:
+        return -1.0
+    dist = 1.0 - x @ x.T
+    n = len(x)
+    # mean distance of each row to every cluster (its own excludes itself)
+    means = np.zeros((n, len(ks)), dtype=np.float64)
+    for j, k in enumerate(ks):
+        member = lab == k
+        total = dist[:, member].sum(axis=1)
+        size = member.sum()
+        own = lab == k
+        means[:, j] = np.where(own, total / max(size - 1, 1), total / size)
+    own_idx = np.searchsorted(ks, lab)
+    a = means[np.arange(n), own_idx]
+    means[np.arange(n), own_idx] = np.inf
+    b = means.min(axis=1)
+    s = np.where(np.maximum(a, b) > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
+    sizes = np.bincount(own_idx)
+    s[sizes[own_idx] == 1] = 0.0
+    return float(s.mean())
+
+
+def _kmeans(vectors: Any, k: int, seed: int) -> Any:
+    import faiss
+    import numpy as np
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=50, nredo=5, seed=seed, spherical=True, verbose=False,
+        min_points_per_centroid=1,
+    )  # fmt: skip
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return assign[:, 0]
+
+
+def _terms(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+
+
+def _top_terms(clusters: list[list[str]], n: int = 5) -> list[list[str]]:
+    """Per cluster, its most distinctive words: term frequency in the cluster times the
+    inverse cluster frequency (TF-IDF with each cluster as one document)."""
+    import math
+    from collections import Counter
+
+    counts = [Counter(t for text in texts for t in set(_terms(text))) for texts in clusters]
+    df = Counter(t for c in counts for t in c)
+    out: list[list[str]] = []
+    for texts, c in zip(clusters, counts, strict=True):
+        size = max(len(texts), 1)
+        scored = sorted(
+            ((v / size) * math.log((1 + len(clusters)) / df[t]), t) for t, v in c.items()
+        )
+        ranked = sorted(scored, key=lambda p: (-p[0], p[1]))
+        out.append([t for _, t in ranked[:n]])
+    return out
+
+
+def _language(texts: list[str]) -> str | None:
+    best: tuple[float, str] | None = None
+    for name, pattern in _LANGUAGES:
+        share = sum(1 for t in texts if pattern.search(t)) / max(len(texts), 1)
+        if share >= LANGUAGE_SHARE and (best is None or share > best[0]):
+            best = (share, name)
+    return best[1] if best else None
+
+
+def _slug(word: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_-]+", "-", word).strip("-_").lower()
+    return s or "part"
+
+
+def _max_centroid_similarity(vectors: Any, labels: Any, k: int) -> float:
+    import numpy as np
+
+    c = np.stack([vectors[labels == j].mean(axis=0) for j in range(k)])
+    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    sims = c @ c.T
+    np.fill_diagonal(sims, -1.0)
+    return float(sims.max())
+
+
+def _choose_k(
+    vectors: Any,
+    seed: int,
+    k_max: int,
+    min_rows: int,
+    max_centroid_similarity: float = SPLIT_MAX_CENTROID_SIMILARITY,
+) -> tuple[dict[int, float], int, Any]:
+    import numpy as np
+
+    n = len(vectors)
+    silhouettes: dict[int, float] = {}
+    best_k, best_s, best_labels = 1, -1.0, None
+    for k in range(2, k_max + 1):
+        if k * min_rows > n:
+            break
+        labels = _kmeans(vectors, k, seed)
+        if np.bincount(labels, minlength=k).min() < min_rows:
+            continue
+        if _max_centroid_similarity(vectors, labels, k) > max_centroid_similarity:
+            continue
+        s = silhouette(vectors, labels)
+        silhouettes[k] = s
+        if s > best_s + 1e-9:
+            best_k, best_s, best_labels = k, s, labels
+    return silhouettes, best_k, best_labels
+
+
+def split_experts(
+    rows: Sequence[Mapping[str, Any]],
+    expert_map: ExpertMap,
+    *,
+    above: int,
+    embed: Any,
+    seed: int = DEFAULT_SEED,
+    k_max: int = SPLIT_K_MAX,
+    min_rows: int = SPLIT_MIN_ROWS,
+    min_silhouette: float = SPLIT_MIN_SILHOUETTE,
+) -> SplitResult:
+    """Cluster every expert with more than ``above`` own rows into sub-experts.
+
+    ``embed(list[str])`` returns unit vectors (``airoboros.embeddings``): the rows'
+    instructions are embedded and clustered by spherical k-means (faiss.Kmeans, seeded),
+    k = 2..``k_max``; the k with the best cosine silhouette among those whose clusters all
+    have at least ``min_rows`` rows and whose centroids are all less similar than
+    ``SPLIT_MAX_CENTROID_SIMILARITY`` (cosine) wins, and the expert stays whole when none reaches
+    ``min_silhouette``. Clusters are ordered by their first row; each is named
+    ``<expert>-<language>`` when most of its rows name one programming language, else
+    ``<expert>-<top TF-IDF term>``, made unique. Deterministic for a seed."""
+    import numpy as np
+
+    if above < 1:
+        raise SegmentError("--split-above: must be at least 1")
+    m = expert_map
+    owner: list[str | None] = []
+    for i, row in enumerate(rows, 1):
+        problem = row_problem(row)
+        if problem:
+            raise SegmentError(f"row {i}: {problem}")
+        c = row.get("category") or ""
+        mapped = m.expert_for(c)
+        fallback_owner = m.fallback if m.unmapped == "fallback" else None
+        owner.append(mapped if mapped is not None else fallback_owner)
+    taken = {e for e in m.experts} | set(m.categories())
+    out_rows = [dict(r) for r in rows]
+    splits: list[ExpertSplit] = []
+    replaced: dict[str, list[SubExpert]] = {}
+    for e in m.experts.values():
+        idx = [i for i, o in enumerate(owner) if o == e.name]
+        if len(idx) <= above:
+            continue
+        texts = [str(rows[i]["instruction"]) for i in idx]
+        vectors = np.asarray(embed(texts), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+        sils, k, labels = _choose_k(vectors, seed, k_max, min_rows)
+        if labels is None or sils[k] < min_silhouette:
+            why = (
+                f"best silhouette {max(sils.values()):.3f} < {min_silhouette}"
+                if sils
+                else "no k gives distinct clusters of enough rows"
+            )
+            splits.append(ExpertSplit(e.name, len(idx), sils, [], f"not split ({why})"))
+            continue
+        first: dict[int, int] = {}
+        for pos, lab in enumerate(labels.tolist()):
+            first.setdefault(int(lab), pos)
+        order = sorted(first, key=lambda lab: first[lab])
+        members = [[p for p, lab in enumerate(labels.tolist()) if lab == c] for c in order]
+        full = [
+            [f"{rows[idx[p]]['instruction']} {rows[idx[p]]['response']}" for p in ms]
+            for ms in members
+        ]
+        langs = [_language(t) for t in full]
+        terms = _top_terms([[texts[p] for p in ms] for ms in members])
+        parts: list[SubExpert] = []
+        for j, ms in enumerate(members):
+            lang = langs[j] if langs[j] and langs.count(langs[j]) == 1 else None
+            stem = lang or next(iter(terms[j]), "part")
+            name = f"{e.name}-{_slug(stem)}"
+            base, n = name, 2
+            while name in taken:
+                name, n = f"{base}-{n}", n + 1
+            taken.add(name)
+            top = tuple(terms[j])
+            what = f"{lang} code" if lang else ", ".join(top[:5]) or "other requests"
+            desc = f"{e.description.rstrip('. ')}; this part: {what}."
+            parts.append(SubExpert(name, desc, tuple(idx[p] for p in ms), top, lang))
+            for p in ms:
+                row = out_rows[idx[p]]
+                row["source_category"] = rows[idx[p]].get("category") or ""
+                row["category"] = name
+        splits.append(
+            ExpertSplit(e.name, len(idx), sils, parts, f"split into {k} (silhouette {sils[k]:.3f})")
+        )
+        replaced[e.name] = parts
+    experts: list[Expert] = []
+    for e in m.experts.values():
+        if e.name in replaced:
+            experts.extend(Expert(p.name, (p.name,), p.description) for p in replaced[e.name])
+        else:
+            experts.append(e)
+    fallback = m.fallback
+    if fallback in replaced:
+        fallback = replaced[fallback][0].name
+    new_map = ExpertMap(
+        experts=_by_name(experts),
+        fallback=fallback,
+        unmapped=m.unmapped,
+        sampling=m.sampling,
+        source=m.source if not replaced else f"{m.source} (split above {above})",
+    )
+    return SplitResult(out_rows, new_map, splits)
+
+
+def write_split(result: SplitResult, out_dir: str | Path) -> None:
+    """``split.json`` (the decisions), ``experts.yaml`` (the map with sub-experts) and
+    ``dataset.jsonl`` (the relabelled rows): ``train-experts --dataset OUT/dataset.jsonl
+    --experts-config OUT/experts.yaml`` trains the sub-experts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / SPLIT_DATASET, result.rows)
+    (out / SPLIT_MAP).write_text(
+        yaml.safe_dump(result.expert_map.to_dict(), sort_keys=False, allow_unicode=True),
+        encoding="utf-8",
+    )
+    (out / SPLIT_FILE).write_text(
+        json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )

@@ -501,3 +501,170 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 2, (extra, proc.stderr)
         assert expected in _one_error_line(proc.stderr), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- automatic expert splitting (--split-above) ------------------------------------------------
+
+_PY = [
+    "Write a Python function that reverses a list",
+    "How do I read a CSV file with pandas in Python?",
+    "Write a Python script that counts words in a text file",
+    "Explain Python list comprehensions with an example",
+    "Write a Python class for a bank account with deposit and withdraw",
+    "How do I sort a dictionary by value in Python?",
+    "Write a Python generator that yields Fibonacci numbers",
+    "Use Python's requests library to download a web page",
+    "Write a Python decorator that times a function",
+    "How do I create a virtual environment for a Python project?",
+    "Write a Python program that parses JSON from a file",
+    "Explain the difference between a Python tuple and a list",
+]
+_JS = [
+    "Write a JavaScript function that debounces another function",
+    "How do I fetch JSON from an API in JavaScript with async/await?",
+    "Write a React component in JavaScript that shows a counter",
+    "Explain JavaScript promises and how to chain them",
+    "Write a Node.js server in JavaScript that answers hello world",
+    "How do I add an event listener to a button in JavaScript?",
+    "Write a JavaScript function that deep clones an object",
+    "Explain the JavaScript event loop",
+    "Write JavaScript that filters an array of objects by a property",
+    "How do closures work in JavaScript?",
+    "Write a JavaScript function that validates an email address",
+    "Use JavaScript to change the text of a DOM element",
+]
+_SQL = [
+    "Write an SQL query that selects the ten highest paid employees",
+    "How do I join two tables in SQL on a customer id?",
+    "Write an SQL query that counts orders per customer with GROUP BY",
+    "Explain SQL indexes and when a database should use them",
+    "Write an SQL statement that deletes duplicate rows from a table",
+    "How do I create a table with a primary key in PostgreSQL SQL?",
+    "Write an SQL query with a subquery that finds customers without orders",
+    "Explain the difference between INNER JOIN and LEFT JOIN in SQL",
+    "Write an SQL query that computes a running total with a window function",
+    "How do I update rows in an SQL table from another table?",
+    "Write an SQL query that finds the second highest salary",
+    "Explain SQL transactions and isolation levels",
+]
+_HELD_OUT_PY = "Write a Python function that merges two sorted lists into one sorted list"
+
+
+def _code_rows() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for lang, texts in (("python", _PY), ("javascript", _JS), ("sql", _SQL)):
+        for t in texts:
+            rows.append(
+                {"instruction": t, "response": f"Here is the {lang} answer.", "category": "coding"}
+            )
+    # interleave so the order of the input does not decide the clusters
+    rows = rows[0::3] + rows[1::3] + rows[2::3]
+    trivia = [
+        {"instruction": f"What is the capital of country number {i}?", "response": "Paris.",
+         "category": "trivia"}
+        for i in range(8)
+    ]  # fmt: skip
+    return rows + trivia
+
+
+@pytest.fixture(scope="module")
+def split_embedder() -> Any:
+    from airoboros.embeddings import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder()
+
+
+def test_split_above_clusters_code_by_language(split_embedder: Any) -> None:
+    from airoboros.trainer.segment import split_experts
+
+    rows = _code_rows()
+    result = split_experts(rows, ExpertMap(), above=20, embed=split_embedder.embed, seed=7)
+    (code,) = [s for s in result.splits if s.expert == "code"]
+    names = sorted(p.name for p in code.parts)
+    assert names == ["code-javascript", "code-python", "code-sql"], code.reason
+    for p in code.parts:
+        lang = p.name.removeprefix("code-")
+        assert all(rows[i]["instruction"] in {"python": _PY, "javascript": _JS, "sql": _SQL}[lang]
+                   for i in p.rows)  # fmt: skip
+        assert len(p.rows) == 12 and lang in p.description.lower()
+    # the map replaces "code" in place; the others and the trivia rows are unchanged
+    assert "code" not in result.expert_map.experts
+    assert result.expert_map.names.index("code-python") == ExpertMap().names.index("code")
+    assert {r["category"] for r in result.rows if r.get("source_category") == "coding"} == set(
+        names
+    )
+    assert [r for r in result.rows if r["category"] == "trivia"] == rows[-8:]
+    # deterministic for a seed
+    again = split_experts(rows, ExpertMap(), above=20, embed=split_embedder.embed, seed=7)
+    assert again.rows == result.rows and again.expert_map == result.expert_map
+    # segmentation of the relabelled rows gives each sub-expert its own training + routing
+    seg = segment(result.rows, result.expert_map, seed=7)
+    assert seg.counts["code-python"].own == 12 and seg.counts["code-sql"].routing == 12
+
+
+def test_split_above_leaves_small_and_homogeneous_experts_whole(split_embedder: Any) -> None:
+    from airoboros.trainer.segment import split_experts
+
+    rows = _code_rows()
+    # N respected: code has 36 rows, so N = 36 splits nothing
+    same = split_experts(rows, ExpertMap(), above=36, embed=split_embedder.embed)
+    assert same.splits == [] and same.expert_map.names == ExpertMap().names
+    assert same.rows == rows
+    # a homogeneous expert over N: near-identical questions reach no silhouette threshold
+    homog = [
+        {"instruction": f"What is the capital of France? (asked {i} times)", "response": "Paris.",
+         "category": "trivia"}
+        for i in range(30)
+    ]  # fmt: skip
+    res = split_experts(homog, ExpertMap(), above=10, embed=split_embedder.embed)
+    (general,) = res.splits
+    assert general.expert == "general" and general.parts == []
+    assert "not split" in general.reason and res.expert_map.names == ExpertMap().names
+    with pytest.raises(SegmentError, match="at least 1"):
+        split_experts(rows, ExpertMap(), above=0, embed=split_embedder.embed)
+
+
+async def test_split_experts_route_a_held_out_python_question(
+    split_embedder: Any, tmp_path: Path
+) -> None:
+    from airoboros.router.routing import Router
+    from airoboros.trainer.segment import split_experts, write_split
+
+    rows = _code_rows()
+    result = split_experts(rows, ExpertMap(), above=20, embed=split_embedder.embed, seed=7)
+    seg = segment(result.rows, result.expert_map, seed=7)
+    write_segmentation(seg, tmp_path)
+    write_split(result, tmp_path)
+    for name in seg.routing:
+        if seg.routing[name]:
+            d = tmp_path / "adapters" / name
+            d.mkdir(parents=True)
+            (d / "description.txt").write_text(result.expert_map.experts[name].description)
+    routed = sorted(p.stem.removeprefix("expert_") for p in (tmp_path / "routing_data").iterdir())
+    assert {"code-python", "code-javascript", "code-sql"} <= set(routed)
+    router = Router(split_embedder)
+    await router.load_package(str(tmp_path))
+    decision = await router.route(f"A chat. {_HELD_OUT_PY}")
+    assert decision is not None and decision.expert == "code-python"
+    # the written map and dataset read back into the same segmentation (train-experts' input)
+    again = segment(
+        read_rows([tmp_path / "dataset.jsonl"]), load_expert_map(tmp_path / "experts.yaml"), seed=7
+    )
+    assert again.counts["code-python"].own == 12
+
+
+def test_cli_split_above(tmp_path: Path) -> None:
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _code_rows()))
+    out = tmp_path / "out"
+    r = run_cli("segment-experts", "--input", str(data), "--output", str(out),
+                "--split-above", "20", "--seed", "7")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "code (36 rows): split into 3" in r.stdout
+    assert (out / "routing_data" / "expert_code-python.jsonl").is_file()
+    assert not (out / "routing_data" / "expert_code.jsonl").exists()
+    summary = json.loads((out / "split.json").read_text())
+    assert summary["experts"]["code"]["parts"]["code-sql"]["rows"] == 12
+    bad = run_cli("segment-experts", "--input", str(data), "--output", str(out),
+                  "--split-above", "0")  # fmt: skip
+    assert bad.returncode == 2 and "--split-above" in bad.stderr
