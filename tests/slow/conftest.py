@@ -63,7 +63,7 @@ def alpaca_rows() -> list[dict[str, Any]]:
     path = shared_data_dir() / "alpaca_5000.json"
     if not path.is_file():
         pytest.skip(f"no {path} (set AIROBOROS_SHARED_DATA)")
-    rows: list[dict[str, Any]] = json.loads(path.read_text())
+    rows: list[dict[str, Any]] = json.loads(path.read_text())  # instruction, input, output
     return rows
 
 
@@ -219,9 +219,9 @@ def trained(
     from airoboros.trainer.train import TrainConfig, train_expert
 
     short = [
-        r
+        {"instruction": r["instruction"], "response": r["output"]}
         for r in alpaca_rows
-        if not r.get("input") and len(r["instruction"]) < 120 and 20 < len(r["response"]) < 240
+        if not r.get("input") and len(r["instruction"]) < 120 and 20 < len(r["output"]) < 240
     ]
     train_rows, held_out = short[:96], short[96:112]
     config = TrainConfig(
