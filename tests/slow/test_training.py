@@ -10,7 +10,7 @@ def test_a_few_steps_lower_held_out_loss_and_change_the_greedy_answer(
     trained: dict[str, Any],
 ) -> None:
     metrics = trained["result"].metrics
-    assert metrics["steps"] == 24
+    assert metrics["steps"] == 12
     assert trained["loss_after"] < trained["loss_before"] - 0.05, (
         trained["loss_before"],
         trained["loss_after"],
