@@ -17,8 +17,9 @@ class IncrementalDecoder:
     a token's leading space when it is decoded first. So each step decodes a short window
     (from ``prefix`` to the end) and emits what it adds beyond the window's old text, but
     only once that addition does not end in U+FFFD, i.e. once the character is complete.
-    The concatenated deltas equal ``tokenizer.decode(ids)``; ``flush`` returns what a final
-    incomplete character leaves.
+    The concatenated deltas equal ``tokenizer.decode(ids)``, except that ``flush`` drops a
+    final incomplete character (generation cut by ``max_tokens`` inside one) rather than
+    show it as U+FFFD.
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -43,7 +44,7 @@ class IncrementalDecoder:
         old = self._decode(self.ids[self.prefix : self.read])
         new = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return new[len(old) :] if len(new) > len(old) else ""
+        return new[len(old) :].rstrip(REPLACEMENT) if len(new) > len(old) else ""
 
 
 class StopMatcher:

@@ -156,6 +156,20 @@ def test_incremental_decoding_never_splits_a_character(package: dict[str, Path])
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_a_final_incomplete_character_is_dropped_not_shown_as_fffd(
+    package: dict[str, Path],
+) -> None:
+    """Generation cut (max_tokens) inside a multi-byte character: the text ends before it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(package["base"]))
+    ids = tok("naïve 你好", add_special_tokens=False)["input_ids"]
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.push(t) for t in ids[:-1]]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == "naïve 你"
+
+
 def test_stop_matcher_cuts_across_pieces() -> None:
     m = StopMatcher(["USER:", "###"])
     out = []
