@@ -78,6 +78,31 @@ def client_keys(args: argparse.Namespace) -> str:
     return os.environ.get("AIROBOROS_API_KEYS", "")
 
 
+def front_router(
+    args: argparse.Namespace, backend_port: int, backend_key: str, lmoe: str, model_id: str
+) -> Any:
+    """The router app in front of one loopback backend (our inference service, or vLLM
+    for ``airoboros.lmoe.vllm``), with the original's router flags."""
+    from airoboros.router.app import create_app as router_app
+    from airoboros.router.settings import RouterSettings
+
+    return router_app(
+        RouterSettings(
+            host=args.host,
+            port=args.port,
+            backends=f"http://127.0.0.1:{backend_port}",
+            backend_api_key=backend_key,
+            lmoe=lmoe,
+            base_models=model_id,
+            router_k=args.router_k,
+            router_max_samples=args.router_max_samples,
+            agent_router=args.agent_router,
+            api_keys=client_keys(args),
+            bus=False,
+        )
+    )
+
+
 def build(args: argparse.Namespace, inference_port: int) -> tuple[Any, Any]:
     """The inference app and the router app of one LMoE process.
 
@@ -88,8 +113,6 @@ def build(args: argparse.Namespace, inference_port: int) -> tuple[Any, Any]:
     from airoboros.errors import ConfigError
     from airoboros.inference.app import create_app as inference_app
     from airoboros.inference.settings import InferenceSettings
-    from airoboros.router.app import create_app as router_app
-    from airoboros.router.settings import RouterSettings
 
     base, lmoe = Path(args.base_model), Path(args.lmoe)
     if not (base / "config.json").is_file():
@@ -110,21 +133,7 @@ def build(args: argparse.Namespace, inference_port: int) -> tuple[Any, Any]:
             prompt_format=getattr(args, "prompt_format", "airoboros"),
         )
     )
-    router = router_app(
-        RouterSettings(
-            host=args.host,
-            port=args.port,
-            backends=f"http://127.0.0.1:{inference_port}",
-            backend_api_key=internal_key,
-            lmoe=str(lmoe),
-            base_models=model_id,
-            router_k=args.router_k,
-            router_max_samples=args.router_max_samples,
-            agent_router=args.agent_router,
-            api_keys=client_keys(args),
-            bus=False,
-        )
-    )
+    router = front_router(args, inference_port, internal_key, str(lmoe), model_id)
     return inference, router
 
 

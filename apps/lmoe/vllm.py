@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from airoboros.lmoe.api import client_keys, free_loopback_port
+from airoboros.lmoe.api import free_loopback_port, front_router
 
 log = logging.getLogger(__name__)
 
@@ -211,24 +211,7 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
 
 
 def build_router(args: argparse.Namespace, vllm_port: int, key: str, model_id: str) -> Any:
-    from airoboros.router.app import create_app as router_app
-    from airoboros.router.settings import RouterSettings
-
-    return router_app(
-        RouterSettings(
-            host=args.host,
-            port=args.port,
-            backends=f"http://127.0.0.1:{vllm_port}",
-            backend_api_key=key,
-            lmoe=str(Path(args.lmoe_path)),
-            base_models=model_id,
-            router_k=args.router_k,
-            router_max_samples=args.router_max_samples,
-            agent_router=args.agent_router,
-            api_keys=client_keys(args),
-            bus=False,
-        )
-    )
+    return front_router(args, vllm_port, key, str(Path(args.lmoe_path)), model_id)
 
 
 async def serve_router(app: Any, args: argparse.Namespace, proc: subprocess.Popen[bytes]) -> int:
