@@ -53,7 +53,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_5000.json"
-DEFAULT_MODEL = "/work/models/SmolLM2-135M-Instruct"
+DEFAULT_MODEL = str(REPO / "build" / "models" / "SmolLM2-135M-Instruct")  # make model
 
 #: The stated rule: the first expert whose pattern matches the instruction; else "qa".
 RULES: tuple[tuple[str, str], ...] = (
@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default=os.environ.get("AIROBOROS_REAL_MODEL", DEFAULT_MODEL),
-        help="HF folder of the base model (default $AIROBOROS_REAL_MODEL or " + DEFAULT_MODEL,
+        help="HF folder of the base model (default $AIROBOROS_REAL_MODEL, else what make model "
+        "writes: " + DEFAULT_MODEL + ")",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2)

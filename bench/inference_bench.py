@@ -9,7 +9,8 @@ folder, then serves the same greedy requests (``--requests-per-adapter`` per ada
   ``set_adapter(name)`` then ``generate(do_sample=False, use_cache=False)``;
 * **original + KV cache**: the same, one at a time, with ``use_cache=True``;
 * **ours**: ``LocalEngine``, every request submitted at once (``asyncio.gather``), all
-  adapters mixed in each forward pass (peft ``adapter_names``).
+  adapters mixed in each forward pass (the stacked LoRA of services/inference/lora.py),
+  and once more with ``mixed_lora="peft"`` (peft's ``adapter_names``) for comparison.
 
 By default EOS is ignored by all three (``--respect-eos`` to stop at it), so that every
 request generates exactly ``--max-new-tokens`` tokens; tokens/s are computed on the tokens
@@ -89,7 +90,7 @@ def prompts_for(n_per_adapter: int) -> list[tuple[str, str]]:
     return out
 
 
-def make_adapter(base: Any, out: Path, seed: int, description: str) -> Any:
+def make_adapter(base: Any, out: Path, seed: int, description: str, b_scale: float = 1.0) -> Any:
     """A LoRA with random A and B saved to ``out``; returns the base model, unwrapped."""
     from tests.fakes.tiny_llama import make_lora_adapter
 
@@ -100,6 +101,7 @@ def make_adapter(base: Any, out: Path, seed: int, description: str) -> Any:
         rank=8,
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
         description=description,
+        b_scale=b_scale,
     )
 
 
@@ -127,7 +129,15 @@ def build(root: Path, args: argparse.Namespace) -> tuple[Path, int]:
         )
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
     for seed, name in enumerate(ADAPTERS, start=1):
-        model = make_adapter(model, root / "lmoe" / "adapters" / name, seed, f"the {name} expert")
+        # On a real model, small adapters keep the answers sensible (so that they end at
+        # EOS at their own lengths, as trained experts' answers do).
+        model = make_adapter(
+            model,
+            root / "lmoe" / "adapters" / name,
+            seed,
+            f"the {name} expert",
+            b_scale=0.1 if args.model else 1.0,
+        )
     return base, sum(p.numel() for p in model.parameters())
 
 
@@ -281,7 +291,9 @@ def start_lmoe_api(base: Path, root: Path, args: argparse.Namespace) -> tuple[An
     log = (root / "lmoe-api.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "airoboros.lmoe.api", "--base-model", str(base),
-         "--lmoe", str(root / "lmoe"), "--port", str(port), "--api-keys", ""],
+         "--lmoe", str(root / "lmoe"), "--port", str(port), "--api-keys", "",
+         # the prompt the engine-alone run renders (chat=True): the same tokens both ways
+         "--prompt-format", "chat-template"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -350,6 +362,7 @@ async def run_ours(
     args: argparse.Namespace,
     respect_eos: bool | None = None,
     chat: bool = False,
+    mixed_lora: str = "stacked",
 ) -> tuple[float, int, list[str], dict[str, int]]:
     """``chat``: the prompt as the API's chat completion makes it (the model's chat
     template), so that the engine alone and the HTTP run generate the same tokens."""
@@ -364,6 +377,7 @@ async def run_ours(
         max_batch_size=len(work),
         max_waiting=max(1024, 2 * len(work)),
         max_resident_adapters=len(ADAPTERS),
+        mixed_lora=mixed_lora,
         api_keys="",
     )
     engine = LocalEngine(settings)
@@ -454,6 +468,8 @@ def main() -> None:
             rows.append(("transformers+peft, 1 static batch", static[0], static[1]))
         ours_t, ours_n, ours_texts, stats = asyncio.run(run_ours(base, root, work, args))
         rows.append(("ours (LocalEngine, mixed batch)", ours_t, ours_n))
+        peft_t, peft_n, _, _ = asyncio.run(run_ours(base, root, work, args, mixed_lora="peft"))
+        rows.append(("ours, peft's adapter_names path", peft_t, peft_n))
         http_rows = []
         streams = [int(n) for n in args.http_streams.split(",") if n.strip()] if args.model else []
         if streams:
@@ -486,6 +502,10 @@ def main() -> None:
     print(
         f"inference: ours/original = {r_orig:.1f}x (target 4x), "
         f"ours/original+cache = {r_cache:.1f}x"
+    )
+    print(
+        f"inference: ours stacked LoRA / ours through peft's adapter_names = "
+        f"{ours_rate / (peft_n / peft_t):.2f}x"
     )
     if static is not None:
         same_static = sum(a == b for a, b in zip(ours_texts, static[2], strict=True))

@@ -82,6 +82,7 @@ from airoboros.inference.backend import (
     unknown_model,
 )
 from airoboros.inference.constrained import Constraint, Grammars
+from airoboros.inference.lora import MixedLoRA, unsupported, variant_of
 from airoboros.inference.settings import InferenceSettings
 from airoboros.inference.text import IncrementalDecoder, StopMatcher
 from airoboros.loading import MODEL_LOAD_LOCK
@@ -156,6 +157,8 @@ class LocalEngine:
         self._base = model
         self._tok = tokenizer
         self._peft: Any = None
+        #: the stacked mixed-adapter forward (None: peft's adapter_names path)
+        self._mixed: MixedLoRA | None = MixedLoRA() if settings.mixed_lora == "stacked" else None
         self._sources = AdapterSources(settings, object_store)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference-model")
         self._registry: dict[str, _Adapter] = {}
@@ -506,10 +509,33 @@ class LocalEngine:
             self._peft.set_adapter(slot)
             self._peft.requires_grad_(False)
             self._peft.eval()
+            variant = variant_of(self._peft, slot)
+            if variant is not None:
+                raise AdapterRejected(
+                    f"it uses a LoRA variant ({variant}, e.g. DoRA), which cannot share a "
+                    "batch with other adapters; serve plain LoRA (use_dora=False) or merge "
+                    "it into a base model",
+                    param="path",
+                )
         except Exception:
             if self._peft is not None and slot in self._peft.peft_config:
                 self._delete_slot(slot)
             raise
+        self._restack()
+
+    def _restack(self) -> None:
+        """Rebuild the stacked adapters after a load or delete, or fall back to peft's path
+        for good when an adapter needs what stacking cannot do."""
+        if self._mixed is None or self._peft is None:
+            return
+        reason = unsupported(self._peft)
+        if reason is not None:
+            log.warning("mixed batches go through peft's adapter_names path: %s", reason)
+            self._mixed.detach()
+            self._mixed = None
+            self._peft.requires_grad_(False)
+            return
+        self._mixed.rebuild(self._peft)
 
     def _delete_slot(self, slot: str) -> None:
         assert self._peft is not None
@@ -518,6 +544,7 @@ class LocalEngine:
             self._peft.set_adapter(others[0])  # keep "active" pointing at a live adapter
             self._peft.requires_grad_(False)
         self._peft.delete_adapter(slot)
+        self._restack()
 
     def _can_get_slot(self) -> bool:
         return len(self._resident) < self.settings.max_resident_adapters or any(
@@ -557,6 +584,9 @@ class LocalEngine:
         started = time.perf_counter()
         try:
             await self._run_model(lambda: self._load_slot(entry.resolved.folder, slot))
+        except AdapterRejected as exc:
+            metrics.ADAPTER_LOADS.labels("rejected").inc()
+            raise AdapterRejected(f"adapter {entry.name!r} is refused: {exc}") from exc
         except Exception as exc:
             metrics.ADAPTER_LOADS.labels("rejected").inc()
             raise AdapterRejected(
@@ -751,6 +781,10 @@ class LocalEngine:
         if self._peft is None or not self._peft.peft_config:
             # No adapter loaded (any LoRA wrappers left in the model hold none): the base.
             return self._base(**kwargs)
+        if self._mixed is not None:
+            # peft's layers are disabled; the stacked hooks add each row's adapter.
+            with self._mixed.rows([s.slot for s in rows]):
+                return self._base(**kwargs)
         return self._peft(**kwargs, adapter_names=[s.slot for s in rows])
 
     def _prefill(self, seqs: list[_Seq]) -> tuple[_Batch, Any]:

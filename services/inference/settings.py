@@ -63,6 +63,11 @@ class InferenceSettings(ServiceSettings):
     #: "cpu", "cuda", "cuda:1", "mps"; "auto": cuda when available
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: how a batch's rows get their own adapters: "stacked" (every resident adapter's
+    #: matrices side by side, one masked pass per layer: services/inference/lora.py) or
+    #: "peft" (peft's ``adapter_names`` path); adapters "stacked" cannot express (DoRA, a
+    #: LoRA bias, non-Linear layers) switch the engine to "peft" on their own
+    mixed_lora: Literal["stacked", "peft"] = "stacked"
     #: how chat messages become a prompt: "airoboros" (``{system}\\nUSER: ...\\nASSISTANT: ``,
     #: what the trainer trains on), "chat-template" (the tokenizer's chat template; "template"
     #: is its older spelling), "auto" (the template when the tokenizer has one, else airoboros)

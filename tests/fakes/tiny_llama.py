@@ -152,10 +152,15 @@ def make_lora_adapter(
     target_modules: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
     safe: bool = True,
     description: str = "",
+    use_dora: bool = False,
+    lora_bias: bool = False,
+    b_scale: float = 1.0,
 ) -> object:
     """A LoRA with random A and B (B non-zero, so it changes the output) on ``base`` (a
     model folder or a loaded model), saved to ``out`` in the LMoE layout (with
-    ``description.txt`` when given). Returns the base model, unwrapped."""
+    ``description.txt`` when given). ``use_dora``: a DoRA adapter (a LoRA variant); ``lora_bias``: ``B`` with a bias; ``b_scale`` multiplies ``B`` (a small
+    one keeps a real model's answers sensible).
+    Returns the base model, unwrapped."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -172,8 +177,15 @@ def make_lora_adapter(
                 lora_alpha=16,
                 target_modules=list(target_modules),
                 init_lora_weights=False,
+                use_dora=use_dora,
+                lora_bias=lora_bias,
             ),
         )
+    if b_scale != 1.0:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(b_scale)
     peft_model.save_pretrained(str(out), safe_serialization=safe)
     if description:
         (out / "description.txt").write_text(description + "\n")

@@ -648,3 +648,123 @@ async def test_adapter_published_hook(package: dict[str, Path]) -> None:
         assert gen.completion_tokens == chunks[-1].completion_tokens
     finally:
         await engine.close()
+
+
+# --- the stacked mixed-adapter forward -------------------------------------------------------
+
+
+def _peft_with(package: dict[str, Path], names: list[str]) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(package["base"])).eval()
+    folders = {"qa": package["lmoe"] / "adapters" / "qa"}
+    folders["code"] = package["lmoe"] / "adapters" / "code"
+    folders["writer"] = package["extra"] / "writer"
+    peft = PeftModel.from_pretrained(model, str(folders[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(str(folders[name]), adapter_name=name)
+    return model, peft.eval()
+
+
+def test_stacked_lora_gives_peft_mixed_batch_logits(package: dict[str, Path]) -> None:
+    """Each row of a batch gets its own adapter (or none) exactly as peft's adapter_names
+    path and as peft with that one adapter active; deleting an adapter restacks."""
+    from airoboros.inference.lora import MixedLoRA, unsupported
+
+    model, peft = _peft_with(package, ["qa", "code", "writer"])
+    rows = ["qa", "code", "__base__", "writer", "qa"]
+    ids = torch.randint(3, 200, (len(rows), 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = peft(input_ids=ids, adapter_names=rows).logits
+        alone = []
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with peft.disable_adapter():
+                    alone.append(peft(input_ids=ids[i : i + 1]).logits)
+            else:
+                peft.set_adapter(name)
+                alone.append(peft(input_ids=ids[i : i + 1]).logits)
+        assert unsupported(peft) is None
+        mixed = MixedLoRA()
+        mixed.rebuild(peft)
+        assert mixed.width == 3 * 4  # three rank-4 adapters side by side
+        with mixed.rows(rows):
+            got = model(input_ids=ids).logits
+        base_only = model(input_ids=ids).logits  # outside rows(): no adapter at all
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], base_only[0], atol=1e-3)  # qa does change row 0
+    torch.testing.assert_close(got[2], base_only[2], rtol=1e-5, atol=1e-5)
+    # Deleting "code" restacks: its rows now get no adapter, the others keep theirs.
+    peft.delete_adapter("code")
+    mixed.rebuild(peft)
+    assert set(mixed.columns) == {"qa", "writer"}
+    with torch.inference_mode(), mixed.rows(rows):
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after[1], base_only[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[3], got[3], rtol=1e-4, atol=1e-4)
+
+
+async def _serve_all(engine: LocalEngine, cases: list[tuple[str | None, str]]) -> list[str]:
+    await engine.start()
+    try:
+
+        async def one(adapter: str | None, prompt: str) -> str:
+            (gen,) = await engine.submit(
+                GenerationRequest(
+                    adapter=adapter,
+                    prompt=airoboros_prompt([PromptTurn("user", prompt)]),
+                    add_bos=True,
+                    max_tokens=8,
+                    sampling=SamplingParams(temperature=0),
+                )
+            )
+            return "".join([c.text async for c in gen])
+
+        return list(await asyncio.gather(*(one(a, p) for a, p in cases)))
+    finally:
+        await engine.close()
+
+
+async def test_engine_stacked_and_peft_paths_agree_and_lora_bias_falls_back(
+    package: dict[str, Path], tmp_path: Path
+) -> None:
+    """The engine's default stacked path and its peft path give the same greedy text for a
+    mixed batch; an adapter with a LoRA bias, which stacking does not express, switches
+    the engine to peft's path, and it is still applied."""
+    cases: list[tuple[str | None, str]] = [
+        (name, prompt) for name in ("qa", "code", None) for prompt in PROMPTS
+    ]
+    stacked = LocalEngine(settings_for(package))
+    assert stacked._mixed is not None
+    texts = await _serve_all(stacked, cases)
+    assert stacked._mixed is not None and stacked._mixed.width == 8
+    peft_path = LocalEngine(settings_for(package, mixed_lora="peft"))
+    assert await _serve_all(peft_path, cases) == texts
+    assert texts[0] != texts[8]  # qa and the base differ on the same prompt
+
+    biased = tmp_path / "lmoe" / "adapters" / "biased"
+    make_lora_adapter(package["base"], biased, 9, lora_bias=True)
+    (tmp_path / "lmoe" / "routing_data").mkdir(parents=True)
+    engine = LocalEngine(settings_for(package, lmoe_paths=f"{package['lmoe']},{tmp_path / 'lmoe'}"))
+    got = await _serve_all(engine, [*cases, ("biased", PROMPTS[0])])
+    assert engine._mixed is None  # fell back for good
+    assert got[: len(cases)] == texts
+    assert got[-1] != texts[8]  # the biased adapter is applied, not ignored
+
+
+def test_a_dora_adapter_is_refused_with_the_reason(
+    server: AppServer, package: dict[str, Path]
+) -> None:
+    """Neither path can put a DoRA adapter in a batch with others: loading one is a 400
+    that says so, and the server keeps serving the rest."""
+    folder = package["extra"] / "dora"
+    make_lora_adapter(package["base"], folder, 11, use_dora=True)
+    r = httpx.post(f"{server.url}/v1/adapters", json={"name": "dora", "path": str(folder)})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "DoRA" in message and "dora" in message
+    names = {m.id for m in server.client().models.list().data}
+    assert "dora" not in names and {"qa", "code"} <= names
+    assert chat(server.client(), "qa", PROMPTS[0]).choices[0].message.content
