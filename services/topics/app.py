@@ -383,4 +383,8 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         topics = await svc().generate_topics(await read_config(request))
         return TopicsGenerated(topics=topics, count=len(topics))
 
+    # --- the web console (static files; its data calls are the routes above) ----------------
+    from airoboros.topics.console_files import mount_console
+
+    mount_console(app)
     return app
