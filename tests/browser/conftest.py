@@ -219,6 +219,8 @@ def browser(services: Services) -> Iterator[Any]:
 
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for stale in ARTIFACTS.glob("FAILED-*.png"):
+        stale.unlink()
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
@@ -234,8 +236,19 @@ class Watch:
     errors: list[str] = field(default_factory=list)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+    return report
+
+
+FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def page(browser: Any, services: Services) -> Iterator[Any]:
+def page(browser: Any, services: Services, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh browser context (empty storage) at 1280x800. At the end: no request left the
     topics origin, the key was never in a URL, no script error, no CSP violation."""
     context = browser.new_context(viewport=DESKTOP, accept_downloads=True)
@@ -247,6 +260,8 @@ def page(browser: Any, services: Services) -> Iterator[Any]:
     pg.on("pageerror", lambda e: watch.errors.append(str(e)))
     pg.watch = watch
     yield pg
+    if request.node.stash.get(FAILED, False):  # what the page showed when it failed
+        pg.screenshot(path=str(ARTIFACTS / f"FAILED-{request.node.name}.png"), full_page=True)
     context.close()
     origin = services.url
     for url, headers in watch.requests:

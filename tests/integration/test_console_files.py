@@ -42,7 +42,9 @@ def assert_locked_down(r: httpx.Response) -> None:
     assert r.headers["referrer-policy"] == "no-referrer"
 
 
-async def test_the_console_is_served_without_a_key_with_its_headers(client) -> None:
+async def test_the_console_is_served_without_a_key_with_its_headers(
+    client: httpx.AsyncClient,
+) -> None:
     r = await client.get("/console")
     assert r.status_code in (301, 307, 308)
     assert r.headers["location"] == "/console/"
@@ -60,7 +62,9 @@ async def test_the_console_is_served_without_a_key_with_its_headers(client) -> N
         assert_locked_down(r)
 
 
-async def test_unknown_files_and_escapes_are_404_and_the_api_still_needs_the_key(client) -> None:
+async def test_unknown_files_and_escapes_are_404_and_the_api_still_needs_the_key(
+    client: httpx.AsyncClient,
+) -> None:
     for path in ("/console/nope.js", "/console/../app.py", "/console/%2e%2e/app.py"):
         r = await client.get(path)
         assert r.status_code == 404, path

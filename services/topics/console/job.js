@@ -30,7 +30,7 @@ export const FORMATS = [
   ["openai", "OpenAI chat JSONL"],
   ["parquet", "Parquet"],
 ];
-const RESUMABLE = new Set(["incomplete", "failed", "cancelled", "budget_exhausted"]);
+const RESUMABLE = new Set(["incomplete", "failed", "cancelled"]);
 
 /** ETA from the accept rate of recent samples [{t (s), accepted}], or null. */
 export function eta(samples, accepted, target) {
@@ -62,6 +62,7 @@ export function job(root, { id }) {
   const actionsStatus = h("div", { class: "form-status", "aria-live": "polite" });
   const cancelBtn = h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel job");
   const resumeBtn = h("button", { type: "button", onclick: resume }, "Resume job");
+  cancelBtn.hidden = resumeBtn.hidden = true; // until the job's status is known
   const progressBody = h("tbody");
   const progressTable = h(
     "table",
@@ -244,10 +245,10 @@ export function job(root, { id }) {
       typeof s.bad_rows === "number" ? fact("Marked bad", num(s.bad_rows)) : null,
       fact("Cost", money(s.cost)),
       fact("Tokens", `${num(s.tokens?.prompt)} in / ${num(s.tokens?.completion)} out`),
-      s.detail ? fact("Detail", s.detail) : null,
+      s.detail ? fact("Detail", s.detail, "wide") : null,
       s.cancel_requested && !finished(s.status) ? fact("Cancel", "requested") : null,
-      s.export ? fact("Exported to", h("code", {}, s.export)) : null,
-      s.export_error ? fact("Export error", s.export_error) : null,
+      s.export ? fact("Exported to", h("code", {}, s.export), "wide") : null,
+      s.export_error ? fact("Export error", s.export_error, "wide") : null,
     );
     cancelBtn.hidden = finished(s.status);
     cancelBtn.disabled = Boolean(s.cancel_requested);
@@ -509,6 +510,6 @@ export function job(root, { id }) {
   };
 }
 
-function fact(label, value) {
-  return h("div", { class: "fact" }, h("dt", {}, label), h("dd", {}, value));
+function fact(label, value, cls = "") {
+  return h("div", { class: `fact ${cls}`.trim() }, h("dt", {}, label), h("dd", {}, value));
 }

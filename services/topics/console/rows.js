@@ -220,7 +220,7 @@ export function rows(root, { id, query }) {
         ),
         toggle,
       ),
-      body,
+      ...body,
     );
     return card;
   }
