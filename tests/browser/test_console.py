@@ -316,6 +316,7 @@ def test_rows_by_category_search_and_mark_bad_changes_the_export(
     card.get_by_role("button", name="Unmark bad").wait_for()
     assert card.locator(".bad-badge").is_visible()
     assert card.get_by_role("button", name="Unmark bad").get_attribute("aria-pressed") == "true"
+    page.get_by_text("1 marked bad in this job.").wait_for()
     shot(page, "05-rows-marked-bad")
     after = export_rows(services, done_job)
     assert len(after) == len(rows) - 1

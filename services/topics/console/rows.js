@@ -42,6 +42,10 @@ export function rows(root, { id, query }) {
   const next = h("button", { type: "button", onclick: () => go(1) }, "Next page");
   const pager = h("nav", { class: "pager", "aria-label": "Pages of rows" }, prev, next);
   const badCount = h("span");
+  let badRows = null; // the job's rows marked bad (JobStatus.bad_rows), kept current here
+  const showBad = () => {
+    if (badRows !== null) setText(badCount, `${num(badRows)} marked bad in this job.`);
+  };
 
   root.append(
     h(
@@ -101,7 +105,8 @@ export function rows(root, { id, query }) {
       for (const n of names) select.append(h("option", { value: n }, n));
       select.value = category;
       if (typeof s.bad_rows === "number") {
-        setText(badCount, `${num(s.bad_rows)} marked bad in this job.`);
+        badRows = s.bad_rows;
+        showBad();
       }
     } catch (err) {
       if (!(err instanceof ApiError && err.status === 401)) select.value = category;
@@ -168,6 +173,10 @@ export function rows(root, { id, query }) {
           body: { bad: want },
         });
         const bad = Boolean(updated.bad);
+        if (badRows !== null && bad === want) {
+          badRows += bad ? 1 : -1;
+          showBad();
+        }
         toggle.setAttribute("aria-pressed", bad ? "true" : "false");
         toggle.textContent = bad ? "Unmark bad" : "Mark bad";
         badge.hidden = !bad;
