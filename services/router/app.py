@@ -1,5 +1,6 @@
 """The router's HTTP edge (FastAPI): OpenAI's ``/v1/models``, ``/v1/chat/completions`` and
-``/v1/completions`` in front of ``RouterService``.
+``/v1/completions`` in front of ``RouterService``, and ``/v1/pods`` (the backends and the
+adapters each holds, for the web console).
 
 Guards, in order: API key (``Authorization: Bearer``, 401), rate limit per key (429 with
 Retry-After), body size (413). Every error is OpenAI's envelope ``{"error": {"message",

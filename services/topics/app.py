@@ -6,6 +6,11 @@ a key sees the jobs it created, an admin key (AIROBOROS_ADMIN_API_KEYS) every jo
 are ``airoboros.protocol``'s models. Errors use one shape, 5xx included:
 {"error": {"message", "type", "param", "code", ...}} (``airoboros.web.error_response``); a
 database, broker or object store outage is a 503 with Retry-After, never a lost request.
+
+The web console's routes (docs/architecture.md, "The web console") are here too: rows
+searched (``q``) and marked bad, ``GET /v1/experts`` (the adapter registry and the router's
+pods) and ``POST /v1/playground/chat/completions``, passed to the router at
+AIROBOROS_ROUTER_URL (``airoboros.topics.gateway``).
 """
 
 from __future__ import annotations

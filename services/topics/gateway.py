@@ -61,7 +61,8 @@ class Upstream:
         self._where = where
         self.status = resp.status_code
         self.headers = {h: resp.headers[h] for h in PASS_HEADERS if h in resp.headers}
-        self.media_type = resp.headers.get("content-type", "application/json").split(";")[0]
+        content_type = str(resp.headers.get("content-type", "application/json"))
+        self.media_type = content_type.split(";")[0].strip()
 
     @property
     def streamed(self) -> bool:

@@ -532,3 +532,42 @@ async def test_the_client_cannot_choose_where_the_playground_goes(
         assert pod.requests[-1][1]["messages"] == body["messages"]  # the configured one
         assert r.json()["pods"][0]["url"] != f"{other.url}/v1"
     await env.seed.close()
+
+
+async def inference_like_pod(scope: Any, receive: Any, send: Any) -> None:
+    """A pod that lists its models as the inference service and vLLM do: the base model
+    with ``parent: null``, each adapter with the base as its parent."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    cards = [
+        {"id": "tiny-base", "object": "model", "created": 0, "owned_by": "x", "parent": None},
+        {"id": "cooking", "object": "model", "created": 0, "owned_by": "x", "parent": "tiny-base"},
+        {"id": "code", "object": "model", "created": 0, "owned_by": "x", "parent": "tiny-base"},
+    ]
+    body = json.dumps({"object": "list", "data": cards}).encode()
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_router_pods_name_the_adapters_without_the_base_model(embedder: Any) -> None:
+    with (
+        BackendThread(inference_like_pod) as pod,
+        serve_router(embedder, backends=[pod.url], api_keys=KEY) as url,
+    ):
+        r = httpx.get(f"{url}/v1/pods", headers=auth(KEY))
+        assert r.status_code == 200, r.text
+        [listed_pod] = r.json()["data"]
+        assert listed_pod == {
+            "url": f"{pod.url}/v1",
+            "healthy": True,
+            "outstanding": 0,
+            "adapters": ["code", "cooking"],
+            "models": ["code", "cooking", "tiny-base"],
+            "error": None,
+        }
+        assert httpx.get(f"{url}/v1/pods").status_code == 401
+        assert httpx.get(f"{url}/v1/pods", headers=auth("wrong")).status_code == 401
