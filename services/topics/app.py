@@ -1,7 +1,8 @@
 """The topics HTTP API (FastAPI): thin routes over TopicsService.
 
-Every route but /healthz and /readyz needs ``Authorization: Bearer <key>`` with a key from
-AIROBOROS_API_KEYS (the OpenAPI spec and its pages too, unless AIROBOROS_PUBLIC_DOCS):
+Every route but /healthz, /readyz and the web console's static files (/console/) needs
+``Authorization: Bearer <key>`` with a key from AIROBOROS_API_KEYS (the OpenAPI spec and
+its pages too, unless AIROBOROS_PUBLIC_DOCS):
 a key sees the jobs it created, an admin key (AIROBOROS_ADMIN_API_KEYS) every job. Bodies
 are ``airoboros.protocol``'s models. Errors use one shape, 5xx included:
 {"error": {"message", "type", "param", "code", ...}} (``airoboros.web.error_response``); a
