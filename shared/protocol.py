@@ -517,7 +517,10 @@ class JobStatus(BaseModel):
     finished_at: str | None = None
     cancel_requested: bool = False
     instructors: dict[str, InstructorStatus]
+    #: rows of the dataset (what an export holds): rows marked bad are left out
     rows: int
+    #: rows marked bad (kept in the store, listed by /items, left out of exports)
+    bad_rows: int = 0
     tokens: TokenTotals
     cost: float
     dead_letters: list[DeadLetterInfo] = Field(default_factory=list)
@@ -566,12 +569,80 @@ class ItemRow(BaseModel):
     category: str
     system: str | None = Field(default=None, exclude_if=lambda v: v is None)
     skip_prompt_formatting: bool | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: marked bad (``POST /v1/jobs/{id}/items/{seq}/bad``): left out of every export and
+    #: cull, kept in the store and listed here so that it can be unmarked
+    bad: bool = False
 
 
 class ItemsPage(BaseModel):
     items: list[ItemRow]
     #: pass as ``after`` for the next page; null: this was the last
     next_after: int | None = None
+
+
+class BadMark(BaseModel):
+    """Body of ``POST /v1/jobs/{id}/items/{seq}/bad``: mark the row bad, or good again."""
+
+    model_config = ConfigDict(extra="forbid")
+    bad: bool = Field(strict=True)
+
+
+# --- experts and pods (the console; GET /v1/experts on topics, GET /v1/pods on the router) --
+
+
+class ExpertVersion(BaseModel):
+    """One trained version of an expert, from the trainer's adapter registry."""
+
+    model_config = ConfigDict(extra="allow")
+    expert: str
+    version: str
+    base_model: str
+    #: training | published | failed
+    status: str
+    job_id: str | None = None
+    dataset_uri: str | None = None
+    uri: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    #: why training failed (or what it noted)
+    detail: str | None = None
+    created_at: str
+
+
+class PodStatus(BaseModel):
+    """One inference backend of the router, as the router sees it now."""
+
+    model_config = ConfigDict(extra="allow")
+    #: its API base (``http://pod:8000/v1``)
+    url: str
+    healthy: bool
+    #: requests in flight through this router
+    outstanding: int
+    #: the adapters it lists in its ``GET /v1/models`` (or answered for); the base models
+    #: it names are in ``models``
+    adapters: list[str] = Field(default_factory=list)
+    #: every model id it lists; null: unknown (a server without ``/v1/models``)
+    models: list[str] | None = None
+    #: why its last health check failed
+    error: str | None = None
+
+
+class PodList(BaseModel):
+    """``GET /v1/pods`` on the router."""
+
+    object: Literal["list"] = "list"
+    data: list[PodStatus]
+
+
+class ExpertsPage(BaseModel):
+    """``GET /v1/experts`` on topics: the registered versions the caller may see, and the
+    router's pods (empty, with ``router: null``, when no router is configured)."""
+
+    data: list[ExpertVersion]
+    pods: list[PodStatus] = Field(default_factory=list)
+    #: the router the topics service is configured with (AIROBOROS_ROUTER_URL); null: none
+    router: str | None = None
+    #: why the pods could not be listed (the router is down, refused the key, ...)
+    pods_error: str | None = None
 
 
 class UploadedFile(BaseModel):

@@ -81,7 +81,15 @@ _S3 = ("s3_endpoint", "s3_access_key", "s3_secret_key", "s3_bucket", "s3_secure"
 
 
 class TopicsSettings(ServiceSettings):
-    deploy_required = (*_BROKER, "database_url", "redis_url", *_S3, "api_keys", "port")
+    deploy_required = (
+        *_BROKER,
+        "database_url",
+        "redis_url",
+        *_S3,
+        "api_keys",
+        "port",
+        "router_url",
+    )
     module = "airoboros.topics"
     port: int = 8080
     #: seconds between controller ticks (timeouts, top-ups) besides those on each result
@@ -99,9 +107,27 @@ class TopicsSettings(ServiceSettings):
     max_upload_bytes: int = 64 * 1024 * 1024
     #: where uploaded documents are unpacked for the jobs that use them
     work_dir: str = "/tmp/airoboros-topics"
+    #: the router (``http://router:8085``) the web console's playground and experts page
+    #: reach, server-side: a client never names it. Empty: no playground, no pods
+    router_url: str | None = None
+    #: the key sent to the router for the console (the first, if a comma-separated list
+    #: is given, such as the router's own AIROBOROS_API_KEYS); empty: the caller's own
+    #: Authorization header is forwarded, so the console's key must be a router key too
+    router_api_key: str | None = None
 
     def admin_key_list(self) -> list[str]:
         return [k.strip() for k in self.admin_api_keys.split(",") if k.strip()]
+
+    def router_base(self) -> str | None:
+        """``router_url`` without a trailing ``/`` or ``/v1``; None when unset."""
+        url = (self.router_url or "").strip().rstrip("/")
+        if not url:
+            return None
+        return url.removesuffix("/v1")
+
+    def router_key(self) -> str | None:
+        keys = [k.strip() for k in (self.router_api_key or "").split(",") if k.strip()]
+        return keys[0] if keys else None
 
 
 class GeneratorSettings(ServiceSettings):

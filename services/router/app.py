@@ -1,5 +1,6 @@
 """The router's HTTP edge (FastAPI): OpenAI's ``/v1/models``, ``/v1/chat/completions`` and
-``/v1/completions`` in front of ``RouterService``.
+``/v1/completions`` in front of ``RouterService``, and ``/v1/pods`` (the backends and the
+adapters each holds, for the web console).
 
 Guards, in order: API key (``Authorization: Bearer``, 401), rate limit per key (429 with
 Retry-After), body size (413). Every error is OpenAI's envelope ``{"error": {"message",
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +35,8 @@ from airoboros.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    PodList,
+    PodStatus,
     RoutedChatCompletion,
     RoutedTextCompletion,
     completion_responses,
@@ -52,6 +56,8 @@ from airoboros.web import (
 )
 
 log = logging.getLogger(__name__)
+#: seconds a backend's last check stays fresh enough for ``GET /v1/pods``
+PODS_FRESH = 2.0
 
 
 class ProxyStreamingResponse(StreamingResponse):
@@ -297,6 +303,30 @@ def create_app(
     async def get_model(name: str, request: Request) -> ModelCard:
         authenticate(request)
         return service.model(name)
+
+    @app.get("/v1/pods", responses=ERROR_RESPONSES)
+    async def list_pods(request: Request) -> PodList:
+        """The backends (inference pods) and what each holds: its url, health, requests in
+        flight through this router, and the adapters its ``GET /v1/models`` lists (or it
+        answered for). Checked again first when the last check is older than
+        ``PODS_FRESH`` seconds (the web console's experts page)."""
+        authenticate(request)
+        now = time.monotonic()
+        if any(now - b.checked_at > PODS_FRESH for b in pool.backends):
+            await pool.refresh()
+        return PodList(
+            data=[
+                PodStatus(
+                    url=b.url,
+                    healthy=b.healthy,
+                    outstanding=b.outstanding,
+                    adapters=b.adapters,
+                    models=None if b.models is None else sorted(b.models),
+                    error=b.error or None,
+                )
+                for b in pool.backends
+            ]
+        )
 
     async def complete(kind: Kind, request: Request) -> Response:
         who = authenticate(request)

@@ -48,6 +48,9 @@ class BackendPod:
     healthy: bool = True
     #: models (adapters) it serves, from its /v1/models and its answers; None: unknown
     models: frozenset[str] | None = None
+    #: of those, the base models: listed with ``parent: null`` (inference, vLLM), where
+    #: an adapter names its base as its parent
+    bases: frozenset[str] = frozenset()
     #: requests in flight through this router
     outstanding: int = 0
     checked_at: float = 0.0
@@ -57,6 +60,11 @@ class BackendPod:
     @property
     def root(self) -> str:
         return self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters it holds (or answered for), base models left out."""
+        return sorted((self.models or frozenset()) - self.bases)
 
     def holds(self, model: str | None) -> bool:
         return model is not None and self.models is not None and model in self.models
@@ -300,10 +308,15 @@ class BackendPool:
                 body = await resp.read()
             if status == 200:
                 data = json.loads(body).get("data", [])
-                models = frozenset(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
+                cards = [m for m in data if isinstance(m, dict) and "id" in m]
+                models = frozenset(str(m["id"]) for m in cards)
                 # Keep what it answered for since (an adapter loaded on demand) only if the
                 # pod does not list adapters itself.
                 b.models = models if models else b.models
+                if models:
+                    b.bases = frozenset(
+                        str(m["id"]) for m in cards if "parent" in m and m["parent"] is None
+                    )
                 self._mark(b, True)
                 return
             if status in (404, 405):

@@ -1,11 +1,17 @@
 """The topics HTTP API (FastAPI): thin routes over TopicsService.
 
-Every route but /healthz and /readyz needs ``Authorization: Bearer <key>`` with a key from
-AIROBOROS_API_KEYS (the OpenAPI spec and its pages too, unless AIROBOROS_PUBLIC_DOCS):
+Every route but /healthz, /readyz and the web console's static files (/console/) needs
+``Authorization: Bearer <key>`` with a key from AIROBOROS_API_KEYS (the OpenAPI spec and
+its pages too, unless AIROBOROS_PUBLIC_DOCS):
 a key sees the jobs it created, an admin key (AIROBOROS_ADMIN_API_KEYS) every job. Bodies
 are ``airoboros.protocol``'s models. Errors use one shape, 5xx included:
 {"error": {"message", "type", "param", "code", ...}} (``airoboros.web.error_response``); a
 database, broker or object store outage is a 503 with Retry-After, never a lost request.
+
+The web console's routes (docs/architecture.md, "The web console") are here too: rows
+searched (``q``) and marked bad, ``GET /v1/experts`` (the adapter registry and the router's
+pods) and ``POST /v1/playground/chat/completions``, passed to the router at
+AIROBOROS_ROUTER_URL (``airoboros.topics.gateway``).
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
+from starlette.types import Receive, Scope, Send
 
 from airoboros import metrics, telemetry
 from airoboros.errors import (
@@ -34,24 +41,32 @@ from airoboros.errors import (
 from airoboros.parsing import load_config_body
 from airoboros.protocol import (
     ERROR_RESPONSES,
+    BadMark,
+    ChatCompletionRequest,
     ConfigDocument,
     CullCreated,
     CullRequest,
     DocumentsUploaded,
+    ExpertsPage,
+    ItemRow,
     ItemsPage,
     JobCreated,
     JobList,
     JobReport,
     JobStatus,
+    RoutedChatCompletion,
     TopicsGenerated,
     TopicsRequest,
+    completion_responses,
 )
 from airoboros.settings import TopicsSettings
+from airoboros.topics.gateway import RouterGateway, Upstream
 from airoboros.web import (
     Principal,
     bearer_token,
     error_response,
     install_error_handlers,
+    json_body,
     key_owner,
     read_body,
 )
@@ -122,6 +137,26 @@ EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class UpstreamResponse(StreamingResponse):
+    """The router's streamed answer passed on, its connection released however the
+    response ends (finished, client gone, cancelled)."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        super().__init__(
+            upstream.chunks(),
+            status_code=upstream.status,
+            headers={**upstream.headers, "cache-control": "no-cache"},
+            media_type=upstream.media_type,
+        )
+        self.upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.upstream.aclose()
+
+
 async def caller(request: Request) -> Principal:
     """Who is calling (401 without a valid key): the app's ``authenticate``."""
     principal: Principal = request.app.state.authenticate(request)
@@ -137,6 +172,8 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
     if not keys:
         raise ConfigError(["AIROBOROS_API_KEYS: set at least one API key for the topics API"])
     state: dict[str, Any] = {"ready": False, "service": service}
+    # The console's router (playground, pods): the operator's URL, never a client's.
+    gateway = RouterGateway(settings.router_base(), settings.router_key())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -146,7 +183,10 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
 
         if state["service"] is not None:
             state["ready"] = True
-            yield
+            try:
+                yield
+            finally:
+                await gateway.aclose()
             return
         store = make_store(settings.database_url)
         await store.connect(migrate=False)
@@ -186,6 +226,7 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
             await bus.close()
             await redis.aclose()
             await store.close()
+            await gateway.aclose()
 
     app = FastAPI(
         title="airoboros topics",
@@ -313,9 +354,26 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         category: str | None = Query(None, max_length=64),
         after: int = Query(0, ge=0, le=MAX_SEQ),
         limit: int = Query(100, ge=1, le=1000),
+        q: str | None = Query(
+            None,
+            min_length=1,
+            max_length=200,
+            description="only rows whose instruction, response or system contains this "
+            "text, in any case (taken literally: % and _ are no wildcards)",
+        ),
     ) -> ItemsPage:
-        page = await svc().items(job_id, who, category=category, after=after, limit=limit)
+        """A page of the job's rows, in order; rows marked bad are listed (``bad: true``)
+        so that they can be unmarked."""
+        page = await svc().items(job_id, who, category=category, after=after, limit=limit, q=q)
         return body_of(ItemsPage, page)
+
+    @app.post("/v1/jobs/{job_id}/items/{seq}/bad", responses=ERROR_RESPONSES)
+    async def mark_bad(
+        job_id: str, body: BadMark, who: Caller, seq: int = Path(ge=0, le=MAX_SEQ)
+    ) -> ItemRow:
+        """Mark a row bad (``{"bad": true}``: left out of every export and cull, kept in
+        the store) or good again (``{"bad": false}``)."""
+        return body_of(ItemRow, await svc().mark_bad(job_id, seq, body.bad, who))
 
     @app.get("/v1/jobs/{job_id}/report", responses=ERROR_RESPONSES)
     async def report(job_id: str, who: Caller) -> JobReport:
@@ -353,6 +411,41 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
             },
         )
 
+    # --- the console: experts, pods and the playground ----------------------------------------
+    @app.get("/v1/experts", responses=ERROR_RESPONSES)
+    async def experts(request: Request, who: Caller) -> ExpertsPage:
+        """The trained expert versions the key may see (an admin key: all; another: those
+        trained on its own jobs) and the router's pods with the adapters each holds. A
+        router that cannot be asked gives ``pods_error``, not an error answer."""
+        versions = await svc().experts(who)
+        pods, error = await gateway.pods(request.headers.get("authorization", ""))
+        return ExpertsPage.model_validate(
+            {"data": versions, "pods": pods, "router": gateway.base_url, "pods_error": error}
+        )
+
+    @app.post(
+        "/v1/playground/chat/completions",
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses=completion_responses(RoutedChatCompletion),
+    )
+    async def playground(request: Request, who: Caller) -> Response:
+        """A chat completion through the configured router (AIROBOROS_ROUTER_URL), the
+        body passed as it is: streamed back event by event with ``stream: true``; the
+        router's status, errors and ``x-airoboros-expert`` header passed back. 503 when no
+        router is configured or it cannot be reached."""
+        too_large = PayloadTooLarge(f"body larger than {limit} bytes", code="too_large")
+        body = await read_body(request, limit, too_large)
+        upstream = await gateway.chat(body, request.headers.get("authorization", ""))
+        if upstream.streamed:
+            return UpstreamResponse(upstream)
+        content = await upstream.read()
+        return Response(
+            content,
+            status_code=upstream.status,
+            media_type=upstream.media_type,
+            headers=upstream.headers,
+        )
+
     # --- documents ---------------------------------------------------------------------------
     @app.post(
         "/v1/documents", status_code=201, openapi_extra=UPLOAD_BODY, responses=ERROR_RESPONSES
@@ -383,4 +476,8 @@ def create_app(settings: TopicsSettings, *, service: Any = None) -> FastAPI:
         topics = await svc().generate_topics(await read_config(request))
         return TopicsGenerated(topics=topics, count=len(topics))
 
+    # --- the web console (static files; its data calls are the routes above) ----------------
+    from airoboros.topics.console_files import mount_console
+
+    mount_console(app)
     return app

@@ -38,7 +38,7 @@ from airoboros.llm.factory import make_llm
 from airoboros.policy import ServerPolicy
 from airoboros.ports import ObjectStore
 from airoboros.settings import TopicsSettings
-from airoboros.store import JobRecord, Store
+from airoboros.store import JobRecord, Store, StoredItem
 from airoboros.topics.batches import store_deferred
 from airoboros.topics.controller import JobController, JobOutcome, grant_and_forward, stop_policy
 from airoboros.topics.lifecycle import CardShelf, JobAdapters, make_plan, open_job
@@ -67,6 +67,11 @@ def _utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def row_of(it: StoredItem) -> dict[str, Any]:
+    """A stored row as the API lists it (``ItemRow``)."""
+    return {"seq": it.seq, **it.item.to_row(), "bad": it.bad}
 
 
 class JobConflict(Conflict):
@@ -346,7 +351,9 @@ class TopicsService:
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
             "cancel_requested": job.cancel_requested,
             "instructors": instructors,
+            # The dataset's rows (what an export holds) and those marked bad, left out.
             "rows": await self.store.rows.count(job_id),
+            "bad_rows": await self.store.rows.count_bad(job_id),
             "tokens": {
                 "prompt": sum(s.prompt_tokens for s in stats.values()),
                 "completion": sum(s.completion_tokens for s in stats.values()),
@@ -426,20 +433,69 @@ class TopicsService:
         return await self.status(job_id, principal)
 
     async def items(
-        self, job_id: str, principal: Principal, *, category: str | None, after: int, limit: int
+        self,
+        job_id: str,
+        principal: Principal,
+        *,
+        category: str | None,
+        after: int,
+        limit: int,
+        q: str | None = None,
     ) -> dict[str, Any]:
+        """A page of the job's rows, those marked bad included (so they can be unmarked);
+        with ``q``, only rows whose instruction, response or system contains it (any
+        case)."""
         await self.job(job_id, principal)
         rows = []
         async for it in self.store.rows.iterate(
-            job_id, after=after, category=category, page_size=limit
+            job_id, after=after, category=category, page_size=limit, include_bad=True, search=q
         ):
-            rows.append({"seq": it.seq, **it.item.to_row()})
+            rows.append(row_of(it))
             if len(rows) >= limit:
                 break
         return {"items": rows, "next_after": rows[-1]["seq"] if len(rows) == limit else None}
 
+    async def mark_bad(
+        self, job_id: str, seq: int, bad: bool, principal: Principal
+    ) -> dict[str, Any]:
+        """Mark a row bad (left out of every export and cull, kept in the store) or good
+        again; the same 404 for no job, another owner's job and no such row."""
+        await self.job(job_id, principal)
+        return row_of(await self.store.rows.mark_bad(job_id, seq, bad))
+
+    async def experts(self, principal: Principal) -> list[dict[str, Any]]:
+        """The registered expert versions the caller may see: every one for an admin key,
+        else those trained on the caller's own jobs."""
+        versions = await self.store.registry.adapters()
+        if not principal.admin:
+            owners: dict[str, str | None] = {}
+            for job_id in {a.job_id for a in versions if a.job_id is not None}:
+                try:
+                    owners[job_id] = (await self.store.jobs.get(job_id)).owner
+                except NotFoundError:
+                    owners[job_id] = None
+            versions = [
+                a for a in versions if a.job_id is not None and principal.may_see(owners[a.job_id])
+            ]
+        return [
+            {
+                "expert": a.expert,
+                "version": a.version,
+                "base_model": a.base_model,
+                "status": a.status,
+                "job_id": a.job_id,
+                "dataset_uri": a.dataset_uri,
+                "uri": a.uri,
+                "metrics": a.metrics,
+                "detail": a.detail,
+                "created_at": a.created_at.isoformat(),
+            }
+            for a in versions
+        ]
+
     async def export_stream(self, job_id: str, fmt: str) -> AsyncIterator[bytes]:
-        """The job's rows converted to ``fmt`` (see airoboros.exports), streamed."""
+        """The job's rows converted to ``fmt`` (see airoboros.exports), streamed; rows
+        marked bad are left out (``RowRepository.iterate``)."""
         from airoboros.contracts import Item
         from airoboros.exports import aiter_export
 
@@ -510,7 +566,8 @@ class TopicsService:
 
     async def export(self, job_id: str) -> DatasetExported:
         """Write the dataset to the object store (JSONL in the original format, one file
-        per category, then a manifest, last, that names them) and announce it."""
+        per category, then a manifest, last, that names them) and announce it. Rows
+        marked bad are left out (``RowRepository.iterate``)."""
         per_cat: dict[str, list[bytes]] = defaultdict(list)
         all_lines: list[bytes] = []
         async for it in self.store.rows.iterate(job_id):

@@ -123,6 +123,9 @@ class Row(Base):
     skip_prompt_formatting: Mapped[bool] = mapped_column(Boolean, default=False)
     #: counts toward the category's target (an rp chat counts once, on its first row)
     counted: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: marked bad by a person (the console): kept and listed, left out of exports and
+    #: culls until unmarked; migration 0012
+    bad: Mapped[bool] = mapped_column(Boolean, default=False)
     #: idempotency key: "<message_id>:<index>" of the message that produced the row
     source_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

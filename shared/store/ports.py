@@ -96,6 +96,8 @@ class StoredItem:
 
     seq: int
     item: Item
+    #: marked bad (``RowRepository.mark_bad``): left out of the dataset until unmarked
+    bad: bool = False
 
 
 @dataclass
@@ -281,7 +283,13 @@ class ProgressRepository(Protocol):
 
 
 class RowRepository(Protocol):
-    """The dataset's rows, and the transactions that count them in."""
+    """The dataset's rows, and the transactions that count them in.
+
+    A row may be marked bad (``mark_bad``, by a person): it stays in the store and keeps
+    counting toward its instructor's target, but it is no longer part of the dataset.
+    Every reader of the dataset (``iterate``, ``count``, ``count_by_category``,
+    ``sample``) leaves bad rows out unless it asks for them (``iterate(include_bad=True)``,
+    the console's listing, so that a row can be unmarked)."""
 
     async def apply_batch(
         self,
@@ -322,10 +330,16 @@ class RowRepository(Protocol):
         ...
 
     async def count(self, job_id: str) -> int:
-        """How many rows the job has (0 for no job)."""
+        """How many rows the job's dataset has, bad rows left out (0 for no job)."""
         ...
 
-    async def count_by_category(self, job_id: str) -> dict[str, int]: ...
+    async def count_bad(self, job_id: str) -> int:
+        """How many of the job's rows are marked bad (0 for no job)."""
+        ...
+
+    async def count_by_category(self, job_id: str) -> dict[str, int]:
+        """Rows of the dataset per category, bad rows left out."""
+        ...
 
     def iterate(
         self,
@@ -334,17 +348,28 @@ class RowRepository(Protocol):
         after: int = 0,
         category: str | None = None,
         page_size: int = 1000,
+        include_bad: bool = False,
+        search: str | None = None,
     ) -> AsyncIterator[StoredItem]:
         """The job's rows with a sequence number above ``after`` (of ``category``, if
         given) in insertion order, read ``page_size`` at a time (each page its own short
-        transaction, so rows committed meanwhile after the last page read are included)."""
+        transaction, so rows committed meanwhile after the last page read are included).
+        Rows marked bad only with ``include_bad``. With ``search``, only rows whose
+        instruction, response or system contains it, case-insensitively (as a literal
+        string: ``%``, ``_`` and the escape character match themselves; letters beyond
+        ASCII fold case on PostgreSQL, not on SQLite)."""
+        ...
+
+    async def mark_bad(self, job_id: str, seq: int, bad: bool) -> StoredItem:
+        """Mark the job's row ``seq`` bad (or good again) and return it. Idempotent.
+        Raises NotFoundError when the job has no row ``seq``."""
         ...
 
     async def sample(
         self, job_id: str, categories: Sequence[str], n: int, *, unused_by: str | None = None
     ) -> list[StoredItem]:
         """Up to ``n`` random rows of the given categories (source material for editor
-        and stylized_response); with ``unused_by``, only rows whose response is not yet
+        and stylized_response), bad rows left out; with ``unused_by``, only rows whose response is not yet
         the response of a row of that category (a writing row editor has not used)."""
         ...
 

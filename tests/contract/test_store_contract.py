@@ -773,6 +773,91 @@ async def test_sample_rows_of_categories_and_unused_ones(store: Store) -> None:
     assert sorted(s.item.instruction for s in unused) == ["w0", "w2", "w3"]
 
 
+async def test_search_matches_instruction_response_and_system_literally(store: Store) -> None:
+    await store.jobs.ensure("j", config={}, targets={})
+    rows = [
+        Item(instruction="What is Photosynthesis?", response="Light to sugar.", category="a"),
+        Item(instruction="Name a colour.", response="CHLOROPHYLL is green.", category="a"),
+        Item(instruction="Hi", response="Hello.", category="b", system="You are a BOTANIST."),
+        Item(instruction="Discount?", response="50% off", category="a"),
+        Item(instruction="Discount again?", response="50 percent off", category="a"),
+        Item(instruction="snake_case or camel?", response="snake case", category="a"),
+        Item(instruction="a/b test", response="split", category="a"),
+        Item(instruction="ab test", response="split", category="a"),
+    ]
+    await store.rows.add("j", [(f"s:{i}", r) for i, r in enumerate(rows)], cap=False)
+    await store.jobs.ensure("other", config={}, targets={})
+    await store.rows.add("other", [("s:0", rows[0])], cap=False)
+
+    async def found(text: str, **kw: object) -> list[str]:
+        got = await collect(store.rows.iterate("j", search=text, **kw))  # type: ignore[arg-type]
+        return [s.item.instruction for s in got]
+
+    assert await found("photosynthesis") == ["What is Photosynthesis?"]  # instruction, any case
+    assert await found("chlorophyll") == ["Name a colour."]  # response
+    assert await found("botanist") == ["Hi"]  # system
+    # LIKE's wildcards and the escape character are taken literally.
+    assert await found("50%") == ["Discount?"]
+    assert await found("%") == ["Discount?"]
+    assert await found("50_") == []  # as a wildcard, "_" would match "50%" and "50 percent"
+    assert await found("_") == ["snake_case or camel?"]
+    assert await found("a/b") == ["a/b test"]
+    assert await found("nothing like it") == []
+    assert await found("test", category="b") == []
+    assert await found("discount", page_size=1) == ["Discount?", "Discount again?"]
+
+
+async def test_rows_marked_bad_leave_the_dataset_and_come_back(store: Store) -> None:
+    await store.jobs.ensure("j", config={}, targets={"writing": 5, "general": 5})
+    added = await store.rows.add(
+        "j",
+        [
+            ("s:0", Item(instruction="w0", response="t0", category="writing")),
+            ("s:1", Item(instruction="w1", response="t1", category="writing")),
+            ("s:2", item(2)),
+        ],
+    )
+    seq = added[1].seq
+    marked = await store.rows.mark_bad("j", seq, True)
+    assert (marked.seq, marked.item.instruction, marked.bad) == (seq, "w1", True)
+    assert await store.rows.mark_bad("j", seq, True) == marked  # idempotent
+    assert [s.item.instruction for s in await collect(store.rows.iterate("j"))] == [
+        "w0",
+        "question 2",
+    ]
+    listed = await collect(store.rows.iterate("j", include_bad=True))
+    assert [(s.item.instruction, s.bad) for s in listed] == [
+        ("w0", False),
+        ("w1", True),
+        ("question 2", False),
+    ]
+    assert await store.rows.count("j") == 2
+    assert await store.rows.count_bad("j") == 1
+    assert await store.rows.count_by_category("j") == {"writing": 1, "general": 1}
+    for _ in range(5):
+        assert [s.item.instruction for s in await store.rows.sample("j", ["writing"], 5)] == ["w0"]
+    # Still counted toward the target: marking a row bad does not ask for another.
+    assert (await store.progress.stats("j"))["writing"].accepted == 2
+
+    back = await store.rows.mark_bad("j", seq, False)
+    assert back.bad is False
+    assert await store.rows.count("j") == 3 and await store.rows.count_bad("j") == 0
+    assert len(await collect(store.rows.iterate("j"))) == 3
+
+
+async def test_mark_bad_of_an_unknown_row_or_another_jobs_row(store: Store) -> None:
+    await store.jobs.ensure("a", config={}, targets={"general": 5})
+    await store.jobs.ensure("b", config={}, targets={"general": 5})
+    [row] = await store.rows.add("a", [("s:0", item(0))])
+    with pytest.raises(NotFoundError):
+        await store.rows.mark_bad("b", row.seq, True)  # a row, but of another job
+    with pytest.raises(NotFoundError):
+        await store.rows.mark_bad("a", row.seq + 100, True)
+    with pytest.raises(NotFoundError):
+        await store.rows.mark_bad("nobody", row.seq, True)
+    assert await store.rows.count_bad("a") == 0
+
+
 # --- artifacts ------------------------------------------------------------------------------
 
 

@@ -108,7 +108,7 @@ async def env(tmp_path: Path, llm_server: Any, embedder: Any) -> AsyncIterator[E
 async def items(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
     r = await client.get(f"/v1/jobs/{job_id}/items")
     assert r.status_code == 200, r.text
-    return [{k: v for k, v in row.items() if k != "seq"} for row in r.json()["items"]]
+    return [{k: v for k, v in row.items() if k not in ("seq", "bad")} for row in r.json()["items"]]
 
 
 async def test_cull_a_finished_job_into_a_new_one(env: Env) -> None:
@@ -128,6 +128,20 @@ async def test_cull_a_finished_job_into_a_new_one(env: Env) -> None:
     export = await env.client.get(f"/v1/jobs/{job_id}/export")
     assert [json.loads(x) for x in export.text.splitlines()] == KEPT
     # The source job is untouched.
+    assert len(await items(env.client, SOURCE)) == len(ROWS)
+
+
+async def test_rows_marked_bad_are_not_culled(env: Env) -> None:
+    r = await env.client.get(f"/v1/jobs/{SOURCE}/items", params={"q": "SKY BLUE"})
+    [sky] = r.json()["items"]
+    r = await env.client.post(f"/v1/jobs/{SOURCE}/items/{sky['seq']}/bad", json={"bad": True})
+    assert r.status_code == 200, r.text
+    r = await env.client.post(f"/v1/jobs/{SOURCE}/cull", json={"threshold": 90})
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    await env.svc.culls.wait(job_id)
+    assert await items(env.client, job_id) == [k for k in KEPT if "sky" not in k["instruction"]]
+    # The source job keeps the row (marked).
     assert len(await items(env.client, SOURCE)) == len(ROWS)
 
 

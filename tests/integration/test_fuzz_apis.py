@@ -108,16 +108,25 @@ JOB = {"model": "gpt-4", "topics": ["a", "b"], "instructors": {"joke": {"count":
 
 
 @pytest.fixture
-def topics_schema(tmp_path: Path, llm_server: Any) -> Any:
+def topics_schema(tmp_path: Path, llm_server: Any, embedder: Any) -> Iterator[Any]:
     from airoboros.bus import InMemoryBus
     from airoboros.objects import LocalObjectStore
     from airoboros.settings import TopicsSettings
     from airoboros.store import SqlStore
     from airoboros.topics.app import create_app
     from airoboros.topics.service import TopicsService
+    from tests.integration.test_router import serve_router
 
     own = llm_server()
     jobs: list[str] = []
+    # The console's playground and pods go to a real router (in front of a fake pod).
+    stack = contextlib.ExitStack()
+    pod = stack.enter_context(BackendThread(FakeBackend(EXPERTS, chunks=3)))
+    router_url = stack.enter_context(
+        serve_router(
+            embedder, backends=[pod.url], lmoe=str(write_package(tmp_path / "lmoe")), api_keys=KEY
+        )
+    )
 
     @contextlib.asynccontextmanager
     async def topics() -> AsyncIterator[Any]:
@@ -126,6 +135,7 @@ def topics_schema(tmp_path: Path, llm_server: Any) -> Any:
             openai_api_key="sk-server",
             openai_base_url=own.base_url,
             work_dir=str(tmp_path / "work"),
+            router_url=router_url,
         )
         store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'store.sqlite'}")
         await store.connect()
@@ -150,7 +160,8 @@ def topics_schema(tmp_path: Path, llm_server: Any) -> Any:
             return st.just(params)
         return st.sampled_from([params, {**params, "job_id": jobs[-1]}])
 
-    return schema
+    with stack:
+        yield schema
 
 
 topics = schemathesis.pytest.from_fixture("topics_schema")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, false, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from airoboros import metrics
 from airoboros.contracts import Artifact, BatchStats, Item
 from airoboros.counting import BatchOutcome, CategoryCounts
-from airoboros.errors import StoreError
+from airoboros.errors import NotFoundError, StoreError
 from airoboros.store.models import (
     InstructorProgress,
     Job,
@@ -179,15 +179,19 @@ class SqlRows:
 
     async def count(self, job_id: str) -> int:
         async with self._db.session() as s:
-            return int(
-                (await s.execute(select(func.count()).where(Row.job_id == job_id))).scalar_one()
-            )
+            q = select(func.count()).where(Row.job_id == job_id, Row.bad == false())
+            return int((await s.execute(q)).scalar_one())
+
+    async def count_bad(self, job_id: str) -> int:
+        async with self._db.session() as s:
+            q = select(func.count()).where(Row.job_id == job_id, Row.bad == true())
+            return int((await s.execute(q)).scalar_one())
 
     async def count_by_category(self, job_id: str) -> dict[str, int]:
         async with self._db.session() as s:
             result = await s.execute(
                 select(Row.category, func.count())
-                .where(Row.job_id == job_id)
+                .where(Row.job_id == job_id, Row.bad == false())
                 .group_by(Row.category)
             )
             return {c: int(n) for c, n in result.all()}
@@ -199,6 +203,8 @@ class SqlRows:
         after: int = 0,
         category: str | None = None,
         page_size: int = 1000,
+        include_bad: bool = False,
+        search: str | None = None,
     ) -> AsyncIterator[StoredItem]:
         cursor = after
         while True:
@@ -206,25 +212,58 @@ class SqlRows:
                 q = select(Row).where(Row.job_id == job_id, Row.id > cursor)
                 if category is not None:
                     q = q.where(Row.category == category)
+                if not include_bad:
+                    q = q.where(Row.bad == false())
+                if search:
+                    q = q.where(matches(search))
                 rows = list((await s.execute(q.order_by(Row.id).limit(page_size))).scalars())
             for r in rows:
-                yield StoredItem(r.id, to_item(r))
+                yield stored(r)
             if len(rows) < page_size:
                 return
             cursor = rows[-1].id
+
+    async def mark_bad(self, job_id: str, seq: int, bad: bool) -> StoredItem:
+        async with self._db.write() as s:
+            row = (
+                await s.execute(select(Row).where(Row.job_id == job_id, Row.id == seq))
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFoundError(f"job {job_id!r} has no row {seq}")
+            row.bad = bad
+            await s.flush()
+            return stored(row)
 
     async def sample(
         self, job_id: str, categories: Sequence[str], n: int, *, unused_by: str | None = None
     ) -> list[StoredItem]:
         if n <= 0 or not categories:
             return []
-        q = select(Row).where(Row.job_id == job_id, Row.category.in_(list(categories)))
+        q = select(Row).where(
+            Row.job_id == job_id, Row.category.in_(list(categories)), Row.bad == false()
+        )
         if unused_by is not None:
             used = select(Row.response).where(Row.job_id == job_id, Row.category == unused_by)
             q = q.where(Row.response.not_in(used))
         async with self._db.session() as s:
             rows = (await s.execute(q.order_by(func.random()).limit(n))).scalars()
             return [StoredItem(r.id, to_item(r)) for r in rows]
+
+
+def matches(text: str) -> ColumnElement[bool]:
+    """Rows whose instruction, response or system contains ``text``, case-insensitively
+    and literally: ``icontains(autoescape=True)`` escapes ``%``, ``_`` and its escape
+    character ``/`` in the value (ILIKE on PostgreSQL, ``lower() LIKE lower()`` on SQLite,
+    where only ASCII letters fold case)."""
+    return or_(
+        Row.instruction.icontains(text, autoescape=True),
+        Row.response.icontains(text, autoescape=True),
+        Row.system.icontains(text, autoescape=True),
+    )
+
+
+def stored(r: Row) -> StoredItem:
+    return StoredItem(r.id, to_item(r), bool(r.bad))
 
 
 # --- artifacts ----------------------------------------------------------------------------
