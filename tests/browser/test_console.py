@@ -251,6 +251,9 @@ def test_cancel_and_resume_a_job(page: Any, services: Services) -> None:
                 "default_batch_size": 2,
                 "max_concurrency": 2,
                 "request_timeout": 10,
+                # A task lost in flight is reissued only after request_timeout +
+                # max_retry_time + 60 s: long, so a lost task cannot go unnoticed below.
+                "max_retry_time": 600,
                 "instructors": {"general": {"count": 40}},
             }
         )
@@ -273,8 +276,8 @@ def test_cancel_and_resume_a_job(page: Any, services: Services) -> None:
         page.get_by_text("Resumed; the job is running.").wait_for()
         assert page.get_by_role("button", name="Resume job").is_hidden()
         assert page.get_by_role("button", name="Cancel job").is_visible()
-        # A task dropped on a stale "cancelled" would hold it past its 70 s task timeout.
-        page.locator("h1 .status-done").wait_for(timeout=45_000)
+        # A task dropped on a stale "cancelled" would hold it for its 670 s task timeout.
+        page.locator("h1 .status-done").wait_for(timeout=180_000)
         with services.client() as c:
             done = c.get(f"/v1/jobs/{job_id}").json()
         assert done["status"] == "done"
