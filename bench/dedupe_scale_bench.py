@@ -252,10 +252,10 @@ def ratio_2(figures: dict[str, Any] | None) -> str:
         return "n/a"
     for key in ("ratio_2", "ratio2", "speedup_2"):
         if key in figures:
-            return f"{float(figures[key]):.2f}"
+            return f"{float(figures[key]):.2f}x"
     rates = figures.get("items_per_s") or {}
     one, two = rates.get(1) or rates.get("1"), rates.get(2) or rates.get("2")
-    return f"{two / one:.2f}" if one and two else "n/a"
+    return f"{two / one:.2f}x" if one and two else "n/a "
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average after: {os.getloadavg()}")
     print(
         f"dedupe-scale: p50 1M/10k = {ratio:.2f}x (target 2x), agreement = {worst:.4f} "
-        f"(target 0.999), 2 replicas = {ratio_2(figures)}x (target 1.7x)"
+        f"(target 0.999), 2 replicas = {ratio_2(figures)} (target 1.7x)"
     )
     return 0
 

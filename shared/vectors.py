@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ DEFAULT_APPROX_ABOVE = 20_000
 #: candidates the approximate index proposes per query for the exact re-check
 DEFAULT_CANDIDATES = 16
 #: inverted lists searched per query
-DEFAULT_NPROBE = 16
+DEFAULT_NPROBE = 32
 SNAPSHOT_VERSION = 1
 
 
@@ -92,6 +93,7 @@ def build_approx(vectors: npt.NDArray[np.float32], nprobe: int = DEFAULT_NPROBE)
     )
     index.cp.niter = 10
     index.cp.max_points_per_centroid = 16  # sample 16 * nlist points: enough for dedupe
+    index.cp.min_points_per_centroid = 4  # (faiss warns below 39 per list; 16 do here)
     sample = vectors
     if n > 16 * nlist:
         rng = np.random.default_rng(0)
@@ -180,17 +182,17 @@ class FaissVectorStore:
             return np.full((n, k), -np.inf, dtype=np.float32), [[] for _ in range(n)]
         kk = min(k, space.n)
         out = np.full((n, k), -np.inf, dtype=np.float32)
-        if not space.approx:
-            # faiss releases the GIL; large searches run in a thread so the loop stays live.
-            if n * space.n > 1_000_000:
+        # Not while an add changes the index (faiss indexes are not safe to share then).
+        async with self._lock(namespace):
+            if space.approx:
+                scores, idx = await asyncio.to_thread(self._search_approx, space, v, kk)
+            elif n * space.n > 1_000_000:
+                # faiss releases the GIL; large searches run in a thread: the loop stays live.
                 scores, idx = await asyncio.to_thread(space.index.search, v, kk)
             else:
                 scores, idx = space.index.search(v, kk)
             out[:, :kk] = scores
             return out, [[space.ids[j] for j in row if j >= 0] for row in idx]
-        scores, idx = await asyncio.to_thread(self._search_approx, space, v, kk)
-        out[:, :kk] = scores
-        return out, [[space.ids[j] for j in row if j >= 0] for row in idx]
 
     def _search_approx(
         self, space: _Space, v: npt.NDArray[np.float32], k: int
@@ -217,26 +219,27 @@ class FaissVectorStore:
 
     # --- snapshots (see IndexSnapshots) -----------------------------------------------
 
-    async def dump(self, namespace: str) -> bytes | None:
-        """The namespace as one blob (index, vectors, ids); None when it is empty."""
+    async def dump(self, namespace: str, **extra: int) -> bytes | None:
+        """The namespace as one blob (index, vectors, ids, and ``extra`` in its header);
+        None when it is empty."""
         async with self._lock(namespace):
             space = self._spaces.get(namespace)
             if space is None or space.n == 0:
                 return None
-            return await asyncio.to_thread(_dump, space)
+            return await asyncio.to_thread(_dump, space, extra)
 
-    async def load(self, namespace: str, blob: bytes) -> list[str]:
-        """Replace the namespace by a ``dump``; returns its ids. ValueError if the blob is
-        not a snapshot of this dimension."""
-        space = await asyncio.to_thread(_undump, blob, self.dim, self.nprobe)
+    async def load(self, namespace: str, blob: bytes) -> tuple[list[str], dict[str, Any]]:
+        """Replace the namespace by a ``dump``; returns its ids and header. ValueError if
+        the blob is not a snapshot of this dimension."""
+        space, meta = await asyncio.to_thread(_undump, blob, self.dim, self.nprobe)
         async with self._lock(namespace):
             self._spaces[namespace] = space
-        return list(space.ids)
+        return list(space.ids), meta
 
 
-def _dump(space: _Space) -> bytes:
-    meta = {"version": SNAPSHOT_VERSION, "dim": space.dim, "n": space.n}
-    meta["approx"], meta["trained_on"] = space.approx, space.trained_on
+def _dump(space: _Space, extra: dict[str, int]) -> bytes:
+    meta: dict[str, Any] = {**extra, "version": SNAPSHOT_VERSION, "dim": space.dim}
+    meta.update(n=space.n, approx=space.approx, trained_on=space.trained_on)
     arrays: dict[str, Any] = {
         "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
         "ids": np.frombuffer(json.dumps(space.ids).encode(), dtype=np.uint8),
@@ -249,14 +252,14 @@ def _dump(space: _Space) -> bytes:
     return buf.getvalue()
 
 
-def _undump(blob: bytes, dim: int, nprobe: int) -> _Space:
+def _undump(blob: bytes, dim: int, nprobe: int) -> tuple[_Space, dict[str, Any]]:
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
             ids = json.loads(z["ids"].tobytes())
             vectors = np.ascontiguousarray(z["vectors"], dtype=np.float32)
             index = z["index"] if "index" in z.files else None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"not a vector snapshot: {exc}") from exc
     if meta.get("version") != SNAPSHOT_VERSION or meta.get("dim") != dim:
         raise ValueError(f"snapshot of version {meta.get('version')}, dim {meta.get('dim')}")
@@ -265,14 +268,17 @@ def _undump(blob: bytes, dim: int, nprobe: int) -> _Space:
     space = _Space(dim)
     space.append(ids, vectors)
     if index is not None:
-        space.index = _faiss().deserialize_index(index)
+        try:
+            space.index = _faiss().deserialize_index(index)
+        except RuntimeError as exc:
+            raise ValueError(f"not a faiss index: {exc}") from exc
         space.index.nprobe = nprobe
         if space.index.ntotal != len(ids):
             raise ValueError("snapshot index and ids disagree")
         space.approx, space.trained_on = True, int(meta["trained_on"])
     else:
         space.index.add(vectors)
-    return space
+    return space, meta
 
 
 @dataclass
@@ -306,14 +312,11 @@ class IndexSnapshots:
         caller holds the namespace still (the dedupe lock) so ids and mark agree."""
         if not isinstance(store, FaissVectorStore):
             return False
-        blob = await store.dump(namespace)
+        blob = await store.dump(namespace, mark=mark)
         if blob is None:
             return False
         count = await store.count(namespace)
-        header = json.dumps({"mark": mark}).encode()
-        await self.objects.put_bytes(
-            self.key(namespace), len(header).to_bytes(4, "big") + header + blob
-        )
+        await self.objects.put_bytes(self.key(namespace), blob)
         self._saved[namespace] = count
         log.info("saved the dedupe index of %s (%d vectors, mark %d)", namespace, count, mark)
         return True
@@ -335,9 +338,8 @@ class IndexSnapshots:
         except NotFoundError:
             return None
         try:
-            size = int.from_bytes(data[:4], "big")
-            mark = int(json.loads(data[4 : 4 + size])["mark"])
-            ids = await store.load(namespace, data[4 + size :])
+            ids, meta = await store.load(namespace, data)
+            mark = int(meta["mark"])
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring the dedupe index snapshot of %s: %s", namespace, exc)
             return None

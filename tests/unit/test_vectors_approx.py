@@ -152,8 +152,14 @@ async def test_snapshot_restores_the_index_without_rebuilding_it(
 async def test_an_unreadable_or_foreign_snapshot_is_ignored(tmp_path: Path) -> None:
     objects = LocalObjectStore(tmp_path)
     snaps = IndexSnapshots(objects)
-    await objects.put_bytes(snaps.key("bad"), b"\x00\x00\x00\x02{}garbage")
+    await objects.put_bytes(snaps.key("bad"), b"garbage")
     assert await snaps.restore(FaissVectorStore(DIM), "bad") is None
+    good = FaissVectorStore(DIM, approx_above=100)
+    await good.add("ns", ids(200), unit(np.random.default_rng(8).standard_normal((200, DIM))))
+    assert await snaps.save(good, "ns", mark=1)
+    whole = await objects.get_bytes(snaps.key("ns"))
+    await objects.put_bytes(snaps.key("cut"), whole[: len(whole) // 2])
+    assert await snaps.restore(FaissVectorStore(DIM), "cut") is None
     other = FaissVectorStore(DIM + 1)
     await other.add("ns", ["a"], unit(np.ones((1, DIM + 1))))
     assert await snaps.save(other, "ns", mark=1)
