@@ -226,3 +226,35 @@ async def test_a_restarted_deduper_loads_only_the_vectors_persisted_after_its_sn
         assert restarted_index.is_approximate("job")
     finally:
         await store.close()
+
+
+async def test_the_index_is_retrained_as_the_namespace_grows() -> None:
+    rng = np.random.default_rng(9)
+    data = clustered(2100, rng)
+    vs = FaissVectorStore(DIM, approx_above=500, retrain_growth=2.0)
+    await vs.add("ns", ids(501), data[:501])
+    lists_before = vs._spaces["ns"].index.nlist
+    for start in range(501, 2100, 100):  # past 2 x 501: trained again, on more lists
+        await vs.add("ns", ids(2100)[start : start + 100], data[start : start + 100])
+    assert vs._spaces["ns"].index.nlist > lists_before
+    assert vs._spaces["ns"].index.ntotal == 2100
+    scores, found = await vs.search("ns", data[[0, 1500, 2099]], k=1)
+    assert found == [["v0"], ["v1500"], ["v2099"]]
+    assert scores[:, 0] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+
+
+def test_the_dedupe_settings_read_the_index_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from airoboros.settings import DedupeSettings
+
+    assert DedupeSettings().dedupe_approx_above == 20_000
+    assert DedupeSettings().dedupe_snapshot_url is None
+    monkeypatch.setenv("AIROBOROS_DEDUPE_APPROX_ABOVE", "5000")
+    monkeypatch.setenv("AIROBOROS_DEDUPE_SNAPSHOT_URL", "s3://airoboros")
+    settings = DedupeSettings()
+    assert settings.dedupe_approx_above == 5000
+    assert settings.dedupe_snapshot_url == "s3://airoboros"
+    monkeypatch.setenv("AIROBOROS_DEDUPE_APPROX_ABOVE", "0")
+    with pytest.raises(ValidationError, match="dedupe_approx_above"):
+        DedupeSettings()
