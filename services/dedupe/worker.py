@@ -4,7 +4,9 @@ Consumes CandidatesProposed from the partitioned dedupe topic: per partition one
 at a time (single active consumer), so two near-duplicates of one dataset can never be
 accepted side by side. Accepted vectors are written to the SQL store before the verdict
 goes out, and each screen first loads what other replicas wrote, so a replica taking over
-a partition sees the whole dataset. With AIROBOROS_WEAVIATE_URL, Weaviate holds the
+a partition sees the whole dataset. A job's faiss index turns approximate past
+AIROBOROS_DEDUPE_APPROX_ABOVE vectors; with AIROBOROS_DEDUPE_SNAPSHOT_URL it is saved to
+that object store and restored on restart. With AIROBOROS_WEAVIATE_URL, Weaviate holds the
 vectors instead.
 """
 
