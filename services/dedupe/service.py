@@ -14,6 +14,7 @@ from airoboros import telemetry
 from airoboros.contracts import CandidatesProposed, CandidatesScreened, Item, Message
 from airoboros.ports import Embedder, VectorStore
 from airoboros.store import VectorRepository
+from airoboros.vectors import IndexSnapshots
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,24 @@ class Deduper:
     since: a dedupe replica that takes over a partition, or a restarted run, sees the
     whole dataset. ``screen`` must not run for one namespace in two processes at once; the bus
     partitions the dedupe topic so that it cannot (see ``Bus``).
+
+    With ``snapshots`` (and ``durable``), the first sync of a namespace restores its index
+    from the object store and loads only the vectors persisted after it; screens save a new
+    snapshot each time the namespace has grown by ``snapshots.every``.
     """
 
     def __init__(
-        self, embedder: Embedder, vectors: VectorStore, durable: VectorRepository | None = None
+        self,
+        embedder: Embedder,
+        vectors: VectorStore,
+        durable: VectorRepository | None = None,
+        snapshots: IndexSnapshots | None = None,
     ) -> None:
         self.embedder = embedder
         self.vectors = vectors
         self.durable = durable
+        self.snapshots = snapshots
+        self._restore_tried: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._loaded_up_to: dict[str, int] = {}
         self._known: dict[str, set[str]] = defaultdict(set)
@@ -56,6 +67,12 @@ class Deduper:
         """Load vectors persisted since the last sync (by any process)."""
         if self.durable is None:
             return
+        if self.snapshots is not None and namespace not in self._restore_tried:
+            self._restore_tried.add(namespace)
+            restored = await self.snapshots.restore(self.vectors, namespace)
+            if restored is not None:
+                self._loaded_up_to[namespace] = restored.mark
+                self._known[namespace] = set(restored.ids)
         seqs, keys, vecs = await self.durable.load(
             namespace, after=self._loaded_up_to.get(namespace, 0)
         )
@@ -101,6 +118,9 @@ class Deduper:
                     await self.durable.add(namespace, keys, vecs[keep])
                 await self.vectors.add(namespace, keys, vecs[keep])
                 self._known[namespace].update(keys)
+                if self.snapshots is not None and self.durable is not None:
+                    mark = self._loaded_up_to.get(namespace, 0)
+                    await self.snapshots.maybe_save(self.vectors, namespace, mark)
         return flags
 
     async def restore(
@@ -120,6 +140,7 @@ class Deduper:
     def forget(self, namespace: str) -> None:
         self._loaded_up_to.pop(namespace, None)
         self._known.pop(namespace, None)
+        self._restore_tried.discard(namespace)
 
 
 class DedupeService:

@@ -4,7 +4,9 @@ Consumes CandidatesProposed from the partitioned dedupe topic: per partition one
 at a time (single active consumer), so two near-duplicates of one dataset can never be
 accepted side by side. Accepted vectors are written to the SQL store before the verdict
 goes out, and each screen first loads what other replicas wrote, so a replica taking over
-a partition sees the whole dataset. With AIROBOROS_WEAVIATE_URL, Weaviate holds the
+a partition sees the whole dataset. A job's faiss index turns approximate past
+AIROBOROS_DEDUPE_APPROX_ABOVE vectors; with AIROBOROS_DEDUPE_SNAPSHOT_URL it is saved to
+that object store and restored on restart. With AIROBOROS_WEAVIATE_URL, Weaviate holds the
 vectors instead.
 """
 
@@ -26,7 +28,7 @@ GROUP = "dedupe"
 
 async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None) -> None:
     from airoboros.embeddings import SentenceTransformerEmbedder
-    from airoboros.vectors import FaissVectorStore
+    from airoboros.vectors import FaissVectorStore, IndexSnapshots
 
     stop = stop or stop_event()
     store = make_store(settings.database_url)
@@ -45,9 +47,24 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         vectors = WeaviateVectorStore(settings.weaviate_url)
         durable = None  # Weaviate is itself shared by every replica
     else:
-        vectors = FaissVectorStore(embedder.dim)
+        vectors = FaissVectorStore(embedder.dim, approx_above=settings.dedupe_approx_above)
+    snapshots = None
+    if settings.dedupe_snapshot_url and durable is not None:
+        from airoboros.objects_s3 import make_object_store
+
+        url = settings.dedupe_snapshot_url
+        s3 = url.startswith("s3://")  # the bucket's server and keys: the AIROBOROS_S3_* ones
+        objects = make_object_store(
+            url,
+            endpoint=settings.s3_endpoint if s3 else None,
+            access_key=settings.s3_access_key if s3 else None,
+            secret_key=settings.s3_secret_key if s3 else None,
+            secure=settings.s3_secure and s3,
+        )
+        snapshots = IndexSnapshots(objects, every=settings.dedupe_snapshot_every)
     bus = make_bus(settings)
-    service = DedupeService(Deduper(embedder, vectors, durable=durable), bus.publish)
+    deduper = Deduper(embedder, vectors, durable=durable, snapshots=snapshots)
+    service = DedupeService(deduper, bus.publish)
     status = JobStatusCache.from_jobs(store.jobs)
 
     async def on_proposed(msg: CandidatesProposed) -> None:
