@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.helpers import LMOE_SAMPLES
 from tests.fakes.llm_server import Script, ScriptedLLM, ServerThread
 from tests.integration.services_harness import (
     API_KEY,
@@ -48,23 +49,7 @@ ARTIFACTS = REPO / "build" / "test-artifacts" / "console"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
-#: routing samples of the two experts lmoe.api serves (as tests/e2e/test_lmoe.py)
-SAMPLES = {
-    "code": [
-        "Write a python function that reverses a linked list.",
-        "Implement binary search in Go and explain its complexity.",
-        "Fix the bug in this JavaScript loop that never ends.",
-        "Write a SQL query that finds duplicate emails in a users table.",
-        "Refactor this Java class to use dependency injection.",
-    ],
-    "cooking": [
-        "How long should I bake sourdough bread at 230 degrees?",
-        "Give me a recipe for a creamy mushroom risotto.",
-        "What can I use instead of eggs when baking a cake?",
-        "How do I caramelise onions without burning them?",
-        "Suggest a spice rub for slow-roasted lamb shoulder.",
-    ],
-}
+SAMPLES = LMOE_SAMPLES
 
 
 @dataclass

@@ -129,3 +129,23 @@ def write_docs(folder: Path) -> Path:
         encoding="utf-8",
     )
     return folder
+
+
+#: routing samples of the two experts of the tiny LMoE package that lmoe.api serves in the
+#: tests (tests/e2e/test_lmoe.py, the console's playground in tests/browser)
+LMOE_SAMPLES = {
+    "code": [
+        "Write a python function that reverses a linked list.",
+        "Implement binary search in Go and explain its complexity.",
+        "Fix the bug in this JavaScript loop that never ends.",
+        "Write a SQL query that finds duplicate emails in a users table.",
+        "Refactor this Java class to use dependency injection.",
+    ],
+    "cooking": [
+        "How long should I bake sourdough bread at 230 degrees?",
+        "Give me a recipe for a creamy mushroom risotto.",
+        "What can I use instead of eggs when baking a cake?",
+        "How do I caramelise onions without burning them?",
+        "Suggest a spice rub for slow-roasted lamb shoulder.",
+    ],
+}

@@ -14,26 +14,10 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.helpers import LMOE_SAMPLES as SAMPLES
 from tests.e2e.helpers import REPO, cli_env
 from tests.fakes.tiny_llama import build_tiny_llama
 from tests.unit.test_inference import make_adapter
-
-SAMPLES = {
-    "code": [
-        "Write a python function that reverses a linked list.",
-        "Implement binary search in Go and explain its complexity.",
-        "Fix the bug in this JavaScript loop that never ends.",
-        "Write a SQL query that finds duplicate emails in a users table.",
-        "Refactor this Java class to use dependency injection.",
-    ],
-    "cooking": [
-        "How long should I bake sourdough bread at 230 degrees?",
-        "Give me a recipe for a creamy mushroom risotto.",
-        "What can I use instead of eggs when baking a cake?",
-        "How do I caramelise onions without burning them?",
-        "Suggest a spice rub for slow-roasted lamb shoulder.",
-    ],
-}
 
 
 def free_port() -> int:

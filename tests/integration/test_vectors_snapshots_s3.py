@@ -3,34 +3,16 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from airoboros.objects_s3 import S3ObjectStore
 from airoboros.vectors import FaissVectorStore, IndexSnapshots
+from tests.integration.test_objects_s3 import s3_endpoint as s3_endpoint
 
 DIM = 32
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    wz = logging.getLogger("werkzeug")
-    level = wz.level
-    wz.setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"{host}:{port}"
-    finally:
-        server.stop()
-        wz.setLevel(level)
 
 
 async def test_an_approximate_index_round_trips_through_s3(
