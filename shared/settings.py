@@ -146,6 +146,16 @@ class DedupeSettings(ServiceSettings):
     embedding_model: str | None = None
     embedding_device: str = "cpu"
     embedding_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    #: torch threads for the embedding forward pass in this replica (0: torch's default,
+    #: one per core; with several replicas on one host, cores / replicas)
+    embedding_threads: int = 0
+    #: messages screened at once by this replica when the dedupe topic is not
+    #: partitioned (AIROBOROS_DEDUPE_PARTITIONS=1): they are embedded together
+    dedupe_concurrency: int = 8
+    #: milliseconds the first message of an embedding batch waits for others to join it
+    embedding_batch_wait_ms: float = 10.0
+    #: most texts in one embedding batch
+    embedding_batch_texts: int = 256
 
 
 class TrainerSettings(ServiceSettings):
