@@ -90,6 +90,8 @@ async def _race_on_replicas(replicas: int, partitions: int, copies: int = 1) -> 
 
     bus.subscribe(CandidatesScreened, collect, concurrency=8, group="generator")
     try:
+        await bus.start()
+        await bus.ensure_queue(CandidatesProposed, group="dedupe")
         # Every replica consumes before anything is published, so they race for it.
         queues = bus.queue_names(CandidatesProposed, "dedupe")
         for _ in range(240):
@@ -99,7 +101,6 @@ async def _race_on_replicas(replicas: int, partitions: int, copies: int = 1) -> 
             await asyncio.sleep(0.5)
         else:
             raise AssertionError(f"the replicas did not all consume: {counts}")
-        await bus.start()
         messages = []
         for i in range(n_messages):
             texts = TEXTS if i % 2 == 0 else PARAPHRASES
