@@ -145,11 +145,10 @@ async def _consumers(queue: str) -> int:
     conn = await aio_pika.connect(AMQP, timeout=10)
     try:
         channel = await conn.channel()
-        try:
-            q = await channel.declare_queue(queue, passive=True)
-        except aio_pika.exceptions.ChannelClosed:
-            return 0
-        return int(q.declaration_result.consumer_count or 0)
+        q = await channel.declare_queue(queue, passive=True)  # declared by ensure_queue
+        count = int(q.declaration_result.consumer_count or 0)
+        await channel.close()
+        return count
     finally:
         await conn.close()
 

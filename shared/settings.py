@@ -42,8 +42,10 @@ class ServiceSettings(BaseSettings):
     port: int = 8080
     #: deliveries of a message before it is dead-lettered
     max_deliveries: int = 5
-    #: partitions of the dedupe topic (>= the number of dedupe replicas)
-    dedupe_partitions: int = 4
+    #: partitions of the dedupe topic. 1: one queue that every dedupe replica consumes
+    #: (one job's dedupe spread over all of them, safe through a PostgreSQL lock per
+    #: dataset); N > 1: split by job, one active replica per partition (>= replicas)
+    dedupe_partitions: int = 1
     log_level: str = "INFO"
     openai_api_key: str | None = Field(
         default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "AIROBOROS_OPENAI_API_KEY")

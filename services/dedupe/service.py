@@ -213,14 +213,15 @@ class Deduper:
         async with self._locks[namespace], exclusive:
             await self.sync(namespace)
             known = self._known[namespace]
-            best, _ = await self.vectors.search(namespace, vecs, k=1)
+            best, found = await self.vectors.search(namespace, vecs, k=1)
             within = vecs @ vecs.T  # [n, n] cosine between batch members
             keep: list[int] = []
             kept: set[str] = set()
             flags: list[bool] = []
             for i in range(len(ids)):
-                if ids[i] in known or ids[i] in kept:
-                    # Accepted by an earlier delivery of this batch: the verdict stands.
+                if ids[i] in known or ids[i] in kept or found[i][:1] == [ids[i]]:
+                    # Accepted by an earlier delivery of this batch (here, or by another
+                    # replica, or in a shared Weaviate): the verdict stands.
                     flags.append(True)
                     continue
                 dup = bool(best[i, 0] >= thresholds[i])
