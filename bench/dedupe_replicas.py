@@ -91,6 +91,7 @@ def _limit_worker(threads: int, seconds: float, n: int) -> None:
     print("READY", flush=True)
     sys.stdin.readline()  # start together with the others
     passes, done, k = 0, 0, 0
+    cpu0 = time.process_time()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         b = batches[k % len(batches)]
@@ -98,7 +99,11 @@ def _limit_worker(threads: int, seconds: float, n: int) -> None:
         done += len(b)
         k += 1
     elapsed = time.perf_counter() - start
-    print(json.dumps({"texts": done, "passes": passes, "seconds": elapsed}), flush=True)
+    cpu = time.process_time() - cpu0
+    print(
+        json.dumps({"texts": done, "passes": passes, "seconds": elapsed, "cpu": cpu}),
+        flush=True,
+    )
 
 
 def embedding_limit(procs: int, threads: int, seconds: float = 15.0, n: int = 3000) -> dict:
@@ -133,6 +138,8 @@ def embedding_limit(procs: int, threads: int, seconds: float = 15.0, n: int = 30
         "threads": threads,
         "texts_per_s": sum(r["texts"] / r["seconds"] for r in results),
         "passes_per_s": sum(r["passes"] / r["seconds"] for r in results),
+        # what a CPU-second of embedding does, whatever else the machine runs
+        "texts_per_cpu_s": sum(r["texts"] for r in results) / sum(r["cpu"] for r in results),
     }
 
 
@@ -151,6 +158,17 @@ async def _consumers(queue: str) -> int:
         return count
     finally:
         await conn.close()
+
+
+def _cpu(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU seconds (user + system) the processes have used so far."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        t = psutil.Process(p.pid).cpu_times()
+        total += t.user + t.system
+    return total
 
 
 def _spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -241,7 +259,9 @@ async def _measure(replicas: int, texts: list[str], args: argparse.Namespace) ->
             raise RuntimeError("the replicas did not all start consuming")
         # Warm-up (first forward passes, connections): small messages, one per replica+.
         await _run_job(bus, warm_job, texts[: 8 * replicas], 4, inbox)
+        cpu0 = _cpu(procs)
         elapsed = await _run_job(bus, job_id, texts, args.batch, inbox)
+        cpu = _cpu(procs) - cpu0
         verdicts = inbox[job_id][2]
         accepted = sum(len(v.accepted) for v in verdicts)
         judged = sum(len(v.accepted) + v.stats.duplicates for v in verdicts)
@@ -253,6 +273,8 @@ async def _measure(replicas: int, texts: list[str], args: argparse.Namespace) ->
             "replicas": replicas,
             "seconds": elapsed,
             "items_per_s": len(texts) / elapsed,
+            "replica_cpu_s": cpu,
+            "items_per_cpu_s": len(texts) / cpu,
             "accepted": accepted,
             "judged": judged,
             "stored": len(vecs),
@@ -272,6 +294,12 @@ async def _measure(replicas: int, texts: list[str], args: argparse.Namespace) ->
         await asyncio.to_thread(delete_amqp, prefix, 1)
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
 def replica_figures(
     replicas: list[int] | None = None,
     *,
@@ -281,12 +309,15 @@ def replica_figures(
     batch_wait_ms: float = 10.0,
     concurrency: int = 8,
     limit_procs: int | None = None,
-    limit_seconds: float = 15.0,
+    limit_seconds: float = 10.0,
+    repeat: int = 1,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Dedupe items/s for one job of ``n`` items on each replica count (separate
     processes of ``threads`` torch threads each), the 2-replica ratio, and each as a
-    fraction of the embedding limit measured in the same run."""
+    fraction of the embedding limit measured in the same run (before each round). With
+    ``repeat`` > 1 the rounds (limit, then each replica count) are interleaved and the
+    medians reported: on a shared machine the load drifts between runs."""
     replicas = replicas or [1, 2, 4]
     args = argparse.Namespace(
         threads=threads, batch=batch, batch_wait_ms=batch_wait_ms, concurrency=concurrency
@@ -295,31 +326,50 @@ def replica_figures(
     limit_procs = limit_procs or max(1, cores // threads)
     texts = load_texts(n)
     load_before = os.getloadavg()
-    limit = embedding_limit(limit_procs, threads, limit_seconds, n)
-    one_proc = limit if limit_procs == 1 else embedding_limit(1, threads, limit_seconds, n)
-    if verbose:
-        print(
-            f"embedding limit: {limit['texts_per_s']:.0f} texts/s, "
-            f"{limit['passes_per_s']:.1f} forward passes/s ({limit_procs} procs x "
-            f"{threads} threads); one process: {one_proc['texts_per_s']:.0f} texts/s",
-            flush=True,
-        )
-    runs = []
-    for r in replicas:
-        fig = asyncio.run(_measure(r, texts, args))
-        fig["fraction_of_limit"] = fig["items_per_s"] / limit["texts_per_s"]
-        runs.append(fig)
+    limits: list[dict] = []
+    singles: list[dict] = []
+    runs: list[dict] = []
+    for round_ in range(repeat):
+        limit = embedding_limit(limit_procs, threads, limit_seconds, n)
+        one = limit if limit_procs == 1 else embedding_limit(1, threads, limit_seconds, n)
+        limits.append(limit)
+        singles.append(one)
         if verbose:
             print(
-                f"{r} replica(s): {fig['items_per_s']:.0f} items/s ({fig['seconds']:.1f} s), "
-                f"accepted {fig['accepted']}/{n}, near-duplicate pairs accepted "
-                f"{fig['near_duplicate_pairs_accepted']}, "
-                f"{fig['fraction_of_limit']:.2f} of the limit",
+                f"[round {round_ + 1}] embedding limit: {limit['texts_per_s']:.0f} texts/s, "
+                f"{limit['passes_per_s']:.1f} forward passes/s ({limit_procs} procs x "
+                f"{threads} threads), {limit['texts_per_cpu_s']:.0f} texts per CPU-s; "
+                f"one process: {one['texts_per_s']:.0f} texts/s",
                 flush=True,
             )
-    by_r = {f["replicas"]: f for f in runs}
-    ratio2 = by_r[2]["items_per_s"] / by_r[1]["items_per_s"] if 1 in by_r and 2 in by_r else None
-    best = max(runs, key=lambda f: f["items_per_s"])
+        for r in replicas:
+            fig = asyncio.run(_measure(r, texts, args))
+            fig["round"] = round_ + 1
+            fig["fraction_of_limit"] = fig["items_per_s"] / limit["texts_per_s"]
+            fig["cpu_fraction_of_limit"] = fig["items_per_cpu_s"] / limit["texts_per_cpu_s"]
+            runs.append(fig)
+            if verbose:
+                print(
+                    f"[round {round_ + 1}] {r} replica(s): {fig['items_per_s']:.0f} items/s "
+                    f"({fig['seconds']:.1f} s), {fig['items_per_cpu_s']:.0f} items per "
+                    f"replica CPU-s, accepted {fig['accepted']}/{n}, near-duplicate pairs "
+                    f"accepted {fig['near_duplicate_pairs_accepted']}, "
+                    f"{fig['fraction_of_limit']:.2f} of the limit "
+                    f"({fig['cpu_fraction_of_limit']:.2f} per CPU-s)",
+                    flush=True,
+                )
+    items = {r: _median([f["items_per_s"] for f in runs if f["replicas"] == r]) for r in replicas}
+    per_cpu = {
+        r: _median([f["items_per_cpu_s"] for f in runs if f["replicas"] == r]) for r in replicas
+    }
+    limit_texts = _median([x["texts_per_s"] for x in limits])
+    limit_cpu = _median([x["texts_per_cpu_s"] for x in limits])
+    ratios = [
+        a["items_per_s"] / b["items_per_s"]
+        for a in runs
+        for b in runs
+        if a["replicas"] == 2 and b["replicas"] == 1 and a["round"] == b["round"]
+    ]
     return {
         "cores": cores,
         "threads_per_replica": threads,
@@ -327,15 +377,25 @@ def replica_figures(
         "batch": batch,
         "batch_wait_ms": batch_wait_ms,
         "concurrency": concurrency,
-        "embedding_limit": limit,
-        "embedding_limit_one_process": one_proc,
+        "repeat": repeat,
+        "embedding_limit": {
+            "procs": limit_procs,
+            "threads": threads,
+            "texts_per_s": limit_texts,
+            "passes_per_s": _median([x["passes_per_s"] for x in limits]),
+            "texts_per_cpu_s": limit_cpu,
+        },
+        "embedding_limit_one_process": {
+            "texts_per_s": _median([x["texts_per_s"] for x in singles])
+        },
+        "limits": limits,
         "runs": runs,
-        "items_per_s": {f["replicas"]: f["items_per_s"] for f in runs},
-        "ratio_2": ratio2,
-        "best_fraction_of_limit": best["fraction_of_limit"],
-        "one_replica_fraction_of_one_process": (
-            by_r[1]["items_per_s"] / one_proc["texts_per_s"] if 1 in by_r else None
-        ),
+        "items_per_s": items,
+        "items_per_cpu_s": per_cpu,
+        # the median of the per-round ratios (each round's 1 and 2 ran minutes apart)
+        "ratio_2": _median(ratios) if ratios else None,
+        "best_fraction_of_limit": max(items.values()) / limit_texts,
+        "cpu_fraction_of_limit": {r: v / limit_cpu for r, v in per_cpu.items()},
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
@@ -353,7 +413,8 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--limit-procs", type=int, default=None)
-    p.add_argument("--limit-seconds", type=float, default=15.0)
+    p.add_argument("--limit-seconds", type=float, default=10.0)
+    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds (medians)")
     a = p.parse_args()
     figs = replica_figures(
         [int(x) for x in a.replicas.split(",")],
@@ -364,6 +425,7 @@ def main() -> None:
         concurrency=a.concurrency,
         limit_procs=a.limit_procs,
         limit_seconds=a.limit_seconds,
+        repeat=a.repeat,
     )
     print(
         f"machine: {figs['cores']} cores, shared with other work; load average before "
@@ -376,7 +438,9 @@ def main() -> None:
         + ", ".join(f"{r}: {v:.0f} items/s" for r, v in figs["items_per_s"].items())
         + (f"; 2 replicas = {ratio:.2f}x (target 1.7x)" if ratio is not None else "")
         + f"; best = {figs['best_fraction_of_limit']:.2f} of the embedding limit "
-        f"{figs['embedding_limit']['texts_per_s']:.0f} texts/s (target 0.8)"
+        f"{figs['embedding_limit']['texts_per_s']:.0f} texts/s (target 0.8); per CPU-second: "
+        + ", ".join(f"{r}: {v:.2f}" for r, v in figs["cpu_fraction_of_limit"].items())
+        + " of the limit's texts per CPU-second"
     )
 
 
