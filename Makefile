@@ -62,6 +62,7 @@ test: lint types layers unit
 
 bench: setup
 	$(BIN)/python bench/dedupe_bench.py
+	$(BIN)/python bench/dedupe_scale_bench.py
 	$(BIN)/python bench/generation_bench.py
 	$(BIN)/python bench/faults_bench.py
 	$(BIN)/python bench/bus_bench.py

@@ -158,6 +158,15 @@ class DedupeSettings(ServiceSettings):
     embedding_batch_wait_ms: float = 10.0
     #: most texts in one embedding batch
     embedding_batch_texts: int = 256
+    #: vectors in a job's faiss index above which it is searched approximately (IVF over
+    #: 8-bit codes, candidates re-scored exactly: airoboros.vectors)
+    dedupe_approx_above: int = Field(default=20_000, ge=1)
+    #: object store for snapshots of the faiss indexes (``s3://<bucket>`` at
+    #: AIROBOROS_S3_ENDPOINT with its keys, ``http(s)://...``, or a folder); unset: none,
+    #: and a restarted replica reloads every vector from PostgreSQL and rebuilds
+    dedupe_snapshot_url: str | None = None
+    #: save a job's index snapshot each time it has grown by this many vectors
+    dedupe_snapshot_every: int = Field(default=50_000, ge=1)
 
 
 class TrainerSettings(ServiceSettings):

@@ -105,7 +105,7 @@ class JobStatusCache:
     def __init__(self, source: Callable[[str], Awaitable[bool]], ttl: float = 1.0) -> None:
         self.source = source
         self.ttl = ttl
-        self._seen: dict[str, tuple[float, bool]] = {}
+        self._seen: dict[str, tuple[float, bool]] = {}  # job -> (when, True)
 
     @classmethod
     def from_jobs(cls, jobs: JobRepository, ttl: float = 1.0) -> JobStatusCache:
@@ -132,12 +132,20 @@ class JobStatusCache:
         return cls(running, ttl)
 
     async def running(self, job_id: str) -> bool:
+        """Only "running" is cached: a job that is not running is asked again at every
+        message. A resumed job's first tasks are published after its status says running
+        again, so a worker that reads the status when a task arrives never drops one of
+        them on a stale "cancelled" (it did, and the resumed job stalled until its tasks
+        timed out); dropping a cancelled job's queued messages costs one read each."""
         now = asyncio.get_running_loop().time()
         hit = self._seen.get(job_id)
         if hit is not None and now - hit[0] < self.ttl:
-            return hit[1]
+            return True
         ok = await self.source(job_id)
-        self._seen[job_id] = (now, ok)
+        if ok:
+            self._seen[job_id] = (now, True)
+        else:
+            self._seen.pop(job_id, None)
         return ok
 
 

@@ -17,6 +17,7 @@ from airoboros import telemetry
 from airoboros.contracts import CandidatesProposed, CandidatesScreened, Item, Message
 from airoboros.ports import Embedder, VectorStore
 from airoboros.store import VectorRepository
+from airoboros.vectors import IndexSnapshots
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ class Deduper:
 
     With ``exclusive`` the cross-process lock is given directly (Weaviate, which holds
     the vectors itself: ``durable`` is None there but replicas still take turns).
+
+    With ``snapshots`` (and ``durable``), the first sync of a namespace restores its index
+    from the object store and loads only the vectors persisted after it; screens save a new
+    snapshot each time the namespace has grown by ``snapshots.every``.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class Deduper:
         embedder: Embedder,
         vectors: VectorStore,
         durable: VectorRepository | None = None,
+        snapshots: IndexSnapshots | None = None,
         *,
         exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = None,
         batch_wait: float = 0.0,
@@ -77,6 +83,8 @@ class Deduper:
         self.embedder = embedder
         self.vectors = vectors
         self.durable = durable
+        self.snapshots = snapshots
+        self._restore_tried: set[str] = set()
         self.exclusive = exclusive or (durable.exclusive if durable is not None else None)
         #: seconds the first request of an embedding batch waits for others to join it
         self.batch_wait = batch_wait
@@ -103,6 +111,12 @@ class Deduper:
         """Load vectors persisted since the last sync (by any process)."""
         if self.durable is None:
             return
+        if self.snapshots is not None and namespace not in self._restore_tried:
+            self._restore_tried.add(namespace)
+            restored = await self.snapshots.restore(self.vectors, namespace)
+            if restored is not None:
+                self._loaded_up_to[namespace] = restored.mark
+                self._known[namespace] = set(restored.ids)
         seqs, keys, vecs = await self.durable.load(
             namespace, after=self._loaded_up_to.get(namespace, 0)
         )
@@ -237,6 +251,9 @@ class Deduper:
                     await self.durable.add(namespace, keys, vecs[keep])
                 await self.vectors.add(namespace, keys, vecs[keep])
                 known.update(keys)
+                if self.snapshots is not None and self.durable is not None:
+                    mark = self._loaded_up_to.get(namespace, 0)
+                    await self.snapshots.maybe_save(self.vectors, namespace, mark)
         out: list[list[bool]] = []
         start = 0
         for r in requests:
@@ -267,6 +284,7 @@ class Deduper:
     def forget(self, namespace: str) -> None:
         self._loaded_up_to.pop(namespace, None)
         self._known.pop(namespace, None)
+        self._restore_tried.discard(namespace)
 
 
 class DedupeService:

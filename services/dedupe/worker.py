@@ -7,7 +7,10 @@ the dataset's PostgreSQL advisory lock, after loading what the other replicas ac
 two near-duplicates can never both be accepted. With more partitions the topic is split
 by job, each partition with a single active consumer (one replica screens a job at a
 time; the lock is taken too). Accepted vectors are written to the SQL store before the
-verdict goes out. With AIROBOROS_WEAVIATE_URL, Weaviate holds the vectors instead.
+verdict goes out. A job's faiss index turns approximate past
+AIROBOROS_DEDUPE_APPROX_ABOVE vectors; with AIROBOROS_DEDUPE_SNAPSHOT_URL it is saved to
+that object store and restored on restart. With AIROBOROS_WEAVIATE_URL, Weaviate holds the
+vectors instead.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ GROUP = "dedupe"
 
 async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None) -> None:
     from airoboros.embeddings import SentenceTransformerEmbedder
-    from airoboros.vectors import FaissVectorStore
+    from airoboros.vectors import FaissVectorStore, IndexSnapshots
 
     stop = stop or stop_event()
     store = make_store(settings.database_url)
@@ -51,12 +54,27 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         vectors = WeaviateVectorStore(settings.weaviate_url)
         durable = None  # Weaviate is itself shared by every replica
     else:
-        vectors = FaissVectorStore(embedder.dim)
+        vectors = FaissVectorStore(embedder.dim, approx_above=settings.dedupe_approx_above)
+    snapshots = None
+    if settings.dedupe_snapshot_url and durable is not None:
+        from airoboros.objects_s3 import make_object_store
+
+        url = settings.dedupe_snapshot_url
+        s3 = url.startswith("s3://")  # the bucket's server and keys: the AIROBOROS_S3_* ones
+        objects = make_object_store(
+            url,
+            endpoint=settings.s3_endpoint if s3 else None,
+            access_key=settings.s3_access_key if s3 else None,
+            secret_key=settings.s3_secret_key if s3 else None,
+            secure=settings.s3_secure and s3,
+        )
+        snapshots = IndexSnapshots(objects, every=settings.dedupe_snapshot_every)
     bus = make_bus(settings)
     deduper = Deduper(
         embedder,
         vectors,
         durable=durable,
+        snapshots=snapshots,
         # Replicas take turns per dataset through the database's lock, Weaviate or not.
         exclusive=store.vectors.exclusive,
         batch_wait=settings.embedding_batch_wait_ms / 1000.0,

@@ -112,6 +112,10 @@ class TopicsService:
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.controllers: dict[str, JobController] = {}
         self._starting: set[str] = set()
+        #: per job: a resume and the tick that retires the job's finished controller take
+        #: turns (otherwise the tick's "cancelled" could reach the job board after the
+        #: resumed run's "running", and the workers dropped the resumed run's tasks)
+        self._job_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random()
         self.policy = ServerPolicy.from_settings(settings)
@@ -423,14 +427,18 @@ class TopicsService:
                 f"job {job_id} spent its budget ({job.detail}); post a new job with a larger "
                 "max_tokens or max_cost"
             )
-        await self.store.jobs.resume(job_id)
-        ctl = self.controllers.pop(job_id, None)
-        if ctl is not None and ctl.finished:
-            await self.store.jobs.release_lease(job_id, self.owner)
-        elif ctl is not None:
-            self.controllers[job_id] = ctl  # still running: its next tick sees the reset
-        await self._take(job_id)
+        async with self._job_lock(job_id):
+            await self.store.jobs.resume(job_id)
+            ctl = self.controllers.pop(job_id, None)
+            if ctl is not None and ctl.finished:
+                await self.store.jobs.release_lease(job_id, self.owner)
+            elif ctl is not None:
+                self.controllers[job_id] = ctl  # still running: its next tick sees the reset
+            await self._take(job_id)
         return await self.status(job_id, principal)
+
+    def _job_lock(self, job_id: str) -> asyncio.Lock:
+        return self._job_locks.setdefault(job_id, asyncio.Lock())
 
     async def items(
         self,
@@ -676,7 +684,8 @@ class TopicsService:
                 await self._take(job_id)  # new, or orphaned by a replica that died
                 continue
             if not await self.store.jobs.try_lease(job_id, self.owner, self.settings.lease_seconds):
-                self.controllers.pop(job_id, None)  # lost the lease (we were too slow)
+                if self.controllers.get(job_id) is ctl:
+                    self.controllers.pop(job_id)  # lost the lease (we were too slow)
                 if ctl.lane is not None:  # its batch jobs are the new holder's now
                     await ctl.lane.stop(cancel_open=False)
                 continue
@@ -684,8 +693,12 @@ class TopicsService:
             if not ctl.finished:
                 await self.post(job_id, "running")  # a Redis that lost it has it again
         for job_id, ctl in list(self.controllers.items()):
-            if ctl.finished:
-                self.controllers.pop(job_id, None)
+            if not ctl.finished:
+                continue
+            async with self._job_lock(job_id):
+                if self.controllers.get(job_id) is not ctl:
+                    continue  # resumed meanwhile: a new run holds the job
+                self.controllers.pop(job_id)
                 await self.post(job_id, ctl.outcome.status if ctl.outcome else "failed")
                 await self.store.jobs.release_lease(job_id, self.owner)
         await self.retry_exports()

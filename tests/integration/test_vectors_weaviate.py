@@ -140,12 +140,18 @@ class Backend:
 @pytest.fixture(
     params=[
         pytest.param("faiss"),
+        # The approximate index (IVF, exact re-check) from the first vector on.
+        pytest.param("faiss-approx"),
         pytest.param("weaviate", marks=needs_weaviate),
     ]
 )
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if request.param == "faiss":
         yield Backend("faiss", FaissVectorStore(DIM))
+        return
+    if request.param == "faiss-approx":
+        store = FaissVectorStore(DIM, approx_above=1)
+        yield Backend("faiss-approx", store)
         return
     assert WEAVIATE_URL
     store = WeaviateVectorStore(WEAVIATE_URL, grpc_port=WEAVIATE_GRPC_PORT, dim=DIM)
