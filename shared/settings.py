@@ -42,8 +42,10 @@ class ServiceSettings(BaseSettings):
     port: int = 8080
     #: deliveries of a message before it is dead-lettered
     max_deliveries: int = 5
-    #: partitions of the dedupe topic (>= the number of dedupe replicas)
-    dedupe_partitions: int = 4
+    #: partitions of the dedupe topic. 1: one queue that every dedupe replica consumes
+    #: (one job's dedupe spread over all of them, safe through a PostgreSQL lock per
+    #: dataset); N > 1: split by job, one active replica per partition (>= replicas)
+    dedupe_partitions: int = 1
     log_level: str = "INFO"
     openai_api_key: str | None = Field(
         default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "AIROBOROS_OPENAI_API_KEY")
@@ -146,6 +148,16 @@ class DedupeSettings(ServiceSettings):
     embedding_model: str | None = None
     embedding_device: str = "cpu"
     embedding_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    #: torch threads for the embedding forward pass in this replica (0: torch's default,
+    #: one per core; with several replicas on one host, cores / replicas)
+    embedding_threads: int = 0
+    #: messages screened at once by this replica when the dedupe topic is not
+    #: partitioned (AIROBOROS_DEDUPE_PARTITIONS=1): they are embedded together
+    dedupe_concurrency: int = 8
+    #: milliseconds the first message of an embedding batch waits for others to join it
+    embedding_batch_wait_ms: float = 10.0
+    #: most texts in one embedding batch
+    embedding_batch_texts: int = 256
     #: vectors in a job's faiss index above which it is searched approximately (IVF over
     #: 8-bit codes, candidates re-scored exactly: airoboros.vectors)
     dedupe_approx_above: int = Field(default=20_000, ge=1)

@@ -1,10 +1,13 @@
 """The dedupe worker: ``python -m airoboros.dedupe``.
 
-Consumes CandidatesProposed from the partitioned dedupe topic: per partition one replica
-at a time (single active consumer), so two near-duplicates of one dataset can never be
-accepted side by side. Accepted vectors are written to the SQL store before the verdict
-goes out, and each screen first loads what other replicas wrote, so a replica taking over
-a partition sees the whole dataset. A job's faiss index turns approximate past
+Consumes CandidatesProposed. With AIROBOROS_DEDUPE_PARTITIONS=1 every replica competes for
+one queue, so one job's dedupe is spread over all of them: each replica embeds what it
+took (together, across messages and jobs, see ``Deduper``), then checks and inserts under
+the dataset's PostgreSQL advisory lock, after loading what the other replicas accepted:
+two near-duplicates can never both be accepted. With more partitions the topic is split
+by job, each partition with a single active consumer (one replica screens a job at a
+time; the lock is taken too). Accepted vectors are written to the SQL store before the
+verdict goes out. A job's faiss index turns approximate past
 AIROBOROS_DEDUPE_APPROX_ABOVE vectors; with AIROBOROS_DEDUPE_SNAPSHOT_URL it is saved to
 that object store and restored on restart. With AIROBOROS_WEAVIATE_URL, Weaviate holds the
 vectors instead.
@@ -39,6 +42,10 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         settings.embedding_device,
         dtype=settings.embedding_dtype,
     )
+    if settings.embedding_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.embedding_threads)
     vectors: VectorStore
     durable: VectorRepository | None = store.vectors
     if settings.weaviate_url:
@@ -63,7 +70,16 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         )
         snapshots = IndexSnapshots(objects, every=settings.dedupe_snapshot_every)
     bus = make_bus(settings)
-    deduper = Deduper(embedder, vectors, durable=durable, snapshots=snapshots)
+    deduper = Deduper(
+        embedder,
+        vectors,
+        durable=durable,
+        snapshots=snapshots,
+        # Replicas take turns per dataset through the database's lock, Weaviate or not.
+        exclusive=store.vectors.exclusive,
+        batch_wait=settings.embedding_batch_wait_ms / 1000.0,
+        batch_texts=settings.embedding_batch_texts,
+    )
     service = DedupeService(deduper, bus.publish)
     status = JobStatusCache.from_jobs(store.jobs)
 
@@ -71,15 +87,28 @@ async def run_worker(settings: DedupeSettings, stop: asyncio.Event | None = None
         if await status.running(msg.job_id):
             await service.on_proposed(msg)
 
-    bus.subscribe(
-        CandidatesProposed, on_proposed, concurrency=settings.dedupe_partitions, group=GROUP
+    partitioned = settings.dedupe_partitions > 1
+    if not partitioned and store.dialect != "postgresql":
+        log.warning(
+            "the dedupe topic is not partitioned and the store is %s: replicas of this "
+            "service do not exclude each other (run one, or use PostgreSQL)",
+            store.dialect,
+        )
+    # Partitioned: at most one message per partition at once (the bus enforces it).
+    # Competing consumers: several at once, embedded together, checked in turn.
+    concurrency = settings.dedupe_partitions if partitioned else settings.dedupe_concurrency
+    bus.subscribe(CandidatesProposed, on_proposed, concurrency=concurrency, group=GROUP)
+    mode = (
+        f"{settings.dedupe_partitions} partitions"
+        if partitioned
+        else f"competing consumers, {concurrency} at once"
     )
     try:
         await serve(
             settings,
             bus,
             stop,
-            f"dedupe ready ({settings.dedupe_partitions} partitions)",
+            f"dedupe ready ({mode})",
             store=store,
         )
     finally:

@@ -24,6 +24,7 @@ Shared by every port:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -451,6 +452,15 @@ class VectorRepository(Protocol):
         ...
 
     async def count(self, namespace: str) -> int: ...
+
+    def exclusive(self, namespace: str) -> AbstractAsyncContextManager[None]:
+        """Held by one holder at a time per namespace, across processes (PostgreSQL: a
+        transaction-scoped advisory lock on a hash of the namespace, released when the
+        block ends, or when the holder's connection dies). Dedupe holds it around sync,
+        check and durable ``add``, so replicas screening one namespace take turns and each
+        sees every vector the one before it accepted. On SQLite (one process: the embedded
+        mode) it excludes nothing across processes."""
+        ...
 
 
 class DeadLetterRepository(Protocol):

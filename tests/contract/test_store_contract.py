@@ -947,6 +947,38 @@ async def test_vectors_load_since_and_are_idempotent_by_key(store: Store, other:
         await store.vectors.add("j", ["x", "y"], v[:1])  # a key per row
 
 
+async def test_vectors_exclusive_lets_one_replica_hold_a_namespace(
+    store: Store, other: Store
+) -> None:
+    """PostgreSQL: a second holder of the namespace (another replica) waits until the first
+    lets go, and sees what the first added under it; another namespace does not wait.
+    SQLite (one process) excludes nothing across stores."""
+    order: list[str] = []
+    async with store.vectors.exclusive("j"):
+        second = asyncio.create_task(_hold(other, "j", order))
+        async with other.vectors.exclusive("j:editor"):  # another namespace: no wait
+            order.append("other namespace")
+        await asyncio.sleep(0.3)
+        await store.vectors.add("j", ["a"], np.ones((1, 4), dtype=np.float32))
+        order.append("first")
+    await asyncio.wait_for(second, 10)
+    if store.dialect == "postgresql":
+        assert order == ["other namespace", "first", "second saw 1"]
+    else:
+        assert order.index("second saw 0") < order.index("first")
+    # Released on an error too.
+    with pytest.raises(RuntimeError):
+        async with store.vectors.exclusive("j"):
+            raise RuntimeError("boom")
+    async with asyncio.timeout(5), other.vectors.exclusive("j"):
+        pass
+
+
+async def _hold(s: Store, namespace: str, order: list[str]) -> None:
+    async with s.vectors.exclusive(namespace):
+        order.append(f"second saw {await s.vectors.count(namespace)}")
+
+
 # --- dead letters ---------------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,50 @@ def test_long_text_embeds_every_window(embedder: SentenceTransformerEmbedder) ->
     # A model that silently truncates would give (nearly) the head's embedding.
     assert float(v_long @ v_head) < 0.95
     assert float(v_long @ v_tail) > float(v_head @ v_tail) + 0.1
+
+
+async def test_concurrent_screens_share_one_embedding_in_order(
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    # Three messages within the batching window: one forward pass, and each is screened
+    # against the ones before it as if they had come one after another.
+    deduper = Deduper(embedder, FaissVectorStore(embedder.dim), batch_wait=0.5)
+    flags = await asyncio.gather(
+        deduper.screen("job", ["a"], [CAKE], THRESHOLD),
+        deduper.screen("job", ["b"], [CAKE_PARAPHRASE], THRESHOLD),
+        deduper.screen("other", ["c"], [CAKE_PARAPHRASE], THRESHOLD),
+        deduper.screen("job", ["d", "e"], [CAPITAL, REVOLUTION], THRESHOLD),
+    )
+    assert flags == [[True], [False], [True], [True, True]]
+    assert deduper.embed_calls == 1
+    assert deduper.embedded_texts == 5
+
+
+async def test_an_embedding_batch_holds_at_most_batch_texts(
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    deduper = Deduper(embedder, FaissVectorStore(embedder.dim), batch_wait=0.5, batch_texts=2)
+    flags = await asyncio.gather(
+        *(deduper.screen("job", [t], [t], THRESHOLD) for t in (CAKE, CAPITAL, REVOLUTION))
+    )
+    assert flags == [[True], [True], [True]]
+    assert deduper.embed_calls == 2
+
+
+async def test_a_failed_embedding_fails_every_screen_waiting_on_it() -> None:
+    class Broken:
+        dim = 384
+
+        def embed(self, texts: object) -> np.ndarray:
+            raise RuntimeError("out of memory")
+
+    deduper = Deduper(Broken(), FaissVectorStore(384), batch_wait=0.1)
+    results = await asyncio.gather(
+        deduper.screen("job", ["a"], [CAKE], THRESHOLD),
+        deduper.screen("job", ["b"], [CAPITAL], THRESHOLD),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, RuntimeError) for r in results)
+    # The next screen gets an embedding of its own (and fails the same way, not hangs).
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(deduper.screen("job", ["c"], [CAKE], THRESHOLD), 5)

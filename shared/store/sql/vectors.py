@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from airoboros.store.models import DedupeVector
 from airoboros.store.sql.engine import Database
@@ -15,11 +17,29 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 
+def lock_key(namespace: str) -> int:
+    """The advisory lock key of ``namespace``: a signed 64-bit hash, the same in every
+    process (two namespaces that collide only wait for each other)."""
+    digest = hashlib.blake2b(f"airoboros.dedupe:{namespace}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 class SqlVectors:
     """``VectorRepository`` on ``dedupe_vectors`` (float32 rows as bytes)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    @asynccontextmanager
+    async def exclusive(self, namespace: str) -> AsyncIterator[None]:
+        if self._db.dialect != "postgresql":
+            yield
+            return
+        # A transaction of its own that only holds the lock: the block's loads and adds
+        # commit in theirs, before this one ends and lets the next holder in.
+        async with self._db.session() as s, s.begin():
+            await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(namespace)})
+            yield
 
     async def add(self, namespace: str, keys: Sequence[str], vectors: npt.ArrayLike) -> None:
         import numpy as np
