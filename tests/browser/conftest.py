@@ -237,7 +237,7 @@ def page(browser: Any, services: Services, request: pytest.FixtureRequest) -> It
     """A fresh browser context (empty storage) at 1280x800. At the end: no request left the
     topics origin, the key was never in a URL, no script error, no CSP violation."""
     context = browser.new_context(viewport=DESKTOP, accept_downloads=True)
-    context.set_default_timeout(15000)
+    context.set_default_timeout(30000)  # a loaded 2-core CI machine: waits, not checks
     pg = context.new_page()
     watch = Watch()
     pg.on("request", lambda r: watch.requests.append((r.url, r.headers)))
