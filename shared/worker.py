@@ -105,7 +105,8 @@ class JobStatusCache:
     def __init__(self, source: Callable[[str], Awaitable[bool]], ttl: float = 1.0) -> None:
         self.source = source
         self.ttl = ttl
-        self._seen: dict[str, tuple[float, bool]] = {}  # job -> (when, True)
+        #: job -> when it was last seen running (only "running" is cached)
+        self._running_at: dict[str, float] = {}
 
     @classmethod
     def from_jobs(cls, jobs: JobRepository, ttl: float = 1.0) -> JobStatusCache:
@@ -138,14 +139,14 @@ class JobStatusCache:
         them on a stale "cancelled" (it did, and the resumed job stalled until its tasks
         timed out); dropping a cancelled job's queued messages costs one read each."""
         now = asyncio.get_running_loop().time()
-        hit = self._seen.get(job_id)
-        if hit is not None and now - hit[0] < self.ttl:
+        seen = self._running_at.get(job_id)
+        if seen is not None and now - seen < self.ttl:
             return True
         ok = await self.source(job_id)
         if ok:
-            self._seen[job_id] = (now, True)
+            self._running_at[job_id] = now
         else:
-            self._seen.pop(job_id, None)
+            self._running_at.pop(job_id, None)
         return ok
 
 
